@@ -1,0 +1,70 @@
+// Row-major matrix products on raw pointers for the CPU time loops.
+// They call the Fortran BLAS that ships inside libtorch (sgemm_/dgemm_), so no
+// dispatcher call, no allocation and no tensor is made inside a time loop. A build
+// against a libtorch without those symbols defines PYRNN_NO_BLAS and falls back to
+// at::mm_out on borrowed tensors (same results, a little dispatch overhead).
+#pragma once
+#include <cstdint>
+
+#ifdef PYRNN_NO_BLAS
+#include <ATen/ATen.h>
+#else
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b,
+            const int* ldb, const float* beta, float* c, const int* ldc);
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc);
+}
+#endif
+
+namespace pyrnn::cpu {
+
+#ifndef PYRNN_NO_BLAS
+inline void fgemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
+                  const float* b, int ldb, float beta, float* c, int ldc) {
+  lda = lda < 1 ? 1 : lda; ldb = ldb < 1 ? 1 : ldb; ldc = ldc < 1 ? 1 : ldc;
+  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+inline void fgemm(char ta, char tb, int m, int n, int k, double alpha, const double* a,
+                  int lda, const double* b, int ldb, double beta, double* c, int ldc) {
+  lda = lda < 1 ? 1 : lda; ldb = ldb < 1 ? 1 : ldb; ldc = ldc < 1 ? 1 : ldc;
+  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+#endif
+
+// C[M, N] (+)= A[M, K] @ B[N, K]^T    (row-major, leading dimensions lda, ldb, ldc)
+template <typename T>
+void mm_nt(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C, int ldc,
+           bool accumulate) {
+  if (M == 0 || N == 0) return;
+#ifdef PYRNN_NO_BLAS
+  auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto a = at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opt);
+  auto b = at::from_blob(const_cast<T*>(B), {N, K}, {ldb, 1}, opt);
+  auto c = at::from_blob(C, {M, N}, {ldc, 1}, opt);
+  if (accumulate) c.addmm_(a, b.t()); else at::mm_out(c, a, b.t());
+#else
+  // Column-major view: C^T[N, M] = B[N, K] * A^T[K, M].
+  fgemm('T', 'N', N, M, K, T(1), B, ldb, A, lda, accumulate ? T(1) : T(0), C, ldc);
+#endif
+}
+
+// C[M, N] (+)= A[M, K] @ B[K, N]
+template <typename T>
+void mm_nn(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C, int ldc,
+           bool accumulate) {
+  if (M == 0 || N == 0) return;
+#ifdef PYRNN_NO_BLAS
+  auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto a = at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opt);
+  auto b = at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opt);
+  auto c = at::from_blob(C, {M, N}, {ldc, 1}, opt);
+  if (accumulate) c.addmm_(a, b); else at::mm_out(c, a, b);
+#else
+  fgemm('N', 'N', N, M, K, T(1), B, ldb, A, lda, accumulate ? T(1) : T(0), C, ldc);
+#endif
+}
+
+}  // namespace pyrnn::cpu

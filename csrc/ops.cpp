@@ -1,0 +1,292 @@
+// The ATen-facing layer: op schemas, argument checks, dtype dispatch, allocation and
+// the matrix products outside the time loop. One pybind11 module for the package.
+//
+// Ops (one layer, one direction):
+//   pyrnn::forward  -> (output [T, B, H], h_n [B, H], c_n [B, H] or [0], workspace)
+//   pyrnn::backward -> (grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh,
+//                       grad_bias_ih, grad_bias_hh, grad_norms [2, T, B] or [0])
+// mode is one of "rnn_tanh", "rnn_relu", "lstm", "gru".
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "cells/gru.h"
+#include "cells/lstm.h"
+#include "cells/rnn.h"
+#include "cpu/loops.h"
+
+namespace pyrnn {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+enum class Mode { kRnnTanh, kRnnRelu, kLstm, kGru };
+
+Mode parse_mode(const std::string& mode) {
+  if (mode == "rnn_tanh") return Mode::kRnnTanh;
+  if (mode == "rnn_relu") return Mode::kRnnRelu;
+  if (mode == "lstm") return Mode::kLstm;
+  if (mode == "gru") return Mode::kGru;
+  TORCH_CHECK_VALUE(false, "mode: expected one of 'rnn_tanh', 'rnn_relu', 'lstm', 'gru', got '",
+                    mode, "'");
+}
+
+int64_t gates_of(Mode m) { return m == Mode::kLstm ? 4 : m == Mode::kGru ? 3 : 1; }
+
+// Workspace row width W (see csrc/cpu/loops.h) that the forward saves for backward.
+int64_t saved_width(Mode m, int64_t H) {
+  switch (m) {
+    case Mode::kLstm: return 5 * H;  // i, f, g, o, c
+    case Mode::kGru: return 4 * H;   // r, z, n, W_hn h + b_hn
+    default: return 0;               // Elman: the output alone suffices
+  }
+}
+
+// Calls f(Cell{}) with the cell type of mode m.
+template <typename F>
+void with_cell(Mode m, F&& f) {
+  switch (m) {
+    case Mode::kRnnTanh: f(RnnCell<Act::kTanh>{}); break;
+    case Mode::kRnnRelu: f(RnnCell<Act::kRelu>{}); break;
+    case Mode::kLstm: f(LstmCell{}); break;
+    case Mode::kGru: f(GruCell{}); break;
+  }
+}
+
+std::string shape_str(at::IntArrayRef s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+void check_same(const Tensor& t, const char* name, const Tensor& input) {
+  TORCH_CHECK_VALUE(t.device() == input.device(), name, ": expected device ", input.device(),
+                    " (the device of input), got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), name, ": expected dtype ",
+                   input.scalar_type(), " (the dtype of input), got ", t.scalar_type());
+}
+
+void check_shape(const Tensor& t, const char* name, at::IntArrayRef expected) {
+  TORCH_CHECK_VALUE(t.sizes() == expected, name, ": expected shape ", shape_str(expected),
+                    ", got ", shape_str(t.sizes()));
+}
+
+struct Dims {
+  int64_t T, B, I, H, G;
+};
+
+// Checks every argument of a forward call and returns the dimensions.
+Dims check_forward_args(Mode m, const Tensor& input, const Tensor& hx, const OptTensor& cx,
+                        const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                        const OptTensor& b_hh, const OptTensor& lengths) {
+  TORCH_CHECK_TYPE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+                   "input: expected dtype float32 or float64, got ", input.scalar_type());
+  TORCH_CHECK_VALUE(input.dim() == 3, "input: expected a 3-D tensor [T, B, I], got ",
+                    input.dim(), "-D of shape ", shape_str(input.sizes()));
+  TORCH_CHECK_VALUE(input.size(0) > 0, "input: expected at least one time step, got T = 0");
+  TORCH_CHECK_VALUE(w_hh.dim() == 2, "weight_hh: expected a 2-D tensor, got ", w_hh.dim(), "-D");
+  const int64_t G = gates_of(m);
+  Dims d{input.size(0), input.size(1), input.size(2), w_hh.size(1), G};
+  check_same(w_ih, "weight_ih", input);
+  check_same(w_hh, "weight_hh", input);
+  check_same(hx, "hx", input);
+  check_shape(w_hh, "weight_hh", {G * d.H, d.H});
+  check_shape(w_ih, "weight_ih", {G * d.H, d.I});
+  check_shape(hx, "hx", {d.B, d.H});
+  TORCH_CHECK_VALUE(b_ih.has_value() == b_hh.has_value(),
+                    "bias_ih, bias_hh: expected both or neither");
+  if (b_ih) {
+    check_same(*b_ih, "bias_ih", input);
+    check_same(*b_hh, "bias_hh", input);
+    check_shape(*b_ih, "bias_ih", {G * d.H});
+    check_shape(*b_hh, "bias_hh", {G * d.H});
+  }
+  if (m == Mode::kLstm) {
+    TORCH_CHECK_VALUE(cx.has_value(), "cx: expected a cell state for mode 'lstm', got None");
+    check_same(*cx, "cx", input);
+    check_shape(*cx, "cx", {d.B, d.H});
+  } else {
+    TORCH_CHECK_VALUE(!cx.has_value(), "cx: only mode 'lstm' takes a cell state");
+  }
+  if (lengths) {
+    TORCH_CHECK_TYPE(lengths->scalar_type() == at::kLong, "lengths: expected dtype int64, got ",
+                     lengths->scalar_type());
+    TORCH_CHECK_VALUE(lengths->device().is_cpu(), "lengths: expected a CPU tensor, got device ",
+                      lengths->device());
+    check_shape(*lengths, "lengths", {d.B});
+    if (d.B > 0) {
+      const int64_t lo = lengths->min().item<int64_t>(), hi = lengths->max().item<int64_t>();
+      TORCH_CHECK_VALUE(lo >= 0 && hi <= d.T, "lengths: expected values in [0, T = ", d.T,
+                        "], got min ", lo, " and max ", hi);
+    }
+  }
+  return d;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
+    c10::string_view mode_s, const Tensor& input_, const Tensor& hx_, const OptTensor& cx_,
+    const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_,
+    const OptTensor& lengths_, bool reverse, bool save, double bptt_clip,
+    const OptTensor& norm_sink) {
+  (void)bptt_clip; (void)norm_sink;  // used by backward only
+  const Mode m = parse_mode(std::string(mode_s));
+  const Dims d = check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, lengths_);
+  const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H;
+  const Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const Tensor hx = hx_.contiguous();
+  const Tensor cx = cx_ ? cx_->contiguous() : Tensor();
+  const Tensor b_hh = b_hh_ ? b_hh_->contiguous() : Tensor();
+  const Tensor lengths = lengths_ ? lengths_->contiguous() : Tensor();
+  const auto opt = input.options();
+
+  const int64_t W = save && saved_width(m, H) ? saved_width(m, H) : GH;
+  Tensor ws = at::empty({T, B, W}, opt);
+  // Input projection for all T*B rows in one product: ws[..., :G*H] = x @ W_ih^T + b_ih.
+  if (b_ih_) ws.narrow(2, 0, GH).copy_(b_ih_->view({1, 1, GH}).expand({T, B, GH}));
+  Tensor output = at::empty({T, B, H}, opt);
+  Tensor h_n = at::empty({B, H}, opt);
+  Tensor c_n = m == Mode::kLstm ? at::empty({B, H}, opt) : at::empty({0}, opt);
+  Tensor hg = at::empty({B, GH}, opt);
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_forward", [&] {
+    cpu::mm_nt<scalar_t>(T * B, GH, d.I, input.data_ptr<scalar_t>(), d.I,
+                         w_ih.data_ptr<scalar_t>(), d.I, ws.data_ptr<scalar_t>(), W,
+                         b_ih_.has_value());
+    cpu::LoopArgs<scalar_t> p;
+    p.steps = T; p.batch = B; p.hidden = H; p.width = W; p.reverse = reverse;
+    p.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+    p.ws = ws.data_ptr<scalar_t>();
+    p.y = output.data_ptr<scalar_t>();
+    p.h0 = hx.data_ptr<scalar_t>();
+    p.c0 = cx.defined() ? cx.data_ptr<scalar_t>() : nullptr;
+    p.w_hh = w_hh.data_ptr<scalar_t>();
+    p.b_hh = b_hh.defined() ? b_hh.data_ptr<scalar_t>() : nullptr;
+    p.hT = h_n.data_ptr<scalar_t>();
+    p.cT = m == Mode::kLstm ? c_n.data_ptr<scalar_t>() : nullptr;
+    p.hg = hg.data_ptr<scalar_t>();
+    with_cell(m, [&](auto cell) {
+      using Cell = decltype(cell);
+      cpu::forward_loop<Cell, scalar_t, scalar_t>(p);
+    });
+  });
+  if (!save || saved_width(m, H) == 0) ws = at::empty({0}, opt);
+  return {output, h_n, c_n, ws};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cpu(
+    c10::string_view mode_s, const Tensor& grad_output_, const OptTensor& grad_h_n,
+    const OptTensor& grad_c_n, const Tensor& input_, const Tensor& hx_, const OptTensor& cx_,
+    const Tensor& w_ih_, const Tensor& w_hh_, bool has_bias, bool input_grad,
+    const OptTensor& lengths_,
+    const Tensor& output_, const Tensor& workspace_, bool reverse, double bptt_clip,
+    bool record) {
+  const Mode m = parse_mode(std::string(mode_s));
+  const Dims d = check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, std::nullopt,
+                                    std::nullopt, lengths_);
+  const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, W = saved_width(m, H);
+  check_same(grad_output_, "grad_output", input_);
+  check_shape(grad_output_, "grad_output", {T, B, H});
+  check_same(output_, "output", input_);
+  check_shape(output_, "output", {T, B, H});
+  check_shape(workspace_, "workspace", W ? at::IntArrayRef{T, B, W} : at::IntArrayRef{0});
+  if (grad_h_n) check_shape(*grad_h_n, "grad_h_n", {B, H});
+  if (grad_c_n) check_shape(*grad_c_n, "grad_c_n", {B, H});
+  TORCH_CHECK_VALUE(bptt_clip >= 0, "bptt_clip: expected a value >= 0 (0 = off), got ", bptt_clip);
+
+  const Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const Tensor hx = hx_.contiguous(), dy = grad_output_.contiguous();
+  const Tensor y = output_.contiguous(), ws = workspace_.contiguous();
+  const Tensor cx = cx_ ? cx_->contiguous() : Tensor();
+  const Tensor dhT = grad_h_n ? grad_h_n->contiguous() : Tensor();
+  const Tensor dcT = grad_c_n ? grad_c_n->contiguous() : Tensor();
+  const Tensor lengths = lengths_ ? lengths_->contiguous() : Tensor();
+  const auto opt = input.options();
+
+  Tensor gx = at::empty({T, B, GH}, opt);
+  Tensor gh = m == Mode::kGru ? at::empty({T, B, GH}, opt) : gx;
+  Tensor hprev = at::empty({T, B, H}, opt);
+  Tensor dh0 = at::empty({B, H}, opt);
+  Tensor dc0 = m == Mode::kLstm ? at::empty({B, H}, opt) : at::empty({0}, opt);
+  Tensor norms = record ? at::zeros({2, T, B}, opt) : at::empty({0}, opt);
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_backward", [&] {
+    cpu::LoopArgs<scalar_t> p;
+    p.steps = T; p.batch = B; p.hidden = H; p.width = W; p.reverse = reverse;
+    p.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+    p.ws = W ? const_cast<scalar_t*>(ws.data_ptr<scalar_t>()) : nullptr;
+    p.y = const_cast<scalar_t*>(y.data_ptr<scalar_t>());
+    p.h0 = hx.data_ptr<scalar_t>();
+    p.c0 = cx.defined() ? cx.data_ptr<scalar_t>() : nullptr;
+    p.w_hh = w_hh.data_ptr<scalar_t>();
+    p.dy = dy.data_ptr<scalar_t>();
+    p.dhT = dhT.defined() ? dhT.data_ptr<scalar_t>() : nullptr;
+    p.dcT = dcT.defined() ? dcT.data_ptr<scalar_t>() : nullptr;
+    p.gx = gx.data_ptr<scalar_t>();
+    p.gh = gh.data_ptr<scalar_t>();
+    p.hprev = hprev.data_ptr<scalar_t>();
+    p.dh0 = dh0.data_ptr<scalar_t>();
+    p.dc0 = m == Mode::kLstm ? dc0.data_ptr<scalar_t>() : nullptr;
+    p.clip = bptt_clip;
+    p.norm_h = record ? norms.data_ptr<scalar_t>() : nullptr;
+    p.norm_c = record && m == Mode::kLstm ? norms.data_ptr<scalar_t>() + T * B : nullptr;
+    with_cell(m, [&](auto cell) {
+      using Cell = decltype(cell);
+      cpu::backward_loop<Cell, scalar_t, scalar_t>(p);
+    });
+  });
+
+  // Everything that does not depend on the order of time: single products over T*B rows.
+  const Tensor gx2 = gx.view({T * B, GH}), gh2 = gh.view({T * B, GH});
+  Tensor dx = input_grad ? at::mm(gx2, w_ih).view({T, B, d.I}) : at::empty({0}, opt);
+  Tensor dw_ih = at::mm(gx2.t(), input.view({T * B, d.I}));
+  Tensor dw_hh = at::mm(gh2.t(), hprev.view({T * B, H}));
+  Tensor db_ih = has_bias ? gx2.sum(0) : at::empty({0}, opt);
+  Tensor db_hh = has_bias ? gh2.sum(0) : at::empty({0}, opt);
+  return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, norms};
+}
+
+}  // namespace
+}  // namespace pyrnn
+
+TORCH_LIBRARY(pyrnn, m) {
+  m.def(
+      "forward(str mode, Tensor input, Tensor hx, Tensor? cx, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? lengths, bool reverse, "
+      "bool save, float bptt_clip, Tensor? norm_sink) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "backward(str mode, Tensor grad_output, Tensor? grad_h_n, Tensor? grad_c_n, "
+      "Tensor input, Tensor hx, Tensor? cx, Tensor weight_ih, Tensor weight_hh, bool has_bias, "
+      "bool input_grad, Tensor? lengths, Tensor output, Tensor workspace, bool reverse, float bptt_clip, "
+      "bool record) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pyrnn, CPU, m) {
+  m.impl("forward", &pyrnn::forward_cpu);
+  m.impl("backward", &pyrnn::backward_cpu);
+}
+
+namespace {
+bool has_cuda_backend() {
+#ifdef PYRNN_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+PYBIND11_MODULE(_C, module) {
+  module.doc() = "pyrnn compiled ops (registered as torch.ops.pyrnn.*)";
+  module.def("has_cuda", &has_cuda_backend, "whether the CUDA kernels were compiled in");
+  module.def("blas", [] {
+#ifdef PYRNN_NO_BLAS
+    return std::string("aten");
+#else
+    return std::string("libtorch sgemm_/dgemm_");
+#endif
+  }, "which BLAS entry the CPU time loops call");
+}

@@ -1,0 +1,18 @@
+"""pyrnn: fused RNN, LSTM and GRU kernels for PyTorch, with gradient-flow instrumentation.
+
+Drop-in modules: pyrnn.RNN, pyrnn.LSTM, pyrnn.GRU (same arguments, parameters and
+results as torch.nn's). Per-layer ops: pyrnn.ops. Plain-PyTorch oracles: pyrnn.reference.
+"""
+from . import ops, reference
+from ._C import has_cuda as _has_cuda
+from .modules import GRU, LSTM, RNN, convert
+
+__version__ = "0.1.0"
+
+
+def backends():
+    """The backends compiled into this build, e.g. ['cpu'] or ['cpu', 'cuda']."""
+    return ["cpu"] + (["cuda"] if _has_cuda() else [])
+
+
+__all__ = ["RNN", "LSTM", "GRU", "convert", "ops", "reference", "backends"]

@@ -1,0 +1,281 @@
+"""Drop-in replacements for torch.nn.RNN, LSTM and GRU, running on pyrnn's fused ops.
+
+The classes derive from torch.nn.RNNBase, so constructor arguments, parameter names,
+shapes, initialisation and state_dict layout are torch.nn's own; only forward differs.
+(They derive from RNNBase rather than from torch.nn.LSTM etc. so that torch.compile
+traces them instead of breaking the graph.)
+"""
+import math
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import ops
+
+_MODES = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
+
+
+class GradNorms:
+    """Per-step gradient norms recorded by the backward kernels.
+
+    hidden: [L * D, T, B], ||dLoss/dh_t|| over hidden units, indexed by input position t
+            for both directions; zero at padded steps.
+    cell:   same shape, ||dLoss/dc_t|| (LSTM only, else None).
+    """
+
+    def __init__(self, hidden: Tensor, cell: Optional[Tensor]):
+        self.hidden = hidden
+        self.cell = cell
+
+    def __repr__(self):
+        return f"GradNorms(hidden={tuple(self.hidden.shape)}, cell={None if self.cell is None else tuple(self.cell.shape)})"
+
+
+class _Base(nn.RNNBase):
+    """Shared forward of pyrnn.RNN, LSTM and GRU."""
+
+    def __init__(self, mode, *args, bptt_clip: float = 0.0, record_grad_norms: bool = False,
+                 **kwargs):
+        super().__init__(mode, *args, **kwargs)
+        if self.proj_size > 0:
+            raise NotImplementedError("proj_size: pyrnn does not support LSTM projections yet")
+        self.bptt_clip = float(bptt_clip)
+        self.record_grad_norms = bool(record_grad_norms)
+        self._norm_sink = None
+        self._norm_order = None
+
+    def flatten_parameters(self) -> None:
+        """No-op: pyrnn's kernels read the parameters where they are."""
+
+    def _apply(self, fn, recurse=True):
+        # RNNBase._apply re-flattens for cuDNN; pyrnn has nothing to flatten.
+        return nn.Module._apply(self, fn, recurse)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("bptt_clip", 0.0)
+        self.__dict__.setdefault("record_grad_norms", False)
+        self.__dict__.setdefault("_norm_sink", None)
+        self.__dict__.setdefault("_norm_order", None)
+
+    @property
+    def grad_norms(self) -> Optional[GradNorms]:
+        """The norms recorded by the last backward through this module (None if none)."""
+        sink = self._norm_sink
+        if sink is None or sink.grad is None:
+            return None
+        g = sink.grad
+        if self._norm_order is not None:
+            g = g.index_select(3, self._norm_order)
+        return GradNorms(g[:, 0], g[:, 1] if self.mode == "LSTM" else None)
+
+    def _weights(self, layer, direction):
+        sfx = f"_l{layer}" + ("_reverse" if direction else "")
+        w_ih = getattr(self, "weight_ih" + sfx)
+        w_hh = getattr(self, "weight_hh" + sfx)
+        if self.bias:
+            return w_ih, w_hh, getattr(self, "bias_ih" + sfx), getattr(self, "bias_hh" + sfx)
+        return w_ih, w_hh, None, None
+
+    def _check_input(self, x: Tensor, packed: bool):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input: expected a Tensor or PackedSequence, got {type(x).__name__}")
+        if not (x.is_floating_point()):
+            raise TypeError(f"input: expected a floating-point tensor (float32 or float64), got {x.dtype}")
+        if not packed and x.dim() not in (2, 3):
+            raise ValueError(f"input: expected a 2-D (unbatched) or 3-D (batched) tensor, got "
+                             f"{x.dim()}-D of shape {tuple(x.shape)}")
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"input: expected input_size {self.input_size} in the last "
+                             f"dimension, got {x.shape[-1]} (shape {tuple(x.shape)})")
+        w = self.weight_ih_l0
+        if x.device != w.device:
+            raise ValueError(f"input: expected device {w.device} (the parameters' device), got {x.device}")
+        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"input: expected dtype {w.dtype} (the parameters' dtype), got {x.dtype}")
+
+    def _check_state(self, name, h, B, unbatched, x):
+        D = 2 if self.bidirectional else 1
+        expected = (self.num_layers * D, self.hidden_size) if unbatched else (
+            self.num_layers * D, B, self.hidden_size)
+        if not isinstance(h, Tensor):
+            raise TypeError(f"{name}: expected a Tensor, got {type(h).__name__}")
+        if tuple(h.shape) != expected:
+            raise ValueError(f"{name}: expected shape {expected} (num_layers * num_directions, "
+                             f"{'' if unbatched else 'batch, '}hidden_size), got {tuple(h.shape)}")
+        if h.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (the input's), got {h.device}")
+        if h.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"{name}: expected dtype {x.dtype} (the input's), got {h.dtype}")
+
+    def forward(self, input, hx=None):
+        mode = _MODES[self.mode]
+        is_lstm = mode == "lstm"
+        packed = isinstance(input, PackedSequence)
+        unbatched = False
+        lengths = None
+        sorted_idx = unsorted_idx = None
+        if packed:
+            self._check_input(input.data, True)
+            sorted_idx, unsorted_idx = input.sorted_indices, input.unsorted_indices
+            x, lengths = pad_packed_sequence(input)  # [T, B, I], sorted by length
+            lengths = lengths.to(torch.long)
+        else:
+            self._check_input(input, False)
+            if input.dim() == 2:
+                unbatched = True
+                x = input.unsqueeze(1)
+            else:
+                x = input.transpose(0, 1) if self.batch_first else input
+        T, B = x.shape[0], x.shape[1]
+        if T == 0:
+            raise ValueError("input: expected at least one time step, got an empty sequence")
+        D = 2 if self.bidirectional else 1
+        LD = self.num_layers * D
+        H = self.hidden_size
+
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            # The fused kernels run in float32 under autocast (see README, "Precision").
+            dtype = torch.float32
+            x = x.to(dtype)
+
+        if hx is None:
+            h0 = x.new_zeros(LD, B, H)
+            c0 = x.new_zeros(LD, B, H) if is_lstm else None
+        else:
+            if is_lstm:
+                if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+                    raise TypeError("hx: expected a tuple (h_0, c_0) for LSTM, got "
+                                    f"{type(hx).__name__}")
+                h0, c0 = hx
+                self._check_state("hx[0] (h_0)", h0, B, unbatched, input if not packed else input.data)
+                self._check_state("hx[1] (c_0)", c0, B, unbatched, input if not packed else input.data)
+            else:
+                if isinstance(hx, (tuple, list)):
+                    raise TypeError(f"hx: expected a Tensor for {self.mode}, got a {type(hx).__name__}")
+                h0, c0 = hx, None
+                self._check_state("hx", h0, B, unbatched, input if not packed else input.data)
+            if unbatched:
+                h0 = h0.unsqueeze(1)
+                c0 = c0.unsqueeze(1) if c0 is not None else None
+            if packed and sorted_idx is not None:
+                h0 = h0.index_select(1, sorted_idx)
+                c0 = c0.index_select(1, sorted_idx) if c0 is not None else None
+            h0 = h0.to(dtype)
+            c0 = c0.to(dtype) if c0 is not None else None
+
+        sink = None
+        if self.record_grad_norms and torch.is_grad_enabled():
+            sink = x.new_zeros(LD, 2, T, B, requires_grad=True)
+        self._norm_sink = sink
+        self._norm_order = unsorted_idx if packed else None
+
+        layer_input = x
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(D):
+                k = layer * D + d
+                w_ih, w_hh, b_ih, b_hh = (
+                    None if w is None else w.to(dtype) for w in self._weights(layer, d))
+                out, h, c = ops.layer(
+                    mode, layer_input, h0[k], c0[k] if is_lstm else None, w_ih, w_hh, b_ih,
+                    b_hh, lengths, d == 1, self.bptt_clip, None if sink is None else sink[k])
+                outs.append(out)
+                h_n.append(h)
+                if is_lstm:
+                    c_n.append(c)
+            layer_input = outs[0] if D == 1 else torch.cat(outs, 2)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        output = layer_input
+        h_n = torch.stack(h_n)
+        c_n = torch.stack(c_n) if is_lstm else None
+
+        if packed:
+            output = pack_padded_sequence(output, lengths, enforce_sorted=True)
+            output = PackedSequence(output.data, output.batch_sizes, sorted_idx, unsorted_idx)
+            if unsorted_idx is not None:
+                h_n = h_n.index_select(1, unsorted_idx)
+                c_n = c_n.index_select(1, unsorted_idx) if c_n is not None else None
+        elif unbatched:
+            output = output.squeeze(1)
+            h_n = h_n.squeeze(1)
+            c_n = c_n.squeeze(1) if c_n is not None else None
+        elif self.batch_first:
+            output = output.transpose(0, 1)
+        return output, ((h_n, c_n) if is_lstm else h_n)
+
+
+class RNN(_Base):
+    """Elman RNN, a drop-in for torch.nn.RNN (same arguments, parameters and results).
+
+    Extra keyword arguments: bptt_clip (clamp gate pre-activation gradients inside BPTT
+    to [-c, c]; 0 = off) and record_grad_norms (see grad_norms).
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None,
+                 **kwargs):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__("RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU", input_size,
+                         hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         device=device, dtype=dtype, **kwargs)
+
+
+class LSTM(_Base):
+    """LSTM, a drop-in for torch.nn.LSTM. Extra keywords as for pyrnn.RNN."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None,
+                 **kwargs):
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, proj_size, device=device, dtype=dtype, **kwargs)
+
+
+class GRU(_Base):
+    """GRU (PyTorch's variant), a drop-in for torch.nn.GRU. Extra keywords as for pyrnn.RNN."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, device=None, dtype=None, **kwargs):
+        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, device=device, dtype=dtype, **kwargs)
+
+
+_REPLACEMENTS = {nn.RNN: RNN, nn.LSTM: LSTM, nn.GRU: GRU}
+
+
+def _convert_one(m: nn.Module) -> nn.Module:
+    cls = _REPLACEMENTS[type(m)]
+    w = m.weight_ih_l0
+    kw = dict(num_layers=m.num_layers, bias=m.bias, batch_first=m.batch_first,
+              dropout=m.dropout, bidirectional=m.bidirectional, device=w.device, dtype=w.dtype)
+    if isinstance(m, nn.RNN):
+        kw["nonlinearity"] = m.nonlinearity
+    if isinstance(m, nn.LSTM):
+        kw["proj_size"] = m.proj_size
+    new = cls(m.input_size, m.hidden_size, **kw)
+    new.load_state_dict(m.state_dict())
+    new.train(m.training)
+    return new
+
+
+def convert(module: nn.Module) -> nn.Module:
+    """Replace every torch.nn.RNN, LSTM and GRU inside ``module`` (in place) by its pyrnn
+    equivalent with the same weights, device, dtype and training mode. Returns the module
+    (a bare torch.nn.LSTM passed in directly is returned converted)."""
+    if type(module) in _REPLACEMENTS:
+        return _convert_one(module)
+    for name, child in list(module.named_children()):
+        if type(child) in _REPLACEMENTS:
+            setattr(module, name, _convert_one(child))
+        else:
+            convert(child)
+    return module

@@ -1,0 +1,134 @@
+"""The compiled ops as autograd-aware Python functions, one layer and one direction each.
+
+Shapes: input [T, B, I], hx and cx [B, H], weight_ih [G*H, I], weight_hh [G*H, H],
+bias_ih and bias_hh [G*H]; G = 1 (Elman), 4 (LSTM: i, f, g, o), 3 (GRU: r, z, n).
+
+``lengths`` ([B], int64, on the CPU) makes step t of sequence b run only while
+t < lengths[b]: later steps leave its state unchanged and give zero output. With
+``reverse=True`` the layer runs from each sequence's own last step back to step 0.
+
+``bptt_clip=c > 0`` clamps the gradient of every gate pre-activation to [-c, c] inside
+BPTT. ``norm_sink``, a tensor of shape [2, T, B] that requires grad, receives as its
+gradient the per-step L2 norms of dLoss/dh_t (row 0) and, for LSTM, dLoss/dc_t (row 1),
+computed by the backward kernel itself.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the library that registers torch.ops.pyrnn)
+
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+_SAVED = {"lstm": 5, "gru": 4}  # workspace row width in units of H (see csrc/ops.cpp)
+
+
+@torch.library.register_fake("pyrnn::forward")
+def _forward_fake(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
+                  reverse, save, bptt_clip, norm_sink):
+    T, B = input.shape[0], input.shape[1]
+    H = weight_hh.shape[1]
+    output = input.new_empty(T, B, H)
+    h_n = input.new_empty(B, H)
+    c_n = input.new_empty(B, H) if mode == "lstm" else input.new_empty(0)
+    width = _SAVED.get(mode, 0) * H
+    workspace = input.new_empty(T, B, width) if (save and width) else input.new_empty(0)
+    return output, h_n, c_n, workspace
+
+
+@torch.library.register_fake("pyrnn::backward")
+def _backward_fake(mode, grad_output, grad_h_n, grad_c_n, input, hx, cx, weight_ih, weight_hh,
+                   has_bias, input_grad, lengths, output, workspace, reverse, bptt_clip, record):
+    T, B = input.shape[0], input.shape[1]
+    H = weight_hh.shape[1]
+    GH = weight_hh.shape[0]
+    empty = input.new_empty(0)
+    return (
+        input.new_empty(input.shape) if input_grad else empty,
+        input.new_empty(B, H),
+        input.new_empty(B, H) if mode == "lstm" else empty,
+        input.new_empty(weight_ih.shape),
+        input.new_empty(weight_hh.shape),
+        input.new_empty(GH) if has_bias else empty,
+        input.new_empty(GH) if has_bias else input.new_empty(0),
+        input.new_empty(2, T, B) if record else input.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    (mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, save,
+     bptt_clip, norm_sink) = inputs
+    out, _, _, workspace = output
+    ctx.mode, ctx.reverse, ctx.bptt_clip = mode, reverse, bptt_clip
+    ctx.has_bias = bias_ih is not None
+    ctx.record = norm_sink is not None
+    ctx.saved = save
+    ctx.save_for_backward(input, hx, cx, weight_ih, weight_hh, lengths, out, workspace)
+
+
+def _backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
+    if not ctx.saved:
+        raise RuntimeError("pyrnn: this forward ran with save=False, so it cannot be "
+                           "differentiated; call it with save=True")
+    input, hx, cx, weight_ih, weight_hh, lengths, out, workspace = ctx.saved_tensors
+    if grad_output is None:
+        grad_output = torch.zeros_like(out)
+    dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, norms = torch.ops.pyrnn.backward(
+        ctx.mode, grad_output, grad_h_n, grad_c_n if ctx.mode == "lstm" else None, input, hx,
+        cx, weight_ih, weight_hh, ctx.has_bias, ctx.needs_input_grad[1], lengths, out,
+        workspace, ctx.reverse, ctx.bptt_clip, ctx.record)
+    return (None, dx if ctx.needs_input_grad[1] else None, dh,
+            dc if ctx.mode == "lstm" else None, dw_ih, dw_hh,
+            db_ih if ctx.has_bias else None, db_hh if ctx.has_bias else None,
+            None, None, None, None, norms if ctx.record else None)
+
+
+torch.library.register_autograd("pyrnn::forward", _backward, setup_context=_setup_context)
+
+
+def _needs_save(*tensors):
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
+
+
+def layer(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], weight_ih: Tensor,
+          weight_hh: Tensor, bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
+          lengths: Optional[Tensor] = None, reverse: bool = False, bptt_clip: float = 0.0,
+          norm_sink: Optional[Tensor] = None):
+    """One layer in one direction. Returns (output, h_n, c_n); c_n is None unless LSTM."""
+    save = _needs_save(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, norm_sink)
+    out, h_n, c_n, _ = torch.ops.pyrnn.forward(
+        mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, save,
+        float(bptt_clip), norm_sink)
+    return out, h_n, (c_n if mode == "lstm" else None)
+
+
+def rnn_tanh(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,
+             reverse=False, bptt_clip=0.0, norm_sink=None):
+    """Elman RNN with tanh: h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh). -> (output, h_n)"""
+    out, h, _ = layer("rnn_tanh", input, hx, None, weight_ih, weight_hh, bias_ih, bias_hh,
+                      lengths, reverse, bptt_clip, norm_sink)
+    return out, h
+
+
+def rnn_relu(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,
+             reverse=False, bptt_clip=0.0, norm_sink=None):
+    """Elman RNN with ReLU. -> (output, h_n)"""
+    out, h, _ = layer("rnn_relu", input, hx, None, weight_ih, weight_hh, bias_ih, bias_hh,
+                      lengths, reverse, bptt_clip, norm_sink)
+    return out, h
+
+
+def lstm(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,
+         reverse=False, bptt_clip=0.0, norm_sink=None):
+    """LSTM, gates i, f, g, o. -> (output, h_n, c_n)"""
+    return layer("lstm", input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
+                 reverse, bptt_clip, norm_sink)
+
+
+def gru(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,
+        reverse=False, bptt_clip=0.0, norm_sink=None):
+    """GRU, PyTorch's variant (reset gate applied to W_hn h + b_hn). -> (output, h_n)"""
+    out, h, _ = layer("gru", input, hx, None, weight_ih, weight_hh, bias_ih, bias_hh,
+                      lengths, reverse, bptt_clip, norm_sink)
+    return out, h
