@@ -41,8 +41,8 @@ def libtorch_has_blas():
 
 
 here = os.path.dirname(os.path.abspath(__file__))
-sources = ["csrc/ops.cpp"]
-cxx_flags = ["-O3"]
+sources = ["csrc/ops.cpp", "csrc/cpu/kernels.cpp"]
+cxx_flags = ["-O3", "-Wno-psabi"]
 macros = []
 if not libtorch_has_blas():
     macros.append(("PYRNN_NO_BLAS", None))

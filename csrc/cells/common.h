@@ -2,6 +2,7 @@
 // Torch-free, so that nvcc and a plain C++ compiler can both include it.
 #pragma once
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__)
 #define PYRNN_HD __host__ __device__ __forceinline__
@@ -26,19 +27,138 @@ PYRNN_HD T store(A v) {
   return static_cast<T>(v);
 }
 
+// Pointer access used by the cells: ld<A>(p) reads *p as arithmetic type A, st(p, v)
+// writes v to *p. A SIMD type specialises Mem to read and write a run of lanes.
+template <typename A, typename T>
+struct Mem {
+  PYRNN_HD static A ld(const T* p) { return load<A>(*p); }
+  PYRNN_HD static void st(T* p, A v) { *p = store<T>(v); }
+};
+template <typename A, typename T>
+PYRNN_HD A ld(const T* p) {
+  return Mem<A, T>::ld(p);
+}
+template <typename T, typename A>
+PYRNN_HD void st(T* p, A v) {
+  Mem<A, T>::st(p, v);
+}
+
+// Branch-free select; SIMD types overload it with a lane mask.
+template <typename A>
+PYRNN_HD A where(bool c, A a, A b) {
+  return c ? a : b;
+}
+
+// ---- float32 exp and tanh for the host, written once for scalars and SIMD lanes ----
+// F is float or a SIMD float type with matching helpers round_int, to_float, pow2i.
+// exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then the Taylor series of
+// e^r to r^7 (truncation error < 1e-8 relative) and a 2^n built from the exponent bits.
+inline int round_int(float t) { return int(t + (t < 0.f ? -0.5f : 0.5f)); }
+inline float to_float(int n) { return float(n); }
+inline float pow2i(int n) {
+  const unsigned bits = unsigned(n + 127) << 23;
+  float f;
+  __builtin_memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+template <typename F>
+inline F poly_exp(F x) {
+  x = where(x < F(-87.3f), F(-87.3f), x);
+  x = where(x > F(88.3f), F(88.3f), x);
+  const auto n = round_int(x * F(1.44269504088896341f));
+  const F nf = to_float(n);
+  const F r = x - nf * F(0.693145751953125f) - nf * F(1.42860682030941723e-6f);
+  F p = F(1.f / 5040.f);
+  p = p * r + F(1.f / 720.f);
+  p = p * r + F(1.f / 120.f);
+  p = p * r + F(1.f / 24.f);
+  p = p * r + F(1.f / 6.f);
+  p = p * r + F(0.5f);
+  p = p * r + F(1.f);
+  p = p * r + F(1.f);
+  return p * pow2i(n);
+}
+
+// tanh: the odd Taylor series to x^9 for |x| < 1/4 (error < 1e-8 relative), else
+// (1 - e) / (1 + e) with e = exp(-2|x|) (a few ulp); |x| is capped at 9, where
+// tanh rounds to 1 in float32.
+template <typename F>
+inline F poly_tanh(F x) {
+  const F ax = where(x < F(0.f), -x, x);
+  const F e = poly_exp(F(-2.f) * where(ax > F(9.f), F(9.f), ax));
+  const F big = (F(1.f) - e) / (F(1.f) + e);
+  const F x2 = x * x;
+  const F small =
+      x * (F(1.f) + x2 * (F(-1.f / 3.f) + x2 * (F(2.f / 15.f) + x2 * (F(-17.f / 315.f) +
+                                                                     x2 * F(62.f / 2835.f)))));
+  return where(ax < F(0.25f), small, where(x < F(0.f), -big, big));
+}
+
+// The activations the cells call. double uses the C library; float uses the C
+// library on the device and the functions above on the host (vectorisable, and the
+// same result in a SIMD lane as in a scalar tail).
+template <typename A>
+PYRNN_HD A math_exp(A x) {
+  return exp(x);
+}
+template <typename A>
+PYRNN_HD A math_tanh(A x) {
+  return tanh(x);
+}
+PYRNN_HD float math_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  return poly_exp(x);
+#endif
+}
+PYRNN_HD float math_tanh(float x) {
+#if defined(__CUDA_ARCH__)
+  return tanhf(x);
+#else
+  return poly_tanh(x);
+#endif
+}
+
 template <typename A>
 PYRNN_HD A sigmoid(A x) {
-  return A(1) / (A(1) + exp(-x));
+  return A(1) / (A(1) + math_exp(-x));
 }
 
 template <typename A>
 PYRNN_HD A clamp_abs(A v, A c) {
   // c <= 0 means "no clipping".
-  if (c > A(0)) {
-    v = v > c ? c : v;
-    v = v < -c ? -c : v;
-  }
-  return v;
+  return where(c > A(0), where(v > c, c, where(v < -c, -c, v)), v);
 }
 
 }  // namespace pyrnn
+
+#if defined(__CUDACC__)
+// CUDA half storage types (arithmetic in float). Torch builds with
+// __CUDA_NO_HALF_CONVERSIONS__ and __CUDA_NO_BFLOAT16_CONVERSIONS__, so the conversions
+// are spelled out here, as specialisations that Mem<float, T> picks up.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace pyrnn {
+
+template <>
+PYRNN_HD float load<float, __half>(__half v) {
+  return __half2float(v);
+}
+template <>
+PYRNN_HD float load<float, __nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <>
+PYRNN_HD __half store<__half, float>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+PYRNN_HD __nv_bfloat16 store<__nv_bfloat16, float>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+}  // namespace pyrnn
+#endif  // __CUDACC__

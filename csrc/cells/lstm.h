@@ -2,7 +2,7 @@
 //   i = s(a_i), f = s(a_f), g = tanh(a_g), o = s(a_o)
 //   c = f * c_prev + i * g,  h = o * tanh(c)
 // The forward overwrites the input-projection row with the activated gates, which
-// (with c) is all that BPTT needs.
+// (with c_t, kept by the caller) is all that BPTT needs. Interface: see rnn.h.
 #pragma once
 #include "common.h"
 
@@ -13,58 +13,51 @@ struct LstmCell {
   static constexpr bool kHasCell = true;
   static constexpr int kSaved = 0;
 
-  // xg: [4H] in: input projection (b_ih included); out: activated gates i, f, g, o.
   template <typename T, typename A>
-  PYRNN_HD static void forward(int j, int H, T* xg, const T* hg, const T* bh,
-                               const T* h_prev, const T* c_prev, T* h, T* c, T* saved) {
-    (void)h_prev; (void)saved;
-    A pre[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k)
-      pre[k] = load<A>(xg[k * H + j]) + load<A>(hg[k * H + j]) + (bh ? load<A>(bh[k * H + j]) : A(0));
-    A i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = tanh(pre[2]), o = sigmoid(pre[3]);
-    A cn = f * load<A>(c_prev[j]) + i * g;
-    c[j] = store<T>(cn);
-    h[j] = store<T>(o * tanh(cn));
-    xg[j] = store<T>(i);
-    xg[H + j] = store<T>(f);
-    xg[2 * H + j] = store<T>(g);
-    xg[3 * H + j] = store<T>(o);
+  PYRNN_HD static A pre(int64_t k, int64_t j, int64_t H, const T* xg, const T* hg,
+                        const T* bh) {
+    return ld<A>(xg + k * H + j) + ld<A>(hg + k * H + j) + (bh ? ld<A>(bh + k * H + j) : A(0));
   }
 
-  // dh: total dLoss/dh_t; *dc: in dLoss/dc_t from step t+1, out dLoss/dc_{t-1}.
-  // xg: saved activated gates of this step; c: c_t; c_prev: c_{t-1}.
-  // Writes the (clipped) pre-activation gradients into gx (gh aliases gx).
-  // Returns through *dc_total the total dLoss/dc_t (for the gradient-norm record).
   template <typename T, typename A>
-  PYRNN_HD static void backward(int j, int H, A dh, A* dc, const T* xg, const T* saved,
+  PYRNN_HD static void forward(int64_t j, int64_t H, T* xg, const T* hg, const T* bh,
+                               const T* h_prev, const T* c_prev, T* h, T* c, T* saved) {
+    (void)h_prev; (void)saved;
+    const A i = sigmoid(pre<T, A>(0, j, H, xg, hg, bh));
+    const A f = sigmoid(pre<T, A>(1, j, H, xg, hg, bh));
+    const A g = math_tanh(pre<T, A>(2, j, H, xg, hg, bh));
+    const A o = sigmoid(pre<T, A>(3, j, H, xg, hg, bh));
+    const A cn = f * ld<A>(c_prev + j) + i * g;
+    st(c + j, cn);
+    st(h + j, o * math_tanh(cn));
+    st(xg + j, i);
+    st(xg + H + j, f);
+    st(xg + 2 * H + j, g);
+    st(xg + 3 * H + j, o);
+  }
+
+  // xg: the saved activated gates of this step; c: c_t; c_prev: c_{t-1}.
+  template <typename T, typename A>
+  PYRNN_HD static void backward(int64_t j, int64_t H, A dh, A* dc, const T* xg, const T* saved,
                                 const T* h, const T* h_prev, const T* c, const T* c_prev,
                                 T* gx, T* gh, A* dh_direct, A clip) {
-    (void)saved; (void)h; (void)h_prev; (void)dh_direct;
-    A i = load<A>(xg[j]), f = load<A>(xg[H + j]), g = load<A>(xg[2 * H + j]), o = load<A>(xg[3 * H + j]);
-    A tc = tanh(load<A>(c[j]));
-    A dct = *dc + dh * o * (A(1) - tc * tc);
-    *dc = dct;  // caller reads the total, then calls carry() for dc_prev
-    A dai = clamp_abs(dct * g * i * (A(1) - i), clip);
-    A daf = clamp_abs(dct * load<A>(c_prev[j]) * f * (A(1) - f), clip);
-    A dag = clamp_abs(dct * i * (A(1) - g * g), clip);
-    A dao = clamp_abs(dh * tc * o * (A(1) - o), clip);
-    gx[j] = store<T>(dai);
-    gx[H + j] = store<T>(daf);
-    gx[2 * H + j] = store<T>(dag);
-    gx[3 * H + j] = store<T>(dao);
-    if (gh != gx) {
-      gh[j] = store<T>(dai);
-      gh[H + j] = store<T>(daf);
-      gh[2 * H + j] = store<T>(dag);
-      gh[3 * H + j] = store<T>(dao);
-    }
+    (void)saved; (void)h; (void)h_prev; (void)gh;  // gh aliases gx for the LSTM
+    const A i = ld<A>(xg + j), f = ld<A>(xg + H + j), g = ld<A>(xg + 2 * H + j),
+            o = ld<A>(xg + 3 * H + j);
+    const A tc = math_tanh(ld<A>(c + j));
+    const A dct = *dc + dh * o * (A(1) - tc * tc);
+    *dc = dct;
+    st(gx + j, clamp_abs(dct * g * i * (A(1) - i), clip));
+    st(gx + H + j, clamp_abs(dct * ld<A>(c_prev + j) * f * (A(1) - f), clip));
+    st(gx + 2 * H + j, clamp_abs(dct * i * (A(1) - g * g), clip));
+    st(gx + 3 * H + j, clamp_abs(dh * tc * o * (A(1) - o), clip));
+    *dh_direct = A(0);
   }
 
   // dLoss/dc_{t-1} from the total dLoss/dc_t: the additive path through the forget gate.
   template <typename T, typename A>
-  PYRNN_HD static A carry(int j, int H, A dct, const T* xg) {
-    return dct * load<A>(xg[H + j]);
+  PYRNN_HD static A carry(int64_t j, int64_t H, A dct, const T* xg) {
+    return dct * ld<A>(xg + H + j);
   }
 };
 

@@ -1,6 +1,18 @@
 // Elman RNN cell: h = act(a), a = W_ih x + b_ih + W_hh h_prev + b_hh.
 // G = 1. Backward needs only h itself (tanh' = 1 - h^2, relu' = [h > 0]), so the
 // forward saves nothing beyond its output.
+//
+// Every cell (rnn.h, lstm.h, gru.h) has the same interface, for hidden unit j of one
+// batch row; A is the arithmetic type (a scalar, or a SIMD type covering units
+// j .. j+lanes-1), T the storage type:
+//   forward(j, H, xg, hg, bh, h_prev, c_prev, h, c, saved)
+//     xg: [G*H] in: input projection incl. b_ih; out: what backward needs (activated
+//         gates); hg: [G*H] recurrent projection W_hh h_prev (bias not included);
+//     bh: [G*H] b_hh or nullptr; writes h[j], c[j] (LSTM), saved[j] (GRU).
+//   backward(j, H, dh, dc, xg, saved, h, h_prev, c, c_prev, gx, gh, dh_direct, clip)
+//     dh: total dLoss/dh_t; *dc: in dLoss/dc_t from step t+1, out the total dLoss/dc_t;
+//     gx, gh: [G*H] gradients of the input-side and recurrent-side pre-activations;
+//     *dh_direct: the part of dLoss/dh_prev that does not pass through W_hh.
 #pragma once
 #include "common.h"
 
@@ -12,30 +24,34 @@ struct RnnCell {
   static constexpr bool kHasCell = false;
   static constexpr int kSaved = 0;  // extra saved values per hidden unit and step
 
-  // xg: [G*H] input projection row (b_ih included); hg: [G*H] recurrent row (bias not
-  // included); bh: [G*H] b_hh or nullptr. Writes h[j].
   template <typename T, typename A>
-  PYRNN_HD static void forward(int j, int H, T* xg, const T* hg, const T* bh,
+  PYRNN_HD static void forward(int64_t j, int64_t H, T* xg, const T* hg, const T* bh,
                                const T* h_prev, const T* c_prev, T* h, T* c, T* saved) {
     (void)H; (void)h_prev; (void)c_prev; (void)c; (void)saved;
-    A a = load<A>(xg[j]) + load<A>(hg[j]) + (bh ? load<A>(bh[j]) : A(0));
-    A y = kAct == Act::kTanh ? tanh(a) : (a > A(0) ? a : A(0));
-    h[j] = store<T>(y);
+    const A a = ld<A>(xg + j) + ld<A>(hg + j) + (bh ? ld<A>(bh + j) : A(0));
+    if constexpr (kAct == Act::kTanh) {
+      st(h + j, math_tanh(a));
+    } else {
+      st(h + j, where(a > A(0), a, A(0)));
+    }
   }
 
-  // dh: total dLoss/dh_t. Writes the pre-activation gradient into gx[j] (== gh[j]).
-  // dc and dh_direct are unused (no cell state, no direct path to h_prev).
   template <typename T, typename A>
-  PYRNN_HD static void backward(int j, int H, A dh, A* dc, const T* xg, const T* saved,
+  PYRNN_HD static void backward(int64_t j, int64_t H, A dh, A* dc, const T* xg, const T* saved,
                                 const T* h, const T* h_prev, const T* c, const T* c_prev,
                                 T* gx, T* gh, A* dh_direct, A clip) {
     (void)H; (void)dc; (void)xg; (void)saved; (void)h_prev; (void)c; (void)c_prev;
-    (void)dh_direct;
-    A y = load<A>(h[j]);
-    A d = kAct == Act::kTanh ? dh * (A(1) - y * y) : (y > A(0) ? dh : A(0));
+    const A y = ld<A>(h + j);
+    A d;
+    if constexpr (kAct == Act::kTanh) {
+      d = dh * (A(1) - y * y);
+    } else {
+      d = where(y > A(0), dh, A(0));
+    }
     d = clamp_abs(d, clip);
-    gx[j] = store<T>(d);
-    if (gh != gx) gh[j] = store<T>(d);
+    st(gx + j, d);
+    if (gh != gx) st(gh + j, d);
+    *dh_direct = A(0);
   }
 };
 

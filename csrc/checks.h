@@ -1,0 +1,126 @@
+// Argument checks and mode helpers shared by the CPU ops (ops.cpp) and the CUDA ops
+// (cuda_ops.cpp).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+
+#include "cells/gru.h"
+#include "cells/lstm.h"
+#include "cells/rnn.h"
+
+namespace pyrnn {
+
+enum class Mode { kRnnTanh, kRnnRelu, kLstm, kGru };
+
+inline Mode parse_mode(const std::string& mode) {
+  if (mode == "rnn_tanh") return Mode::kRnnTanh;
+  if (mode == "rnn_relu") return Mode::kRnnRelu;
+  if (mode == "lstm") return Mode::kLstm;
+  if (mode == "gru") return Mode::kGru;
+  TORCH_CHECK_VALUE(false, "mode: expected one of 'rnn_tanh', 'rnn_relu', 'lstm', 'gru', got '",
+                    mode, "'");
+}
+
+inline int64_t gates_of(Mode m) { return m == Mode::kLstm ? 4 : m == Mode::kGru ? 3 : 1; }
+
+// Workspace row width W (see csrc/cpu/loops.h) that the forward saves for backward.
+inline int64_t saved_width(Mode m, int64_t H) {
+  switch (m) {
+    case Mode::kLstm: return 5 * H;  // i, f, g, o, c
+    case Mode::kGru: return 4 * H;   // r, z, n, W_hn h + b_hn
+    default: return 0;               // Elman: the output alone suffices
+  }
+}
+
+// Calls f(Cell{}) with the cell type of mode m.
+template <typename F>
+inline void with_cell(Mode m, F&& f) {
+  switch (m) {
+    case Mode::kRnnTanh: f(RnnCell<Act::kTanh>{}); break;
+    case Mode::kRnnRelu: f(RnnCell<Act::kRelu>{}); break;
+    case Mode::kLstm: f(LstmCell{}); break;
+    case Mode::kGru: f(GruCell{}); break;
+  }
+}
+
+inline std::string shape_str(at::IntArrayRef s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  TORCH_CHECK_VALUE(t.device() == input.device(), name, ": expected device ", input.device(),
+                    " (the device of input), got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), name, ": expected dtype ",
+                   input.scalar_type(), " (the dtype of input), got ", t.scalar_type());
+}
+
+inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected) {
+  TORCH_CHECK_VALUE(t.sizes() == expected, name, ": expected shape ", shape_str(expected),
+                    ", got ", shape_str(t.sizes()));
+}
+
+struct Dims {
+  int64_t T, B, I, H, G;
+};
+
+// Checks every argument of a forward call and returns the dimensions. allow_half: also
+// accept float16 and bfloat16 (the CUDA backend).
+inline Dims check_forward_args(Mode m, const at::Tensor& input, const at::Tensor& hx,
+                               const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
+                               const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
+                               const std::optional<at::Tensor>& b_hh,
+                               const std::optional<at::Tensor>& lengths,
+                               bool allow_half = false) {
+  const at::ScalarType dtype = input.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble ||
+                       (allow_half && (dtype == at::kHalf || dtype == at::kBFloat16)),
+                   "input: expected dtype ",
+                   allow_half ? "float32, float64, float16 or bfloat16" : "float32 or float64",
+                   ", got ", dtype);
+  TORCH_CHECK_VALUE(input.dim() == 3, "input: expected a 3-D tensor [T, B, I], got ",
+                    input.dim(), "-D of shape ", shape_str(input.sizes()));
+  TORCH_CHECK_VALUE(input.size(0) > 0, "input: expected at least one time step, got T = 0");
+  TORCH_CHECK_VALUE(w_hh.dim() == 2, "weight_hh: expected a 2-D tensor, got ", w_hh.dim(), "-D");
+  const int64_t G = gates_of(m);
+  Dims d{input.size(0), input.size(1), input.size(2), w_hh.size(1), G};
+  check_same(w_ih, "weight_ih", input);
+  check_same(w_hh, "weight_hh", input);
+  check_same(hx, "hx", input);
+  check_shape(w_hh, "weight_hh", {G * d.H, d.H});
+  check_shape(w_ih, "weight_ih", {G * d.H, d.I});
+  check_shape(hx, "hx", {d.B, d.H});
+  TORCH_CHECK_VALUE(b_ih.has_value() == b_hh.has_value(),
+                    "bias_ih, bias_hh: expected both or neither");
+  if (b_ih) {
+    check_same(*b_ih, "bias_ih", input);
+    check_same(*b_hh, "bias_hh", input);
+    check_shape(*b_ih, "bias_ih", {G * d.H});
+    check_shape(*b_hh, "bias_hh", {G * d.H});
+  }
+  if (m == Mode::kLstm) {
+    TORCH_CHECK_VALUE(cx.has_value(), "cx: expected a cell state for mode 'lstm', got None");
+    check_same(*cx, "cx", input);
+    check_shape(*cx, "cx", {d.B, d.H});
+  } else {
+    TORCH_CHECK_VALUE(!cx.has_value(), "cx: only mode 'lstm' takes a cell state");
+  }
+  if (lengths) {
+    TORCH_CHECK_TYPE(lengths->scalar_type() == at::kLong, "lengths: expected dtype int64, got ",
+                     lengths->scalar_type());
+    TORCH_CHECK_VALUE(lengths->device().is_cpu(), "lengths: expected a CPU tensor, got device ",
+                      lengths->device());
+    check_shape(*lengths, "lengths", {d.B});
+    if (d.B > 0) {
+      const int64_t lo = lengths->min().item<int64_t>(), hi = lengths->max().item<int64_t>();
+      TORCH_CHECK_VALUE(lo >= 0 && hi <= d.T, "lengths: expected values in [0, T = ", d.T,
+                        "], got min ", lo, " and max ", hi);
+    }
+  }
+  return d;
+}
+
+}  // namespace pyrnn

@@ -1,0 +1,69 @@
+// An 8-lane float32 type for the CPU time loops, built on GCC/Clang vector extensions
+// (AVX2 registers in the x86-64-v3 clone of the loops, pairs of SSE registers in the
+// baseline one). It supplies exactly what the cells use: arithmetic, comparisons,
+// where(), ld/st (through Mem) and the helpers of poly_exp.
+#pragma once
+#include <cstdint>
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors passed by value, internal only
+#endif
+
+#include "../cells/common.h"
+
+namespace pyrnn {
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+struct MaskF {
+  v8i m;
+};
+struct IntF {  // lane exponents (a struct, so that argument-dependent lookup finds it)
+  v8i n;
+};
+
+struct VecF {
+  static constexpr int kLanes = 8;
+  v8f v;
+  VecF() = default;
+  VecF(float s) : v(v8f{} + s) {}  // broadcast (implicit, like a scalar literal)
+  VecF(v8f x) : v(x) {}
+};
+
+inline VecF operator+(VecF a, VecF b) { return a.v + b.v; }
+inline VecF operator-(VecF a, VecF b) { return a.v - b.v; }
+inline VecF operator*(VecF a, VecF b) { return a.v * b.v; }
+inline VecF operator/(VecF a, VecF b) { return a.v / b.v; }
+inline VecF operator-(VecF a) { return -a.v; }
+inline MaskF operator<(VecF a, VecF b) { return {a.v < b.v}; }
+inline MaskF operator>(VecF a, VecF b) { return {a.v > b.v}; }
+inline VecF where(MaskF c, VecF a, VecF b) { return c.m ? a.v : b.v; }
+
+inline IntF round_int(VecF t) {
+  const v8f half = t.v < 0.f ? v8f{} - 0.5f : v8f{} + 0.5f;
+  return {__builtin_convertvector(t.v + half, v8i)};
+}
+inline VecF to_float(IntF n) { return __builtin_convertvector(n.n, v8f); }
+inline VecF pow2i(IntF n) { return (v8f)((n.n + 127) << 23); }
+
+inline VecF math_exp(VecF x) { return poly_exp(x); }
+inline VecF math_tanh(VecF x) { return poly_tanh(x); }
+
+inline float hsum(VecF a) {
+  float s = 0.f;
+  for (int k = 0; k < 8; ++k) s += a.v[k];
+  return s;
+}
+
+template <>
+struct Mem<VecF, float> {
+  static VecF ld(const float* p) {
+    v8f x;
+    __builtin_memcpy(&x, p, sizeof x);
+    return x;
+  }
+  static void st(float* p, VecF a) { __builtin_memcpy(p, &a.v, sizeof a.v); }
+};
+
+}  // namespace pyrnn

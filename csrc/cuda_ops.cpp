@@ -1,0 +1,230 @@
+// CUDA implementations of the ops defined in ops.cpp (same schemas, same results, same
+// buffer layouts): allocation, the matrix products (ATen, on the current stream) and
+// one fused pointwise kernel per time step (cuda/kernels.h). Nothing here synchronises
+// with the device.
+//
+// Shapes (one layer, one direction): input [T, B, I], hx and cx [B, H],
+// weight_ih [G*H, I], weight_hh [G*H, H], biases [G*H], workspace [T, B, W].
+#ifdef PYRNN_WITH_CUDA
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <string>
+#include <type_traits>
+
+#include "checks.h"
+#include "cuda/kernels.h"
+
+namespace pyrnn {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// The CUDA type behind an ATen storage type (same size and bit layout).
+template <typename S>
+struct CudaType {
+  using type = S;
+};
+template <>
+struct CudaType<at::Half> {
+  using type = __half;
+};
+template <>
+struct CudaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+template <typename S>
+using cuda_t = typename CudaType<S>::type;
+static_assert(sizeof(at::Half) == sizeof(__half) && sizeof(at::BFloat16) == sizeof(__nv_bfloat16));
+
+// Data pointer of t as the CUDA type of ATen type S, or nullptr if t is undefined.
+template <typename S>
+cuda_t<S>* ptr(const Tensor& t) {
+  return t.defined() ? reinterpret_cast<cuda_t<S>*>(t.data_ptr<S>()) : nullptr;
+}
+
+// lengths stays a CPU tensor (its bounds are checked there, without touching the
+// device); the kernels read a copy uploaded from pinned memory without blocking.
+Tensor lengths_on(const OptTensor& lengths, const at::Device& device) {
+  if (!lengths) return Tensor();
+  return lengths->contiguous().pin_memory().to(device, at::kLong, /*non_blocking=*/true);
+}
+
+bool is_16bit(at::ScalarType s) { return s == at::kHalf || s == at::kBFloat16; }
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
+    c10::string_view mode_s, const Tensor& input_, const Tensor& hx_, const OptTensor& cx_,
+    const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_,
+    const OptTensor& lengths_, bool reverse, bool save, double bptt_clip,
+    const OptTensor& norm_sink) {
+  (void)bptt_clip; (void)norm_sink;  // used by backward only
+  const Mode m = parse_mode(std::string(mode_s));
+  const Dims d = check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, lengths_,
+                                    /*allow_half=*/true);
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H;
+  const Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const Tensor hx = hx_.contiguous();
+  const Tensor cx = cx_ ? cx_->contiguous() : Tensor();
+  const Tensor b_hh = b_hh_ ? b_hh_->contiguous() : Tensor();
+  const Tensor lengths = lengths_on(lengths_, input.device());
+  const auto opt = input.options();
+
+  // As in ops.cpp: the GRU writes h_n into its row even when nothing is saved; the LSTM
+  // keeps c_t only when saving.
+  const int64_t W = saved_width(m, H) && (save || m == Mode::kGru) ? saved_width(m, H) : GH;
+  Tensor ws = at::empty({T, B, W}, opt);
+  // Input projection for all T*B rows in one product: ws[..., :G*H] = x @ W_ih^T + b_ih
+  // (a strided view when W > G*H).
+  Tensor proj = ws.view({T * B, W}).narrow(1, 0, GH);
+  const Tensor x2 = input.view({T * B, d.I});
+  if (b_ih_) at::addmm_out(proj, *b_ih_, x2, w_ih.t());
+  else at::mm_out(proj, x2, w_ih.t());
+  Tensor output = at::empty({T, B, H}, opt);
+  Tensor h_n = hx.clone(at::MemoryFormat::Contiguous);  // running h state, then h_n
+  Tensor c_n = m == Mode::kLstm ? cx.clone(at::MemoryFormat::Contiguous) : at::empty({0}, opt);
+  Tensor hg = at::empty({B, GH}, opt);
+  const Tensor w_hh_t = w_hh.t();  // [H, G*H]
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "pyrnn_forward_cuda", [&] {
+    using CT = cuda_t<scalar_t>;
+    cuda::StepArgs<CT> p;
+    p.steps = T; p.batch = B; p.hidden = H; p.width = W; p.reverse = reverse;
+    p.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+    p.ws = ptr<scalar_t>(ws);
+    p.y = ptr<scalar_t>(output);
+    p.b_hh = ptr<scalar_t>(b_hh);
+    p.hg = ptr<scalar_t>(hg);
+    p.h = ptr<scalar_t>(h_n);
+    p.c = m == Mode::kLstm ? ptr<scalar_t>(c_n) : nullptr;
+    with_cell(m, [&](auto cell) {
+      using Cell = decltype(cell);
+      for (int64_t s = 0; s < T; ++s) {
+        const int64_t t = reverse ? T - 1 - s : s;
+        // hg[B, G*H] = h_{t-1}[B, H] @ W_hh^T
+        at::mm_out(hg, h_n, w_hh_t);
+        C10_CUDA_CHECK((cuda::forward_step<Cell, CT>(p, t, stream)));
+      }
+    });
+  });
+  if (!save || saved_width(m, H) == 0) ws = at::empty({0}, opt);
+  return {output, h_n, c_n, ws};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cuda(
+    c10::string_view mode_s, const Tensor& grad_output_, const OptTensor& grad_h_n,
+    const OptTensor& grad_c_n, const Tensor& input_, const Tensor& hx_, const OptTensor& cx_,
+    const Tensor& w_ih_, const Tensor& w_hh_, bool has_bias, bool input_grad,
+    const OptTensor& lengths_,
+    const Tensor& output_, const Tensor& workspace_, bool reverse, double bptt_clip,
+    bool record) {
+  const Mode m = parse_mode(std::string(mode_s));
+  const Dims d = check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, std::nullopt,
+                                    std::nullopt, lengths_, /*allow_half=*/true);
+  const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, W = saved_width(m, H);
+  check_same(grad_output_, "grad_output", input_);
+  check_shape(grad_output_, "grad_output", {T, B, H});
+  check_same(output_, "output", input_);
+  check_shape(output_, "output", {T, B, H});
+  check_shape(workspace_, "workspace", W ? at::IntArrayRef{T, B, W} : at::IntArrayRef{0});
+  if (grad_h_n) check_shape(*grad_h_n, "grad_h_n", {B, H});
+  if (grad_c_n) check_shape(*grad_c_n, "grad_c_n", {B, H});
+  TORCH_CHECK_VALUE(bptt_clip >= 0, "bptt_clip: expected a value >= 0 (0 = off), got ", bptt_clip);
+
+  const c10::cuda::CUDAGuard guard(input_.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const Tensor hx = hx_.contiguous(), dy = grad_output_.contiguous();
+  const Tensor y = output_.contiguous(), ws = workspace_.contiguous();
+  const Tensor cx = cx_ ? cx_->contiguous() : Tensor();
+  const Tensor lengths = lengths_on(lengths_, input.device());
+  const auto opt = input.options();
+
+  Tensor gx = at::empty({T, B, GH}, opt);
+  Tensor gh = m == Mode::kGru ? at::empty({T, B, GH}, opt) : gx;
+  Tensor hprev = at::empty({T, B, H}, opt);
+  Tensor dh0 = at::empty({B, H}, opt);
+  Tensor dc0 = m == Mode::kLstm ? at::empty({B, H}, opt) : at::empty({0}, opt);
+  Tensor norms = record ? at::zeros({2, T, B}, opt) : at::empty({0}, opt);
+
+  // The running dLoss/dh [B, H] and dLoss/dc [B, H] live in the arithmetic type: float
+  // for float16/bfloat16, so that dh += gh_t @ W_hh accumulates over the steps without
+  // rounding to 16 bits (that product then runs in float32, on gh_acc [B, G*H], the
+  // kernel's float copy of gh_t, and a float32 copy of W_hh). For float32/float64 they
+  // are dh0 and dc0 themselves.
+  const bool f16 = is_16bit(input.scalar_type());
+  const auto acc_opt = opt.dtype(f16 ? at::kFloat : input.scalar_type());
+  Tensor dh = f16 ? at::empty({B, H}, acc_opt) : dh0;
+  Tensor dc = m != Mode::kLstm ? Tensor() : f16 ? at::empty({B, H}, acc_opt) : dc0;
+  Tensor gh_acc = f16 ? at::empty({B, GH}, acc_opt) : Tensor();
+  const Tensor w_rec = f16 ? w_hh.to(at::kFloat) : w_hh;  // [G*H, H]
+  if (grad_h_n) dh.copy_(*grad_h_n);
+  else dh.zero_();
+  if (dc.defined()) {
+    if (grad_c_n) dc.copy_(*grad_c_n);
+    else dc.zero_();
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "pyrnn_backward_cuda", [&] {
+    using CT = cuda_t<scalar_t>;
+    using A = cuda::acc_t<CT>;
+    cuda::StepArgs<CT> p;
+    p.steps = T; p.batch = B; p.hidden = H; p.width = W; p.reverse = reverse;
+    p.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+    p.ws = W ? ptr<scalar_t>(ws) : nullptr;
+    p.y = ptr<scalar_t>(y);
+    p.h0 = ptr<scalar_t>(hx);
+    p.c0 = ptr<scalar_t>(cx);
+    p.dy = ptr<scalar_t>(dy);
+    p.gx = ptr<scalar_t>(gx);
+    p.gh = ptr<scalar_t>(gh);
+    p.hprev = ptr<scalar_t>(hprev);
+    p.dh = dh.data_ptr<A>();
+    p.dc = dc.defined() ? dc.data_ptr<A>() : nullptr;
+    p.gh_acc = gh_acc.defined() ? gh_acc.data_ptr<A>() : nullptr;
+    p.clip = bptt_clip;
+    p.norm_h = record ? ptr<scalar_t>(norms) : nullptr;
+    p.norm_c = record && m == Mode::kLstm ? ptr<scalar_t>(norms) + T * B : nullptr;
+    with_cell(m, [&](auto cell) {
+      using Cell = decltype(cell);
+      for (int64_t s = 0; s < T; ++s) {
+        const int64_t t = reverse ? s : T - 1 - s;  // the forward order, reversed
+        C10_CUDA_CHECK((cuda::backward_step<Cell, CT>(p, t, stream)));
+        // dh_{t-1} += gh_t[B, G*H] @ W_hh[G*H, H]   (inactive rows of gh_t are zero)
+        dh.addmm_(f16 ? gh_acc : gh.select(0, t), w_rec);
+      }
+    });
+  });
+  if (f16) {
+    dh0.copy_(dh);
+    if (dc.defined()) dc0.copy_(dc);
+  }
+
+  // Everything that does not depend on the order of time: single products over T*B rows.
+  const Tensor gx2 = gx.view({T * B, GH}), gh2 = gh.view({T * B, GH});
+  Tensor dx = input_grad ? at::mm(gx2, w_ih).view({T, B, d.I}) : at::empty({0}, opt);
+  Tensor dw_ih = at::mm(gx2.t(), input.view({T * B, d.I}));
+  Tensor dw_hh = at::mm(gh2.t(), hprev.view({T * B, H}));
+  Tensor db_ih = has_bias ? gx2.sum(0) : at::empty({0}, opt);
+  Tensor db_hh = has_bias ? gh2.sum(0) : at::empty({0}, opt);
+  return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, norms};
+}
+
+}  // namespace
+}  // namespace pyrnn
+
+TORCH_LIBRARY_IMPL(pyrnn, CUDA, m) {
+  m.impl("forward", &pyrnn::forward_cuda);
+  m.impl("backward", &pyrnn::backward_cuda);
+}
+
+#endif  // PYRNN_WITH_CUDA

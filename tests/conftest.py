@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+import pyrnn
+
+MODES = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+
+
+def make_layer_args(mode, T, B, I, H, dtype=torch.float64, bias=True, h0=True, seed=0,
+                    requires_grad=True, scale=0.5):
+    """Random arguments for one layer op: (input, hx, cx, w_ih, w_hh, b_ih, b_hh)."""
+    g = torch.Generator().manual_seed(seed)
+    G = GATES[mode]
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g, dtype=dtype) * scale).requires_grad_(requires_grad)
+
+    x = rnd(T, B, I)
+    hx = rnd(B, H) if h0 else torch.zeros(B, H, dtype=dtype)
+    cx = (rnd(B, H) if h0 else torch.zeros(B, H, dtype=dtype)) if mode == "lstm" else None
+    w_ih, w_hh = rnd(G * H, I), rnd(G * H, H)
+    b_ih, b_hh = (rnd(G * H), rnd(G * H)) if bias else (None, None)
+    return x, hx, cx, w_ih, w_hh, b_ih, b_hh
+
+
+def call_op(impl, mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, **kw):
+    """Calls pyrnn.ops.<mode> or pyrnn.reference.<mode>; returns (output, h_n, c_n or None)."""
+    fn = getattr(impl, mode)
+    if mode == "lstm":
+        return tuple(fn(x, hx, cx, w_ih, w_hh, b_ih, b_hh, **kw))
+    out, h = fn(x, hx, w_ih, w_hh, b_ih, b_hh, **kw)
+    return out, h, None
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)

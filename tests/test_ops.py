@@ -1,0 +1,137 @@
+"""The compiled ops against the plain-PyTorch reference, and float64 gradcheck."""
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import pyrnn
+from pyrnn import ops, reference
+from conftest import MODES, call_op, make_layer_args
+
+T, B, I, H = 5, 3, 4, 7  # small odd sizes
+
+
+def _inputs(args):
+    return [a for a in args if a is not None and a.requires_grad]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bias,use_lengths,reverse,h0",
+                         list(itertools.product([True, False], repeat=4)))
+def test_gradcheck(mode, bias, use_lengths, reverse, h0):
+    args = make_layer_args(mode, T, B, I, H, bias=bias, h0=h0)
+    lengths = torch.tensor([5, 2, 4]) if use_lengths else None
+
+    def f(*_):
+        out, h, c = call_op(ops, mode, *args, lengths=lengths, reverse=reverse)
+        return (out, h) if c is None else (out, h, c)
+
+    assert torch.autograd.gradcheck(f, _inputs(args), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def _compare(mode, dtype, T_, B_, I_, H_, lengths=None, reverse=False, bias=True, seed=0,
+             rtol=1e-9, atol=1e-11):
+    args = make_layer_args(mode, T_, B_, I_, H_, dtype=dtype, bias=bias, seed=seed)
+    ours = call_op(ops, mode, *args, lengths=lengths, reverse=reverse)
+    ref = call_op(reference, mode, *args, lengths=lengths, reverse=reverse)
+    outs = [o for o in ours if o is not None]
+    refs = [o for o in ref if o is not None]
+    for a, b in zip(outs, refs):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    # random cotangents for every output, not .sum()
+    gen = torch.Generator().manual_seed(seed + 1)
+    cot = [torch.randn(o.shape, generator=gen, dtype=dtype) for o in outs]
+    inputs = _inputs(args)
+    g1 = torch.autograd.grad(outs, inputs, cot)
+    g2 = torch.autograd.grad(refs, inputs, cot)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("use_lengths", [False, True])
+def test_matches_reference_float64(mode, reverse, use_lengths):
+    # float64: both sides round to ~1e-16 per operation; over T=9 steps with H=11 the
+    # differences stay far below 1e-9 (relative) / 1e-11 (absolute).
+    lengths = torch.tensor([9, 1, 4, 9]) if use_lengths else None
+    _compare(mode, torch.float64, 9, 4, 6, 11, lengths=lengths, reverse=reverse)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_reference_float32(mode):
+    # float32: eps = 1.2e-7. A pre-activation sums I + H = 30 products (error about
+    # sqrt(30) eps relative), the activations are within a few ulp, and BPTT sums
+    # T*B = 36 rows into the weight gradients. 2e-5 absolute / 1e-4 relative leaves a
+    # margin of about 10x over those bounds while catching any wrong term.
+    lengths = torch.tensor([9, 3, 6, 1])
+    _compare(mode, torch.float32, 9, 4, 13, 17, lengths=lengths, rtol=1e-4, atol=2e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(mode=st.sampled_from(MODES), T_=st.integers(1, 6), B_=st.integers(1, 4),
+       I_=st.integers(1, 6), H_=st.integers(1, 10), reverse=st.booleans(),
+       bias=st.booleans(), data=st.data())
+def test_random_shapes_against_reference(mode, T_, B_, I_, H_, reverse, bias, data):
+    lengths = None
+    if data.draw(st.booleans(), label="use_lengths"):
+        lengths = torch.tensor(data.draw(st.lists(st.integers(0, T_), min_size=B_, max_size=B_),
+                                         label="lengths"))
+    _compare(mode, torch.float64, T_, B_, I_, H_, lengths=lengths, reverse=reverse, bias=bias)
+
+
+def test_sizes_one():
+    for mode in MODES:
+        _compare(mode, torch.float64, 1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lengths_freeze_state_and_zero_output(mode):
+    args = make_layer_args(mode, 6, 2, 3, 5)
+    lengths = torch.tensor([6, 2])
+    out, h, c = call_op(ops, mode, *args, lengths=lengths)
+    assert torch.all(out[2:, 1] == 0)
+    torch.testing.assert_close(h[1], out[1, 1], rtol=0, atol=0)
+    # a shortened sequence gives exactly what running it alone for its length gives
+    x, hx, cx, *w = args
+    short = call_op(ops, mode, x[:2, 1:], hx[1:], None if cx is None else cx[1:], *w)
+    torch.testing.assert_close(out[:2, 1:], short[0], rtol=1e-12, atol=1e-14)
+    # reversed: sequence 1 starts at its own last step (t = 1)
+    out_r, h_r, _ = call_op(ops, mode, *args, lengths=lengths, reverse=True)
+    short_r = call_op(ops, mode, x[:2, 1:], hx[1:], None if cx is None else cx[1:], *w,
+                      reverse=True)
+    torch.testing.assert_close(out_r[:2, 1:], short_r[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(h_r[1:], short_r[1], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_workspace_without_grad(mode):
+    args = make_layer_args(mode, 4, 2, 3, 5, requires_grad=False)
+    x, hx, cx, w_ih, w_hh, b_ih, b_hh = args
+    res = torch.ops.pyrnn.forward(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, None, False,
+                                  False, 0.0, None)
+    assert res[3].numel() == 0
+    res = torch.ops.pyrnn.forward(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, None, False,
+                                  True, 0.0, None)
+    expected = {"lstm": 5 * 5, "gru": 4 * 5}.get(mode, 0)
+    assert res[3].numel() == 4 * 2 * expected
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck(mode):
+    args = make_layer_args(mode, 4, 3, 2, 5)
+    x, hx, cx, w_ih, w_hh, b_ih, b_hh = args
+    lengths = torch.tensor([4, 1, 3])
+    torch.library.opcheck(torch.ops.pyrnn.forward.default,
+                          (mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, lengths, True, True, 0.0,
+                           None))
+    out = torch.ops.pyrnn.forward(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, lengths, True,
+                                  True, 0.0, None)
+    dy = torch.randn_like(out[0])
+    detach = lambda t: None if t is None else t.detach()
+    torch.library.opcheck(
+        torch.ops.pyrnn.backward.default,
+        (mode, dy, None, None, detach(x), detach(hx), detach(cx), detach(w_ih), detach(w_hh),
+         True, True, lengths, out[0].detach(), out[3].detach(), True, 0.0, True),
+        test_utils=("test_schema", "test_faketensor"))
