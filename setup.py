@@ -30,22 +30,24 @@ def want_cuda():
     return found
 
 
-def libtorch_has_blas():
-    """True if libtorch exports the Fortran BLAS entries the CPU loops call directly."""
+def libtorch_exports(*names):
+    """True if libtorch_cpu exports every symbol in names (BLAS entries the loops call)."""
     lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
     try:
         handle = ctypes.CDLL(lib)
-        return hasattr(handle, "sgemm_") and hasattr(handle, "dgemm_")
     except OSError:
         return False
+    return all(hasattr(handle, n) for n in names)
 
 
 here = os.path.dirname(os.path.abspath(__file__))
 sources = ["csrc/ops.cpp", "csrc/cpu/kernels.cpp"]
 cxx_flags = ["-O3", "-Wno-psabi"]
 macros = []
-if not libtorch_has_blas():
+if not libtorch_exports("sgemm_", "dgemm_"):
     macros.append(("PYRNN_NO_BLAS", None))
+elif libtorch_exports("cblas_sgemm_pack_get_size", "cblas_sgemm_pack", "cblas_sgemm_compute"):
+    macros.append(("PYRNN_MKL_PACKED", None))
 
 if want_cuda():
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda_ops.cpp"]

@@ -54,9 +54,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   Tensor hg = at::empty({B, GH}, opt);
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_forward", [&] {
-    cpu::mm_nt<scalar_t>(T * B, GH, d.I, input.data_ptr<scalar_t>(), d.I,
-                         w_ih.data_ptr<scalar_t>(), d.I, ws.data_ptr<scalar_t>(), W,
-                         b_ih_.has_value());
+    cpu::matmul(input.data_ptr<scalar_t>(), T * B, d.I, w_ih.data_ptr<scalar_t>(), GH, true,
+                ws.data_ptr<scalar_t>(), W, b_ih_.has_value());
     cpu::LoopArgs<scalar_t> p;
     p.steps = T; p.batch = B; p.hidden = H; p.width = W; p.reverse = reverse;
     p.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
@@ -142,7 +141,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
 
   // Everything that does not depend on the order of time: single products over T*B rows.
   const Tensor gx2 = gx.view({T * B, GH}), gh2 = gh.view({T * B, GH});
-  Tensor dx = input_grad ? at::mm(gx2, w_ih).view({T, B, d.I}) : at::empty({0}, opt);
+  Tensor dx = at::empty({0}, opt);
+  if (input_grad) {  // dX[T*B, I] = gx[T*B, G*H] @ W_ih[G*H, I]
+    dx = at::empty({T, B, d.I}, opt);
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_backward_dx", [&] {
+      cpu::matmul(gx.data_ptr<scalar_t>(), T * B, GH, w_ih.data_ptr<scalar_t>(), d.I, false,
+                  dx.data_ptr<scalar_t>(), d.I, false);
+    });
+  }
   Tensor dw_ih = at::mm(gx2.t(), input.view({T * B, d.I}));
   Tensor dw_hh = at::mm(gh2.t(), hprev.view({T * B, H}));
   Tensor db_ih = has_bias ? gx2.sum(0) : at::empty({0}, opt);

@@ -5,6 +5,22 @@
 // at::mm_out on borrowed tensors (same results, a little dispatch overhead).
 #pragma once
 #include <cstdint>
+#include <memory>
+
+#include "gemm.h"
+
+#ifdef PYRNN_MKL_PACKED
+// MKL's packed-matrix GEMM (in libtorch's MKL): the recurrent weights are packed once
+// per call and reused by every time step instead of being repacked on each product.
+extern "C" {
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k);
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                      const float* src, int ld, float* dest);
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k,
+                         const float* a, int lda, const float* b, int ldb, float beta,
+                         float* c, int ldc);
+}
+#endif
 
 #ifdef PYRNN_NO_BLAS
 #include <ATen/ATen.h>
@@ -66,5 +82,35 @@ void mm_nn(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C, 
   fgemm('N', 'N', N, M, K, T(1), B, ldb, A, lda, accumulate ? T(1) : T(0), C, ldc);
 #endif
 }
+
+// The recurrent product of a time loop: C[M, N] (+)= A[M, K] @ op(Wm), with the same
+// right-hand matrix Wm at every step. op(Wm) = Wm^T for Wm [N, K] (transposed = true) or
+// Wm for Wm [K, N]. float32 with MKL packs Wm once; otherwise a plain GEMM per step.
+template <typename T>
+class RecurrentGemm {
+ public:
+  RecurrentGemm(int M, int N, int K, const T* Wm, bool transposed)
+      : M_(M), N_(N), K_(K), Wm_(Wm), transposed_(transposed) {}
+  void run(const T* A, T* C, bool accumulate) const {
+    if (transposed_) mm_nt<T>(M_, N_, K_, A, K_, Wm_, K_, C, N_, accumulate);
+    else mm_nn<T>(M_, N_, K_, A, K_, Wm_, N_, C, N_, accumulate);
+  }
+
+ private:
+  int M_, N_, K_;
+  const T* Wm_;
+  bool transposed_;
+};
+
+template <>
+class RecurrentGemm<float> {  // float32: the packed register-blocked kernel of gemm.h
+ public:
+  RecurrentGemm(int M, int N, int K, const float* Wm, bool transposed)
+      : gemm_(M, N, K, Wm, transposed) {}
+  void run(const float* A, float* C, bool accumulate) const { gemm_.run(A, C, accumulate); }
+
+ private:
+  PackedGemm gemm_;
+};
 
 }  // namespace pyrnn::cpu

@@ -64,10 +64,11 @@ void forward_steps(const LoopArgs<T>& p) {
   const bool keep_c = Cell::kHasCell && W >= (cell_offset<Cell>() + 1) * H;
   std::memcpy(p.hT, p.h0, sizeof(T) * B * H);
   if (Cell::kHasCell) std::memcpy(p.cT, p.c0, sizeof(T) * B * H);
+  const RecurrentGemm<T> recurrent(int(B), int(GH), int(H), p.w_hh, true);
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = p.reverse ? Tn - 1 - s : s;
     // hg[B, G*H] = h_{t-1}[B, H] @ W_hh^T
-    mm_nt<T>(B, GH, H, p.hT, H, p.w_hh, H, p.hg, GH, false);
+    recurrent.run(p.hT, p.hg, false);
     for (int64_t b = 0; b < B; ++b) {
       T* yrow = p.y + (t * B + b) * H;
       T* row = p.ws + (t * B + b) * W;
@@ -100,6 +101,7 @@ void backward_steps(const LoopArgs<T>& p) {
     if (p.dcT) std::memcpy(p.dc0, p.dcT, sizeof(T) * B * H);
     else std::memset(p.dc0, 0, sizeof(T) * B * H);
   }
+  const RecurrentGemm<T> recurrent(int(B), int(H), int(GH), p.w_hh, false);
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = p.reverse ? s : Tn - 1 - s;  // the forward order, reversed
     for (int64_t b = 0; b < B; ++b) {
@@ -149,7 +151,7 @@ void backward_steps(const LoopArgs<T>& p) {
       if (p.norm_c) p.norm_c[r] = T(std::sqrt(sum_c));
     }
     // dh_{t-1} += gh_t[B, G*H] @ W_hh[G*H, H]   (inactive rows of gh_t are zero)
-    mm_nn<T>(B, H, GH, p.gh + t * B * GH, GH, p.w_hh, H, p.dh0, H, true);
+    recurrent.run(p.gh + t * B * GH, p.dh0, true);
   }
 }
 

@@ -1,0 +1,100 @@
+// A small float32 GEMM for the recurrent product of the time loops:
+//   C[M, N] (+)= A[M, K] @ op(Wm),   op(Wm) = Wm^T for Wm [N, K], or Wm for Wm [K, N].
+// The same right-hand matrix serves every time step, so it is packed once per call into
+// panels of kNR columns ([N / kNR][K][kNR], zero-padded), and each step runs a register-
+// blocked kernel (kMR rows x kNR columns of C in registers) over the panels. M is the
+// batch (small), which is the shape a general-purpose BLAS handles worst.
+// Torch-free; the loops that inline it are compiled for AVX-512, AVX2 and baseline x86.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <memory>
+
+namespace pyrnn::cpu {
+
+typedef float v16f __attribute__((vector_size(64)));
+
+class PackedGemm {
+ public:
+  static constexpr int64_t kNR = 32;  // two 16-lane vectors
+  static constexpr int64_t kMR = 4;
+
+  PackedGemm(int64_t M, int64_t N, int64_t K, const float* Wm, bool transposed)
+      : M_(M), N_(N), K_(K), panels_((N + kNR - 1) / kNR) {
+    packed_.reset(new v16f[panels_ * K * 2 + 1]);
+    float* dst = reinterpret_cast<float*>(packed_.get());
+    for (int64_t p = 0; p < panels_; ++p)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = 0; c < kNR; ++c) {
+          const int64_t n = p * kNR + c;
+          *dst++ = n < N ? (transposed ? Wm[n * K + k] : Wm[k * N + n]) : 0.f;
+        }
+  }
+
+  // A: [M, K] with leading dimension K; C: [M, N] with leading dimension N.
+  void run(const float* A, float* C, bool accumulate) const { run(A, M_, K_, C, N_, accumulate); }
+
+  // The same with M rows and leading dimensions lda, ldc given. Rows go in chunks of
+  // kChunk, so that a chunk of A stays in cache while every panel passes over it.
+  void run(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc, bool accumulate) const {
+    constexpr int64_t kChunk = 96;
+    for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
+      const int64_t rows = M - m0 < kChunk ? M - m0 : kChunk;
+      const float* Ac = A + m0 * lda;
+      float* Cc = C + m0 * ldc;
+      for (int64_t p = 0; p < panels_; ++p) {
+        const v16f* panel = packed_.get() + p * K_ * 2;
+        const int64_t n0 = p * kNR, cols = N_ - n0 < kNR ? N_ - n0 : kNR;
+        int64_t i = 0;
+        for (; i + kMR <= rows; i += kMR)
+          block<kMR>(Ac + i * lda, lda, panel, Cc + i * ldc + n0, ldc, cols, accumulate);
+        switch (rows - i) {
+          case 3: block<3>(Ac + i * lda, lda, panel, Cc + i * ldc + n0, ldc, cols, accumulate); break;
+          case 2: block<2>(Ac + i * lda, lda, panel, Cc + i * ldc + n0, ldc, cols, accumulate); break;
+          case 1: block<1>(Ac + i * lda, lda, panel, Cc + i * ldc + n0, ldc, cols, accumulate); break;
+          default: break;
+        }
+      }
+    }
+  }
+
+ private:
+  template <int R>
+  void block(const float* A, int64_t lda, const v16f* panel, float* C, int64_t ldc,
+             int64_t cols, bool accumulate) const {
+    v16f acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = v16f{};
+    for (int64_t k = 0; k < K_; ++k) {
+      const v16f b0 = panel[2 * k], b1 = panel[2 * k + 1];
+      for (int r = 0; r < R; ++r) {
+        const float a = A[r * lda + k];
+        acc[r][0] += a * b0;
+        acc[r][1] += a * b1;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      float* c = C + r * ldc;
+      if (cols == kNR) {
+        v16f c0, c1;
+        if (accumulate) {
+          std::memcpy(&c0, c, 64);
+          std::memcpy(&c1, c + 16, 64);
+          acc[r][0] += c0;
+          acc[r][1] += c1;
+        }
+        std::memcpy(c, &acc[r][0], 64);
+        std::memcpy(c + 16, &acc[r][1], 64);
+      } else {
+        float tmp[kNR];
+        std::memcpy(tmp, &acc[r][0], 64);
+        std::memcpy(tmp + 16, &acc[r][1], 64);
+        for (int64_t j = 0; j < cols; ++j) c[j] = accumulate ? c[j] + tmp[j] : tmp[j];
+      }
+    }
+  }
+
+  int64_t M_, N_, K_, panels_;
+  std::unique_ptr<v16f[]> packed_;
+};
+
+}  // namespace pyrnn::cpu
