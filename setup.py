@@ -42,7 +42,7 @@ def libtorch_exports(*names):
 
 here = os.path.dirname(os.path.abspath(__file__))
 sources = ["csrc/ops.cpp", "csrc/cpu/kernels.cpp"]
-cxx_flags = ["-O3", "-Wno-psabi"]
+cxx_flags = ["-O3", "-Wno-psabi", "-fopenmp"]
 macros = []
 if not libtorch_exports("sgemm_", "dgemm_"):
     macros.append(("PYRNN_NO_BLAS", None))
@@ -55,10 +55,12 @@ if want_cuda():
     ext = cpp_extension.CUDAExtension(
         "pyrnn._C", sources, define_macros=macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+        extra_link_args=["-fopenmp"],
     )
 else:
     ext = cpp_extension.CppExtension(
         "pyrnn._C", sources, define_macros=macros, extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
     )
 
 setup(

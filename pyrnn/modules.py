@@ -122,8 +122,11 @@ class _Base(nn.RNNBase):
         if packed:
             self._check_input(input.data, True)
             sorted_idx, unsorted_idx = input.sorted_indices, input.unsorted_indices
-            x, lengths = pad_packed_sequence(input)  # [T, B, I], sorted by length
+            x, lengths = pad_packed_sequence(input)  # [T, B, I], in the caller's order
             lengths = lengths.to(torch.long)
+            if sorted_idx is not None:  # run in the packed (sorted) order, as torch.nn does
+                x = x.index_select(1, sorted_idx)
+                lengths = lengths.index_select(0, sorted_idx.cpu())
         else:
             self._check_input(input, False)
             if input.dim() == 2:

@@ -38,11 +38,15 @@ class PackedGemm {
   // kChunk, so that a chunk of A stays in cache while every panel passes over it.
   void run(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc, bool accumulate) const {
     constexpr int64_t kChunk = 96;
-    for (int64_t m0 = 0; m0 < M; m0 += kChunk) {
-      const int64_t rows = M - m0 < kChunk ? M - m0 : kChunk;
-      const float* Ac = A + m0 * lda;
-      float* Cc = C + m0 * ldc;
+    const int64_t chunks = (M + kChunk - 1) / kChunk;
+    // Threads split the (chunk, panel) tiles; below ~1 MFLOP one thread is faster.
+#pragma omp parallel for collapse(2) schedule(static) if (2 * M * N_ * K_ > (1 << 20))
+    for (int64_t q = 0; q < chunks; ++q) {
       for (int64_t p = 0; p < panels_; ++p) {
+        const int64_t m0 = q * kChunk;
+        const int64_t rows = M - m0 < kChunk ? M - m0 : kChunk;
+        const float* Ac = A + m0 * lda;
+        float* Cc = C + m0 * ldc;
         const v16f* panel = packed_.get() + p * K_ * 2;
         const int64_t n0 = p * kNR, cols = N_ - n0 < kNR ? N_ - n0 : kNR;
         int64_t i = 0;

@@ -51,6 +51,9 @@ inline void over_units(int64_t H, F&& f) {
   for (; j < H; ++j) f(A(0), j);
 }
 
+// Rows of a step are split across threads when a step has at least this many gate units.
+constexpr int64_t kParallelUnits = 8192;
+
 template <typename A>
 inline A lane_sum(A a) {
   return a;
@@ -69,6 +72,7 @@ void forward_steps(const LoopArgs<T>& p) {
     const int64_t t = p.reverse ? Tn - 1 - s : s;
     // hg[B, G*H] = h_{t-1}[B, H] @ W_hh^T
     recurrent.run(p.hT, p.hg, false);
+#pragma omp parallel for schedule(static) if (B * GH >= kParallelUnits)
     for (int64_t b = 0; b < B; ++b) {
       T* yrow = p.y + (t * B + b) * H;
       T* row = p.ws + (t * B + b) * W;
@@ -104,6 +108,7 @@ void backward_steps(const LoopArgs<T>& p) {
   const RecurrentGemm<T> recurrent(int(B), int(H), int(GH), p.w_hh, false);
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = p.reverse ? s : Tn - 1 - s;  // the forward order, reversed
+#pragma omp parallel for schedule(static) if (B * GH >= kParallelUnits)
     for (int64_t b = 0; b < B; ++b) {
       const int64_t r = t * B + b;
       T* gx = p.gx + r * GH;

@@ -1,0 +1,161 @@
+"""Per-step gradient norms recorded inside BPTT, in-BPTT clipping, and the analysis API."""
+import math
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import pyrnn
+from pyrnn import gradflow, ops, reference
+from conftest import MODES, call_op, make_layer_args
+
+# float64 throughout: the kernel's norms and the reference's differ only by rounding
+# (~1e-16 relative per operation, a few hundred operations deep), so 1e-10 is tight.
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def _reference_norms(steps, T, B):
+    h = torch.zeros(T, B, dtype=torch.float64)
+    c = torch.zeros(T, B, dtype=torch.float64)
+    for s in steps:
+        m = s["mask"].to(torch.float64)
+        h[s["t"]] = s["h"].grad.norm(dim=1) * m
+        if s["c"] is not None:
+            c[s["t"]] = s["c"].grad.norm(dim=1) * m
+    return h, c
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("use_lengths", [False, True])
+def test_op_norms_match_reference(mode, reverse, use_lengths):
+    T, B = 7, 3
+    args = make_layer_args(mode, T, B, 4, 6)
+    lengths = torch.tensor([7, 2, 5]) if use_lengths else None
+    sink = torch.zeros(2, T, B, dtype=torch.float64, requires_grad=True)
+    out = call_op(ops, mode, *args, lengths=lengths, reverse=reverse, norm_sink=sink)
+    steps = []
+    ref = call_op(reference, mode, *args, lengths=lengths, reverse=reverse, steps=steps)
+    gen = torch.Generator().manual_seed(5)
+    cot = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in out if o is not None]
+    torch.autograd.backward([o for o in out if o is not None], cot)
+    torch.autograd.backward([o for o in ref if o is not None], cot)
+    h, c = _reference_norms(steps, T, B)
+    torch.testing.assert_close(sink.grad[0], h, **TOL)
+    if mode == "lstm":
+        torch.testing.assert_close(sink.grad[1], c, **TOL)
+    assert sink.grad[0].min() >= 0 and sink.grad[0].max() > 0
+
+
+def _module_reference_norms(m, x, lengths, h0, cot_out):
+    """Per-layer, per-direction reference norms from reference ops sharing m's weights."""
+    mode = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}[m.mode]
+    D = 2 if m.bidirectional else 1
+    T, B = x.shape[0], x.shape[1]
+    inp, all_steps = x, []
+    for layer in range(m.num_layers):
+        outs = []
+        for d in range(D):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            w = [getattr(m, n + sfx) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            steps = []
+            k = layer * D + d
+            cx = h0[k] if mode == "lstm" else None
+            res = call_op(reference, mode, inp, h0[k], cx, *w, lengths=lengths, reverse=d == 1,
+                          steps=steps)
+            outs.append(res[0])
+            all_steps.append(steps)
+        inp = torch.cat(outs, 2) if D == 2 else outs[0]
+    inp.backward(cot_out)
+    hs, cs = zip(*(_reference_norms(s, T, B) for s in all_steps))
+    return torch.stack(hs), torch.stack(cs)
+
+
+@pytest.mark.parametrize("cls,kw", [(pyrnn.RNN, {}), (pyrnn.RNN, {"nonlinearity": "relu"}),
+                                    (pyrnn.LSTM, {}), (pyrnn.GRU, {})])
+@pytest.mark.parametrize("layers,bidirectional,packed",
+                         [(1, False, False), (2, False, False), (2, True, False), (2, True, True)])
+def test_module_norms_match_reference(cls, kw, layers, bidirectional, packed):
+    torch.manual_seed(0)
+    T, B, I, H = 6, 3, 4, 5
+    m = cls(I, H, num_layers=layers, bidirectional=bidirectional, dtype=torch.float64,
+            record_grad_norms=True, **kw)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    lengths = torch.tensor([6, 1, 4]) if packed else None
+    D = 2 if bidirectional else 1
+    h0 = torch.zeros(layers * D, B, H, dtype=torch.float64)
+    if packed:
+        out, _ = m(pack_padded_sequence(x, lengths, enforce_sorted=False))
+        out, _ = pad_packed_sequence(out)
+    else:
+        out, _ = m(x)
+    cot = torch.randn_like(out)
+    if packed:  # padded positions carry no gradient in either path
+        cot = cot * (torch.arange(T).unsqueeze(1) < lengths).unsqueeze(2)
+    out.backward(cot)
+    rec = m.grad_norms
+    assert rec.hidden.shape == (layers * D, T, B)
+    h, c = _module_reference_norms(m, x, lengths, h0, cot)
+    torch.testing.assert_close(rec.hidden, h, **TOL)
+    if cls is pyrnn.LSTM:
+        torch.testing.assert_close(rec.cell, c, **TOL)
+    else:
+        assert rec.cell is None
+    if packed:
+        assert torch.all(rec.hidden[:, 1:, 1] == 0)  # padded steps of the length-1 sequence
+
+
+def test_recording_off_records_nothing():
+    m = pyrnn.LSTM(3, 4)
+    m(torch.randn(5, 2, 3))[0].sum().backward()
+    assert m.grad_norms is None
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_clipping_matches_reference_hooks(mode, reverse):
+    # large weights so that gate gradients exceed the clip value
+    args = make_layer_args(mode, 6, 3, 4, 5, scale=1.5)
+    lengths = torch.tensor([6, 3, 5])
+    clip = 0.05
+    out = call_op(ops, mode, *args, lengths=lengths, reverse=reverse, bptt_clip=clip)
+    ref = call_op(reference, mode, *args, lengths=lengths, reverse=reverse, bptt_clip=clip)
+    plain = call_op(ops, mode, *args, lengths=lengths, reverse=reverse)
+    inputs = [a for a in args if a is not None]
+    gen = torch.Generator().manual_seed(3)
+    outs = [o for o in out if o is not None]
+    cot = [torch.randn(o.shape, generator=gen, dtype=torch.float64) * 10 for o in outs]
+    g1 = torch.autograd.grad(outs, inputs, cot)
+    g2 = torch.autograd.grad([o for o in ref if o is not None], inputs, cot)
+    g3 = torch.autograd.grad([o for o in plain if o is not None], inputs, cot)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, **TOL)
+    assert max((a - b).abs().max().item() for a, b in zip(g1, g3)) > 1e-3  # clipping acts
+
+
+def test_analysis_on_known_curves():
+    T = 50
+    t = torch.arange(T, dtype=torch.float64)
+    vanishing = 0.8 ** (T - 1 - t)  # shrinks by 0.8 per step back from the loss
+    s = gradflow.analyse(vanishing)
+    assert s.decay_rate == pytest.approx(0.8, rel=1e-12)
+    assert s.half_life == pytest.approx(math.log(0.5) / math.log(0.8), rel=1e-12)
+    assert s.first_last_ratio == pytest.approx(0.8 ** 49, rel=1e-9)
+    assert s.flag == gradflow.VANISHING
+    exploding = gradflow.analyse(1.2 ** (T - 1 - t))
+    assert exploding.decay_rate == pytest.approx(1.2, rel=1e-12)
+    assert exploding.half_life == math.inf and exploding.flag == gradflow.EXPLODING
+    assert gradflow.analyse(torch.ones(T)).flag == gradflow.STABLE
+    # batch dimension and zero (padded) steps
+    batch = torch.stack([vanishing, vanishing * 2], 1)
+    batch[:3] = 0
+    assert gradflow.decay_rate(batch) == pytest.approx(0.8, rel=1e-12)
+
+
+def test_analyse_module():
+    m = pyrnn.GRU(3, 8, num_layers=2, bidirectional=True, record_grad_norms=True)
+    out, _ = m(torch.randn(20, 4, 3))
+    out[-1].pow(2).sum().backward()
+    stats = gradflow.analyse_module(m)
+    assert set(stats) == {"l0", "l0_reverse", "l1", "l1_reverse"}
+    assert all(s.decay_rate > 0 for s in stats.values())
