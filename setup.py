@@ -40,14 +40,19 @@ def libtorch_exports(*names):
     return all(hasattr(handle, n) for n in names)
 
 
+def march_flags():
+    """-march for the compiled loops: the building machine's CPU by default; PYRNN_MARCH
+    picks another (e.g. x86-64-v3 for a portable AVX2 build), PYRNN_MARCH=none adds none."""
+    march = os.environ.get("PYRNN_MARCH", "native").strip()
+    return [] if march.lower() in ("", "none") else [f"-march={march}"]
+
+
 here = os.path.dirname(os.path.abspath(__file__))
 sources = ["csrc/ops.cpp", "csrc/cpu/kernels.cpp"]
-cxx_flags = ["-O3", "-Wno-psabi", "-fopenmp"]
+cxx_flags = ["-O3", "-Wno-psabi", "-fopenmp"] + march_flags()
 macros = []
 if not libtorch_exports("sgemm_", "dgemm_"):
     macros.append(("PYRNN_NO_BLAS", None))
-elif libtorch_exports("cblas_sgemm_pack_get_size", "cblas_sgemm_pack", "cblas_sgemm_compute"):
-    macros.append(("PYRNN_MKL_PACKED", None))
 
 if want_cuda():
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda_ops.cpp"]

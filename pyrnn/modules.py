@@ -174,9 +174,11 @@ class _Base(nn.RNNBase):
 
         sink = None
         if self.record_grad_norms and torch.is_grad_enabled():
+            # The backward op returns the norms as this leaf's gradient (see pyrnn.ops).
+            # A forward without grad (evaluation) keeps the last record.
             sink = x.new_zeros(LD, 2, T, B, requires_grad=True)
-        self._norm_sink = sink
-        self._norm_order = unsorted_idx if packed else None
+            self._norm_sink = sink
+            self._norm_order = unsorted_idx if packed else None
 
         layer_input = x
         h_n, c_n = [], []

@@ -9,19 +9,6 @@
 
 #include "gemm.h"
 
-#ifdef PYRNN_MKL_PACKED
-// MKL's packed-matrix GEMM (in libtorch's MKL): the recurrent weights are packed once
-// per call and reused by every time step instead of being repacked on each product.
-extern "C" {
-size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k);
-void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
-                      const float* src, int ld, float* dest);
-void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k,
-                         const float* a, int lda, const float* b, int ldb, float beta,
-                         float* c, int ldc);
-}
-#endif
-
 #ifdef PYRNN_NO_BLAS
 #include <ATen/ATen.h>
 #else
@@ -85,7 +72,7 @@ void mm_nn(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C, 
 
 // The recurrent product of a time loop: C[M, N] (+)= A[M, K] @ op(Wm), with the same
 // right-hand matrix Wm at every step. op(Wm) = Wm^T for Wm [N, K] (transposed = true) or
-// Wm for Wm [K, N]. float32 with MKL packs Wm once; otherwise a plain GEMM per step.
+// Wm for Wm [K, N]. float32 packs Wm once (gemm.h); float64 calls the BLAS per step.
 template <typename T>
 class RecurrentGemm {
  public:

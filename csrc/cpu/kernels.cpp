@@ -1,26 +1,23 @@
 // The CPU time loops, compiled once per cell and dtype. This translation unit includes
-// no torch header, so it compiles in seconds. On x86-64 with GCC each loop is also
-// cloned for x86-64-v4 (AVX-512) and x86-64-v3 (AVX2, FMA), picked at load time by the CPU it runs on.
+// no torch header, so it compiles in seconds. setup.py compiles it for the building
+// machine's CPU (-march=native unless PYRNN_MARCH says otherwise), so that the SIMD
+// types of simd.h and gemm.h map onto its widest vectors, threads included.
 #include "../cells/gru.h"
 #include "../cells/lstm.h"
 #include "../cells/rnn.h"
 #include "loops_impl.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define PYRNN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
-#else
-#define PYRNN_CLONES __attribute__((flatten))
-#endif
+#define PYRNN_FLAT __attribute__((flatten))
 
 namespace pyrnn::cpu {
 
 #define PYRNN_DEFINE_LOOPS(CELL, T)                                     \
   template <>                                                           \
-  PYRNN_CLONES void forward_loop<CELL, T, T>(const LoopArgs<T>& p) {    \
+  PYRNN_FLAT void forward_loop<CELL, T, T>(const LoopArgs<T>& p) {    \
     forward_steps<CELL, T, T>(p);                                       \
   }                                                                     \
   template <>                                                           \
-  PYRNN_CLONES void backward_loop<CELL, T, T>(const LoopArgs<T>& p) {   \
+  PYRNN_FLAT void backward_loop<CELL, T, T>(const LoopArgs<T>& p) {   \
     backward_steps<CELL, T, T>(p);                                      \
   }
 
@@ -36,7 +33,7 @@ PYRNN_DEFINE_LOOPS(LstmCell, double)
 PYRNN_DEFINE_LOOPS(GruCell, float)
 PYRNN_DEFINE_LOOPS(GruCell, double)
 
-PYRNN_CLONES void matmul(const float* A, int64_t M, int64_t K, const float* Wm, int64_t N,
+PYRNN_FLAT void matmul(const float* A, int64_t M, int64_t K, const float* Wm, int64_t N,
                          bool transposed, float* C, int64_t ldc, bool accumulate) {
   if (M == 0 || N == 0) return;
   const PackedGemm gemm(M, N, K, Wm, transposed);
