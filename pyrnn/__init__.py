@@ -5,7 +5,8 @@ results as torch.nn's). Per-layer ops: pyrnn.ops. Plain-PyTorch oracles: pyrnn.r
 """
 from . import ops, reference
 from ._C import has_cuda as _has_cuda
-from .modules import GRU, LSTM, RNN, convert
+from . import gradflow
+from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert
 
 __version__ = "0.1.0"
 
@@ -15,4 +16,5 @@ def backends():
     return ["cpu"] + (["cuda"] if _has_cuda() else [])
 
 
-__all__ = ["RNN", "LSTM", "GRU", "convert", "ops", "reference", "backends"]
+__all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "convert", "ops",
+           "reference", "gradflow", "backends"]

@@ -174,6 +174,10 @@ class _Base(nn.RNNBase):
 
         sink = None
         if self.record_grad_norms and torch.is_grad_enabled():
+            if torch.compiler.is_compiling():
+                raise NotImplementedError(
+                    "record_grad_norms: recording under torch.compile is not supported yet; "
+                    "record in eager mode (the compiled module's gradients are unaffected)")
             # The backward op returns the norms as this leaf's gradient (see pyrnn.ops).
             # A forward without grad (evaluation) keeps the last record.
             sink = x.new_zeros(LD, 2, T, B, requires_grad=True)
@@ -254,11 +258,99 @@ class GRU(_Base):
                          dropout, bidirectional, device=device, dtype=dtype, **kwargs)
 
 
-_REPLACEMENTS = {nn.RNN: RNN, nn.LSTM: LSTM, nn.GRU: GRU}
+class _CellMixin:
+    """One fused step of the cell: the layer op with T = 1 (the same kernels and cell math)."""
+
+    _mode = None
+
+    def _step(self, input, hx, cx):
+        if not isinstance(input, Tensor) or not input.is_floating_point():
+            raise TypeError(f"input: expected a floating-point tensor, got "
+                            f"{input.dtype if isinstance(input, Tensor) else type(input).__name__}")
+        if input.dim() not in (1, 2):
+            raise ValueError(f"input: expected a 1-D (unbatched) or 2-D tensor [B, input_size], "
+                             f"got {input.dim()}-D of shape {tuple(input.shape)}")
+        if input.shape[-1] != self.input_size:
+            raise ValueError(f"input: expected input_size {self.input_size} in the last "
+                             f"dimension, got {input.shape[-1]}")
+        unbatched = input.dim() == 1
+        x = input.unsqueeze(0) if unbatched else input
+        B, H = x.shape[0], self.hidden_size
+        dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x = x.to(dtype)
+        states = []
+        for name, s in (("hx", hx), ("cx", cx)):
+            if s is None:
+                states.append(x.new_zeros(B, H) if (name == "hx" or self._mode == "lstm") else None)
+                continue
+            expected = (H,) if unbatched else (B, H)
+            if tuple(s.shape) != expected:
+                raise ValueError(f"{name}: expected shape {expected}, got {tuple(s.shape)}")
+            states.append((s.unsqueeze(0) if unbatched else s).to(dtype))
+        h0, c0 = states
+        b_ih = self.bias_ih.to(dtype) if self.bias else None
+        b_hh = self.bias_hh.to(dtype) if self.bias else None
+        _, h, c = ops.layer(self._mode, x.unsqueeze(0), h0, c0, self.weight_ih.to(dtype),
+                            self.weight_hh.to(dtype), b_ih, b_hh)
+        if unbatched:
+            h = h.squeeze(0)
+            c = c.squeeze(0) if c is not None else None
+        return h, c
+
+
+class RNNCell(_CellMixin, nn.RNNCell):
+    """Elman RNN cell, a drop-in for torch.nn.RNNCell."""
+
+    @property
+    def _mode(self):
+        return "rnn_tanh" if self.nonlinearity == "tanh" else "rnn_relu"
+
+    def forward(self, input, hx=None):
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {self.nonlinearity!r}")
+        return self._step(input, hx, None)[0]
+
+
+class LSTMCell(_CellMixin, nn.LSTMCell):
+    """LSTM cell, a drop-in for torch.nn.LSTMCell."""
+
+    _mode = "lstm"
+
+    def forward(self, input, hx=None):
+        h0, c0 = (None, None) if hx is None else hx
+        return self._step(input, h0, c0)
+
+
+class GRUCell(_CellMixin, nn.GRUCell):
+    """GRU cell, a drop-in for torch.nn.GRUCell."""
+
+    _mode = "gru"
+
+    def forward(self, input, hx=None):
+        return self._step(input, hx, None)[0]
+
+
+_REPLACEMENTS = {nn.RNN: RNN, nn.LSTM: LSTM, nn.GRU: GRU,
+                 nn.RNNCell: RNNCell, nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell}
 
 
 def _convert_one(m: nn.Module) -> nn.Module:
+    new = _build_like(m)
+    new.load_state_dict(m.state_dict())
+    for (_, p_new), (_, p_old) in zip(new.named_parameters(), m.named_parameters()):
+        p_new.requires_grad_(p_old.requires_grad)
+    new.train(m.training)
+    return new
+
+
+def _build_like(m: nn.Module) -> nn.Module:
     cls = _REPLACEMENTS[type(m)]
+    if isinstance(m, nn.RNNCellBase):
+        w = m.weight_ih
+        kw = dict(bias=m.bias, device=w.device, dtype=w.dtype)
+        if isinstance(m, nn.RNNCell):
+            kw["nonlinearity"] = m.nonlinearity
+        return cls(m.input_size, m.hidden_size, **kw)
     w = m.weight_ih_l0
     kw = dict(num_layers=m.num_layers, bias=m.bias, batch_first=m.batch_first,
               dropout=m.dropout, bidirectional=m.bidirectional, device=w.device, dtype=w.dtype)
@@ -266,14 +358,11 @@ def _convert_one(m: nn.Module) -> nn.Module:
         kw["nonlinearity"] = m.nonlinearity
     if isinstance(m, nn.LSTM):
         kw["proj_size"] = m.proj_size
-    new = cls(m.input_size, m.hidden_size, **kw)
-    new.load_state_dict(m.state_dict())
-    new.train(m.training)
-    return new
+    return cls(m.input_size, m.hidden_size, **kw)
 
 
 def convert(module: nn.Module) -> nn.Module:
-    """Replace every torch.nn.RNN, LSTM and GRU inside ``module`` (in place) by its pyrnn
+    """Replace every torch.nn.RNN, LSTM, GRU and their cells inside ``module`` (in place) by its pyrnn
     equivalent with the same weights, device, dtype and training mode. Returns the module
     (a bare torch.nn.LSTM passed in directly is returned converted)."""
     if type(module) in _REPLACEMENTS:

@@ -86,6 +86,19 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
 torch.library.register_autograd("pyrnn::forward", _backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("pyrnn: double backward (differentiating a gradient, e.g. with "
+                       "create_graph=True) is not supported by the fused BPTT kernel")
+
+
+def _backward_setup(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd("pyrnn::backward", _no_double_backward,
+                                setup_context=_backward_setup)
+
+
 def _needs_save(*tensors):
     return torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)

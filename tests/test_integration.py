@@ -1,0 +1,136 @@
+"""torch.compile, pickling, cells, DistributedDataParallel and autocast."""
+import copy
+import io
+import os
+import pickle
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import pyrnn
+
+
+@pytest.mark.parametrize("cls", [pyrnn.RNN, pyrnn.LSTM, pyrnn.GRU])
+def test_compile_fullgraph_inductor(cls):
+    torch.manual_seed(0)
+    m = cls(4, 6, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 3, 4)
+    out, _ = m(x)
+    cot = torch.randn_like(out)
+    grads = torch.autograd.grad(out, list(m.parameters()), cot)
+    torch._dynamo.reset()
+    cm = torch.compile(m, fullgraph=True, backend="inductor")
+    out2, _ = cm(x)
+    grads2 = torch.autograd.grad(out2, list(m.parameters()), cot)
+    # the compiled graph calls the same kernels in the same order: equal up to float32
+    # rounding of the surrounding glue ops (concatenation, stacking)
+    torch.testing.assert_close(out2, out, rtol=1e-6, atol=1e-7)
+    for a, b in zip(grads2, grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_torch_nn_graph_breaks_where_pyrnn_does_not():
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="RNN, GRU, or LSTM"):
+        torch.compile(torch.nn.LSTM(3, 4), fullgraph=True)(torch.randn(2, 1, 3))
+
+
+@pytest.mark.parametrize("cls", [pyrnn.RNN, pyrnn.LSTM, pyrnn.GRU])
+def test_pickle_deepcopy_save_load(cls):
+    m = cls(3, 5, num_layers=2, bidirectional=True, bptt_clip=0.5)
+    x = torch.randn(4, 2, 3)
+    ref = m(x)[0]
+    for clone in (pickle.loads(pickle.dumps(m)), copy.deepcopy(m)):
+        assert type(clone) is cls and clone.bptt_clip == 0.5
+        torch.testing.assert_close(clone(x)[0], ref, rtol=0, atol=0)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    torch.testing.assert_close(loaded(x)[0], ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tcls,pcls", [(torch.nn.RNNCell, pyrnn.RNNCell),
+                                       (torch.nn.LSTMCell, pyrnn.LSTMCell),
+                                       (torch.nn.GRUCell, pyrnn.GRUCell)])
+@pytest.mark.parametrize("unbatched", [False, True])
+@pytest.mark.parametrize("with_hx", [False, True])
+def test_cells_match_torch(tcls, pcls, unbatched, with_hx):
+    torch.manual_seed(0)
+    t = tcls(4, 6, dtype=torch.float64)
+    p = pcls(4, 6, dtype=torch.float64)
+    p.load_state_dict(t.state_dict())
+    x = torch.randn(*(() if unbatched else (3,)), 4, dtype=torch.float64, requires_grad=True)
+    hx = None
+    if with_hx:
+        h = torch.randn(*(() if unbatched else (3,)), 6, dtype=torch.float64)
+        hx = (h, h * 0.5) if tcls is torch.nn.LSTMCell else h
+    a, b = t(x, hx), p(x, hx)
+    a = a if isinstance(a, tuple) else (a,)
+    b = b if isinstance(b, tuple) else (b,)
+    cot = [torch.randn_like(o) for o in a]
+    ga = torch.autograd.grad(a, [x, *t.parameters()], cot)
+    gb = torch.autograd.grad(b, [x, *p.parameters()], cot)
+    for u, v in zip(a + ga, b + gb):  # float64, one step: rounding only
+        torch.testing.assert_close(v, u, rtol=1e-12, atol=1e-14)
+
+
+def test_convert_replaces_cells_and_layers():
+    model = torch.nn.ModuleDict({"cell": torch.nn.GRUCell(3, 4), "rnn": torch.nn.RNN(3, 4)})
+    model.eval()
+    pyrnn.convert(model)
+    assert type(model["cell"]) is pyrnn.GRUCell and type(model["rnn"]) is pyrnn.RNN
+    assert not model["cell"].training
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, state, x, cot, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    m = pyrnn.LSTM(3, 5, num_layers=2, batch_first=True)
+    m.load_state_dict(state)
+    ddp = torch.nn.parallel.DistributedDataParallel(m)
+    shard = slice(rank * 2, rank * 2 + 2)
+    out, _ = ddp(x[shard])
+    # mean over the full batch: each rank's share, summed by DDP's all-reduce average x world
+    (out * cot[shard]).sum().div(x.shape[0]).mul(world).backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in m.named_parameters()}, out_path)
+    dist.destroy_process_group()
+
+
+def test_ddp_gloo_matches_single_process(tmp_path):
+    torch.manual_seed(0)
+    m = pyrnn.LSTM(3, 5, num_layers=2, batch_first=True)
+    x = torch.randn(4, 6, 3)
+    cot = torch.randn(4, 6, 5)
+    out, _ = m(x)
+    (out * cot).sum().div(4).backward()
+    path = str(tmp_path / "grads.pt")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), m.state_dict(), x, cot, path), nprocs=2)
+    ddp_grads = torch.load(path)
+    for n, p in m.named_parameters():
+        # float32; the two halves are summed in another order than the full batch
+        torch.testing.assert_close(ddp_grads[n], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_bfloat16_close_to_float32():
+    torch.manual_seed(0)
+    m = pyrnn.LSTM(8, 16, num_layers=2)
+    x = torch.randn(10, 4, 8)
+    ref, _ = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h, c) = m(x)
+    # the recurrent kernels run in float32 under autocast (documented), so the result
+    # equals the float32 one
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

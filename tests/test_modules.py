@@ -1,0 +1,448 @@
+"""The drop-in modules pyrnn.RNN, LSTM and GRU against torch.nn with shared weights."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+import pyrnn
+
+T, B, I, H = 5, 3, 4, 7  # small odd sizes
+LENGTHS = torch.tensor([3, T, 1])  # unsorted, includes T and a length-1 sequence
+
+CELLS = {
+    "rnn_tanh": ("RNN", {"nonlinearity": "tanh"}),
+    "rnn_relu": ("RNN", {"nonlinearity": "relu"}),
+    "lstm": ("LSTM", {}),
+    "gru": ("GRU", {}),
+}
+
+
+def make_pair(cell, input_size=I, hidden_size=H, dtype=torch.float64, **kw):
+    """A torch.nn module and the pyrnn module of the same kind with its weights."""
+    name, extra = CELLS[cell]
+    ref = getattr(nn, name)(input_size, hidden_size, dtype=dtype, **extra, **kw)
+    ours = getattr(pyrnn, name)(input_size, hidden_size, dtype=dtype, **extra, **kw)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+def states(h):
+    """The final state(s) as a list: [h_n] or [h_n, c_n]."""
+    return list(h) if isinstance(h, tuple) else [h]
+
+
+def make_hx(cell, num_layers, bidirectional, batch_shape, dtype=torch.float64):
+    shape = (num_layers * (2 if bidirectional else 1), *batch_shape, H)
+    if cell == "lstm":
+        return tuple(torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(2))
+    return torch.randn(shape, dtype=dtype, requires_grad=True)
+
+
+def forward_and_grads(module, inp, hx, leaves, cotangents=None):
+    """Runs module; returns (output, final states, cotangents, gradients w.r.t. leaves and
+    every parameter in named_parameters order). The differentiated outputs are the output
+    (its .data when packed) and each final state; cotangents are drawn when not given."""
+    out, h = module(inp) if hx is None else module(inp, hx)
+    outs = [out.data if isinstance(out, PackedSequence) else out] + states(h)
+    if cotangents is None:
+        cotangents = [torch.randn_like(o) for o in outs]
+    params = [p for _, p in module.named_parameters()]
+    grads = torch.autograd.grad(outs, list(leaves) + params, cotangents, retain_graph=True)
+    return out, states(h), cotangents, grads
+
+
+# float64 tolerances: both sides round every operation to ~1.1e-16 relative and differ only
+# in summation order and in their exp/tanh (a few ulp each). Over at most T * num_layers = 15
+# sequential steps with sums of at most 2H + H = 21 terms, and gradients summing T * B = 15
+# rows, the accumulated difference stays below ~1e-14 relative to values of order 1-30, so
+# rtol=1e-9 / atol=1e-11 is a margin of several orders while any wrong term (a missing
+# bias, a swapped gate, a mis-ordered sequence) shows up at 1e-3 or more.
+RTOL64, ATOL64 = 1e-9, 1e-11
+
+
+def close64(a, b):
+    torch.testing.assert_close(a, b, rtol=RTOL64, atol=ATOL64)
+
+
+FORMS = ["padded", "packed", "packed_sorted", "unbatched"]
+
+
+@pytest.mark.parametrize("with_hx", [False, True], ids=["no_hx", "hx"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("num_layers", [1, 3], ids=["L1", "L3"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_parity_float64(cell, num_layers, bidirectional, batch_first, form, with_hx):
+    ours, ref = make_pair(cell, num_layers=num_layers, bidirectional=bidirectional,
+                          batch_first=batch_first)
+    if form == "unbatched":
+        x = torch.randn(T, I, dtype=torch.float64, requires_grad=True)
+    elif batch_first:
+        x = torch.randn(B, T, I, dtype=torch.float64, requires_grad=True)
+    else:
+        x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    inp = x
+    if form == "packed":
+        inp = pack_padded_sequence(x, LENGTHS, batch_first=batch_first, enforce_sorted=False)
+    elif form == "packed_sorted":
+        inp = pack_padded_sequence(x, LENGTHS.sort(descending=True).values,
+                                   batch_first=batch_first, enforce_sorted=True)
+    hx = None
+    if with_hx:
+        hx = make_hx(cell, num_layers, bidirectional, () if form == "unbatched" else (B,))
+    leaves = [x] + ([] if hx is None else states(hx))
+
+    out_ref, h_ref, cot, g_ref = forward_and_grads(ref, inp, hx, leaves)
+    out, h, _, g = forward_and_grads(ours, inp, hx, leaves, cot)
+
+    if isinstance(inp, PackedSequence):
+        assert isinstance(out, PackedSequence)
+        close64(out.data, out_ref.data)
+        assert torch.equal(out.batch_sizes, out_ref.batch_sizes)
+        for a, b in [(out.sorted_indices, out_ref.sorted_indices),
+                     (out.unsorted_indices, out_ref.unsorted_indices)]:
+            assert (a is None and b is None) or torch.equal(a, b)
+        padded, lengths = pad_packed_sequence(out, batch_first=batch_first)
+        padded_ref, lengths_ref = pad_packed_sequence(out_ref, batch_first=batch_first)
+        close64(padded, padded_ref)
+        assert torch.equal(lengths, lengths_ref)
+    else:
+        assert out.shape == out_ref.shape
+        close64(out, out_ref)
+    assert len(h) == len(h_ref)
+    for a, b in zip(h, h_ref):
+        assert a.shape == b.shape
+        close64(a, b)
+    names = ["input"] + [f"hx[{i}]" for i in range(len(leaves) - 1)] + [
+        n for n, _ in ref.named_parameters()]
+    assert len(g) == len(g_ref) == len(names)
+    for name, a, b in zip(names, g, g_ref):
+        torch.testing.assert_close(a, b, rtol=RTOL64, atol=ATOL64, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_packed_tied_lengths(cell):
+    # Enough equal lengths that torch.sort permutes them: the results must still be
+    # assigned to the right sequences.
+    lengths = torch.tensor([3] * 4 + [2] * 7 + [1] * 6)
+    ours, ref = make_pair(cell, 2, 3)
+    x = torch.randn(3, len(lengths), 2, dtype=torch.float64)
+    inp = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    if torch.equal(inp.sorted_indices, torch.arange(len(lengths))):
+        pytest.skip("torch.sort kept the order of equal lengths; nothing to test")
+    out, h = ours(inp)
+    out_ref, h_ref = ref(inp)
+    close64(out.data, out_ref.data)
+    for a, b in zip(states(h), states(h_ref)):
+        close64(a, b)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_parity_float32(cell):
+    # float32, eps = 1.2e-7. Forward: states are O(1); each step's pre-activation is a dot
+    # product of at most 2H = 34 terms (error ~sqrt(34) eps rms) and the kernels' own
+    # exp/tanh are good to a few ulp, so one step differs by ~2 eps = 2.4e-7 at most. At
+    # torch.nn's initialisation the recurrence does not amplify errors, so over the
+    # T * layers = 40 sequential steps they add up at most linearly: 40 * 2.4e-7 ~ 1e-5.
+    # Gradients: dLoss/dh flows back through the same 40 steps and every weight-gradient
+    # entry sums T * B = 80 products (error ~sqrt(80) eps relative to the sum's scale),
+    # so the bound is ~1e-5 relative to the largest entry of each gradient (up to ~30
+    # here), not to each entry. Observed differences are ~2e-7 of that scale.
+    T_, B_, I_, H_, L_ = 20, 4, 13, 17, 2
+    ours, ref = make_pair(cell, I_, H_, dtype=torch.float32, num_layers=L_)
+    x = torch.randn(T_, B_, I_, requires_grad=True)
+    out_ref, h_ref, cot, g_ref = forward_and_grads(ref, x, None, [x])
+    out, h, _, g = forward_and_grads(ours, x, None, [x], cot)
+    for a, b in zip([out] + h, [out_ref] + h_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    names = ["input"] + [n for n, _ in ref.named_parameters()]
+    for name, a, b in zip(names, g, g_ref):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * scale,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+CONFIGS = [
+    dict(),
+    dict(num_layers=2, bidirectional=True),
+    dict(num_layers=3, bias=False, batch_first=True),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["default", "L2_bi", "L3_nobias"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_state_dict_round_trip(cell, config):
+    name, extra = CELLS[cell]
+    kw = dict(extra, **config)
+    ours = getattr(pyrnn, name)(I, H, **kw)
+    ref = getattr(nn, name)(I, H, **kw)
+    sd_ours, sd_ref = ours.state_dict(), ref.state_dict()
+    assert list(sd_ours) == list(sd_ref)
+    for k in sd_ref:
+        assert sd_ours[k].shape == sd_ref[k].shape, k
+        assert sd_ours[k].dtype == sd_ref[k].dtype, k
+
+    to_ref = getattr(nn, name)(I, H, **kw)
+    to_ref.load_state_dict(sd_ours)
+    for k, v in to_ref.state_dict().items():
+        assert torch.equal(v, sd_ours[k]), k
+
+    to_ours = getattr(pyrnn, name)(I, H, **kw)
+    to_ours.load_state_dict(sd_ref)
+    for k, v in to_ours.state_dict().items():
+        assert torch.equal(v, sd_ref[k]), k
+
+    x = torch.randn(B, T, I) if kw.get("batch_first") else torch.randn(T, B, I)
+    with torch.no_grad():
+        out, _ = to_ours(x)
+        out_ref, _ = ref(x)
+    # float32 over at most 15 sequential steps: see test_parity_float32 for the bound.
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+@pytest.mark.parametrize("config", CONFIGS, ids=["default", "L2_bi", "L3_nobias"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_same_initialisation(cell, config, seed):
+    name, extra = CELLS[cell]
+    kw = dict(extra, **config)
+    torch.manual_seed(seed)
+    ours = getattr(pyrnn, name)(I, H, **kw)
+    torch.manual_seed(seed)
+    ref = getattr(nn, name)(I, H, **kw)
+    p_ours, p_ref = dict(ours.named_parameters()), dict(ref.named_parameters())
+    assert list(p_ours) == list(p_ref)
+    for k in p_ref:
+        assert torch.equal(p_ours[k], p_ref[k]), k
+        assert p_ours[k].requires_grad
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(I, H, batch_first=True)
+        self.body = nn.ModuleList([nn.GRU(H, H, num_layers=2, bidirectional=True,
+                                          batch_first=True)])
+        self.head = nn.Sequential(nn.Linear(2 * H, 3), nn.Tanh())
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        y, _ = self.body[0](y)
+        return self.head(y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_convert(dtype):
+    model = _Net().to(dtype)
+    model.body.eval()
+    original = copy.deepcopy(model)
+    x = torch.randn(B, T, I, dtype=dtype)
+
+    converted = pyrnn.convert(model)
+    assert converted is model
+    assert type(model.lstm) is pyrnn.LSTM
+    assert type(model.body[0]) is pyrnn.GRU
+    assert type(model.head[0]) is nn.Linear
+    assert model.training and model.lstm.training
+    assert not model.body[0].training
+    assert model.lstm.batch_first and model.body[0].bidirectional
+    assert model.body[0].num_layers == 2
+    for (k, v), (k0, v0) in zip(model.state_dict().items(), original.state_dict().items()):
+        assert k == k0 and v.dtype == dtype and torch.equal(v, v0)
+
+    tol = dict(rtol=RTOL64, atol=ATOL64) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(x), original(x), **tol)
+    model.eval()
+    original.eval()
+    torch.testing.assert_close(model(x), original(x), **tol)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("training", [True, False])
+def test_convert_bare_module(cell, training):
+    name, extra = CELLS[cell]
+    m = getattr(nn, name)(I, H, num_layers=2, dropout=0.25, dtype=torch.float64, **extra)
+    m.train(training)
+    new = pyrnn.convert(m)
+    assert type(new) is getattr(pyrnn, name)
+    assert new.training == training
+    assert new.dropout == 0.25
+    if cell.startswith("rnn"):
+        assert new.nonlinearity == m.nonlinearity
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    new.eval()
+    m.eval()
+    close64(new(x)[0], m(x)[0])
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_dropout(cell):
+    ours, ref = make_pair(cell, num_layers=2, dropout=0.5)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    ours.eval()
+    ref.eval()
+    out_eval, h_eval = ours(x)
+    out_ref, h_ref = ref(x)
+    close64(out_eval, out_ref)
+    for a, b in zip(states(h_eval), states(h_ref)):
+        close64(a, b)
+
+    ours.train()
+    out1, _ = ours(x)
+    out2, _ = ours(x)
+    assert not torch.allclose(out1, out2)
+    assert not torch.allclose(out1, out_eval)
+    assert not torch.allclose(out2, out_eval)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_dropout_inactive_with_one_layer(cell):
+    ours, ref = make_pair(cell, num_layers=1)
+    ours.dropout = ref.dropout = 0.5
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    close64(ours(x)[0], ref(x)[0])
+
+
+def _bad_input_cases():
+    f64 = torch.float64
+    good_x = torch.randn(T, B, I, dtype=f64)
+    LD = 1
+    return [
+        ("rank4", "gru", torch.randn(2, T, B, I, dtype=f64), None,
+         ValueError, r"input: expected a 2-D \(unbatched\) or 3-D \(batched\) tensor, got 4-D"),
+        ("rank1", "gru", torch.randn(I, dtype=f64), None,
+         ValueError, r"input: expected a 2-D .* got 1-D"),
+        ("input_size", "rnn_tanh", torch.randn(T, B, I + 1, dtype=f64), None,
+         ValueError, rf"input: expected input_size {I} .* got {I + 1}"),
+        ("input_size_unbatched", "lstm", torch.randn(T, I + 2, dtype=f64), None,
+         ValueError, rf"input: expected input_size {I} .* got {I + 2}"),
+        ("hx_shape", "gru", good_x, torch.randn(LD, B + 1, H, dtype=f64),
+         ValueError, r"hx: expected shape \(1, 3, 7\)"),
+        ("hx_rank_unbatched", "rnn_relu", torch.randn(T, I, dtype=f64),
+         torch.randn(LD, B, H, dtype=f64), ValueError, r"hx: expected shape \(1, 7\)"),
+        ("hx_dtype", "gru", good_x, torch.randn(LD, B, H, dtype=torch.float32),
+         TypeError, r"hx: expected dtype torch.float64 .* got torch.float32"),
+        ("hx_device", "rnn_tanh", good_x, torch.empty(LD, B, H, dtype=f64, device="meta"),
+         ValueError, r"hx: expected device cpu .* got meta"),
+        ("input_device", "gru", torch.empty(T, B, I, dtype=f64, device="meta"), None,
+         ValueError, r"input: expected device cpu .* got meta"),
+        ("input_long", "lstm", torch.ones(T, B, I, dtype=torch.long), None,
+         TypeError, r"input: expected a floating-point tensor .* got torch.int64"),
+        ("input_not_tensor", "gru", [[0.0] * I] * T, None,
+         TypeError, r"input: expected a Tensor or PackedSequence, got list"),
+        ("empty_sequence", "gru", torch.randn(0, B, I, dtype=f64), None,
+         ValueError, r"input: expected at least one time step"),
+        ("empty_sequence_unbatched", "lstm", torch.randn(0, I, dtype=f64), None,
+         ValueError, r"input: expected at least one time step"),
+        ("lstm_hx_not_tuple", "lstm", good_x, torch.randn(LD, B, H, dtype=f64),
+         TypeError, r"hx: expected a tuple \(h_0, c_0\) for LSTM, got Tensor"),
+        ("lstm_hx_triple", "lstm", good_x, tuple(torch.randn(LD, B, H, dtype=f64)
+                                                 for _ in range(3)),
+         TypeError, r"hx: expected a tuple \(h_0, c_0\) for LSTM"),
+        ("lstm_c0_shape", "lstm", good_x,
+         (torch.randn(LD, B, H, dtype=f64), torch.randn(LD, B, H + 1, dtype=f64)),
+         ValueError, r"hx\[1\] \(c_0\): expected shape \(1, 3, 7\)"),
+        ("lstm_h0_dtype", "lstm", good_x,
+         (torch.randn(LD, B, H), torch.randn(LD, B, H, dtype=f64)),
+         TypeError, r"hx\[0\] \(h_0\): expected dtype torch.float64"),
+        ("gru_hx_tuple", "gru", good_x, (torch.randn(LD, B, H, dtype=f64),),
+         TypeError, r"hx: expected a Tensor for GRU, got a tuple"),
+    ]
+
+
+_CASES = _bad_input_cases()
+
+
+@pytest.mark.parametrize("case", _CASES, ids=[c[0] for c in _CASES])
+def test_bad_input(case):
+    _, cell, x, hx, exc, match = case
+    ours, _ = make_pair(cell)
+    with pytest.raises(exc, match=match):
+        ours(x) if hx is None else ours(x, hx)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_bad_input_dtype_mismatch(cell):
+    ours, _ = make_pair(cell, dtype=torch.float32)
+    with pytest.raises(TypeError, match=r"input: expected dtype torch.float32 .* got torch.float64"):
+        ours(torch.randn(T, B, I, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"input: expected dtype torch.float32 .* got torch.float16"):
+        ours(torch.randn(T, B, I, dtype=torch.float16))
+
+
+def test_bad_packed_hx_shape():
+    ours, _ = make_pair("gru")
+    x = pack_padded_sequence(torch.randn(T, B, I, dtype=torch.float64), LENGTHS,
+                             enforce_sorted=False)
+    with pytest.raises(ValueError, match=r"hx: expected shape \(1, 3, 7\)"):
+        ours(x, torch.zeros(1, B - 1, H, dtype=torch.float64))
+
+
+def _op_args(mode, dtype=torch.float32):
+    G = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}[mode]
+    x = torch.randn(T, B, I, dtype=dtype)
+    hx = torch.zeros(B, H, dtype=dtype)
+    cx = torch.zeros(B, H, dtype=dtype) if mode == "lstm" else None
+    w_ih, w_hh = torch.randn(G * H, I, dtype=dtype), torch.randn(G * H, H, dtype=dtype)
+    b_ih, b_hh = torch.randn(G * H, dtype=dtype), torch.randn(G * H, dtype=dtype)
+    return x, hx, cx, w_ih, w_hh, b_ih, b_hh
+
+
+@pytest.mark.parametrize("mode", list(CELLS))
+def test_op_rejects_float16_on_cpu(mode):
+    args = _op_args(mode, torch.float16)
+    with pytest.raises(TypeError, match=r"input: expected dtype float32 or float64, got Half"):
+        torch.ops.pyrnn.forward(mode, *args, None, False, False, 0.0, None)
+
+
+@pytest.mark.parametrize("bad", [T + 1, -1])
+def test_op_rejects_lengths_out_of_range(bad):
+    args = _op_args("lstm")
+    lengths = torch.tensor([T, bad, 1])
+    with pytest.raises(ValueError, match=rf"lengths: expected values in \[0, T = {T}\]"):
+        torch.ops.pyrnn.forward("lstm", *args, lengths, False, False, 0.0, None)
+
+
+def test_proj_size_not_implemented():
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        pyrnn.LSTM(I, H, proj_size=3)
+    with pytest.raises(NotImplementedError, match="proj_size"):
+        pyrnn.convert(nn.Sequential(nn.LSTM(I, H, proj_size=3)))
+    pyrnn.LSTM(I, H, proj_size=0)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_no_grad_matches_grad(cell, form):
+    ours, _ = make_pair(cell, num_layers=2, bidirectional=True)
+    x = torch.randn(T, I, dtype=torch.float64) if form == "unbatched" else torch.randn(
+        T, B, I, dtype=torch.float64)
+    inp = x
+    if form == "packed":
+        inp = pack_padded_sequence(x, LENGTHS, enforce_sorted=False)
+    elif form == "packed_sorted":
+        inp = pack_padded_sequence(x, LENGTHS.sort(descending=True).values)
+    out, h = ours(inp)
+    with torch.no_grad():
+        out_ng, h_ng = ours(inp)
+    with torch.inference_mode():
+        out_inf, h_inf = ours(inp)
+    if isinstance(inp, PackedSequence):
+        out, out_ng, out_inf = out.data, out_ng.data, out_inf.data
+    assert out.requires_grad and not out_ng.requires_grad and not out_inf.requires_grad
+    for a, b, c in zip([out] + states(h), [out_ng] + states(h_ng), [out_inf] + states(h_inf)):
+        torch.testing.assert_close(b, a.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(c, a.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_double_backward_raises(cell):
+    ours, _ = make_pair(cell, 2, 3)
+    xg = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    out, _ = ours(xg)
+    gx, = torch.autograd.grad((out ** 2).sum(), xg, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(gx.sum(), xg)
