@@ -97,7 +97,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   if (grad_c_n) check_shape(*grad_c_n, "grad_c_n", {B, H});
   TORCH_CHECK_VALUE(bptt_clip >= 0, "bptt_clip: expected a value >= 0 (0 = off), got ", bptt_clip);
 
-  const Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const Tensor input = input_.contiguous(), w_hh = w_hh_.contiguous();
+  const Tensor w_ih = input_grad ? w_ih_.contiguous() : w_ih_;  // read only for dX
   const Tensor hx = hx_.contiguous(), dy = grad_output_.contiguous();
   const Tensor y = output_.contiguous(), ws = workspace_.contiguous();
   const Tensor cx = cx_ ? cx_->contiguous() : Tensor();

@@ -63,6 +63,9 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias_ih is not None
     ctx.record = norm_sink is not None
     ctx.saved = save
+    if not input.requires_grad:
+        # weight_ih only serves dX: keep a one-element stand-in with its shape instead
+        weight_ih = weight_ih.new_empty(()).expand(weight_ih.shape)
     ctx.save_for_backward(input, hx, cx, weight_ih, weight_hh, lengths, out, workspace)
 
 

@@ -17,7 +17,7 @@ typedef float v16f __attribute__((vector_size(64)));
 class PackedGemm {
  public:
   static constexpr int64_t kNR = 32;  // two 16-lane vectors
-  static constexpr int64_t kMR = 4;
+  static constexpr int64_t kMR = 8;  // 16 accumulators of 16 lanes
 
   PackedGemm(int64_t M, int64_t N, int64_t K, const float* Wm, bool transposed)
       : M_(M), N_(N), K_(K), panels_((N + kNR - 1) / kNR) {
@@ -52,17 +52,26 @@ class PackedGemm {
         int64_t i = 0;
         for (; i + kMR <= rows; i += kMR)
           block<kMR>(Ac + i * lda, lda, panel, Cc + i * ldc + n0, ldc, cols, accumulate);
-        switch (rows - i) {
-          case 3: block<3>(Ac + i * lda, lda, panel, Cc + i * ldc + n0, ldc, cols, accumulate); break;
-          case 2: block<2>(Ac + i * lda, lda, panel, Cc + i * ldc + n0, ldc, cols, accumulate); break;
-          case 1: block<1>(Ac + i * lda, lda, panel, Cc + i * ldc + n0, ldc, cols, accumulate); break;
-          default: break;
-        }
+        tail(rows - i, Ac + i * lda, lda, panel, Cc + i * ldc + n0, ldc, cols, accumulate);
       }
     }
   }
 
  private:
+  void tail(int64_t rows, const float* A, int64_t lda, const v16f* panel, float* C, int64_t ldc,
+            int64_t cols, bool accumulate) const {
+    switch (rows) {
+      case 7: block<7>(A, lda, panel, C, ldc, cols, accumulate); break;
+      case 6: block<6>(A, lda, panel, C, ldc, cols, accumulate); break;
+      case 5: block<5>(A, lda, panel, C, ldc, cols, accumulate); break;
+      case 4: block<4>(A, lda, panel, C, ldc, cols, accumulate); break;
+      case 3: block<3>(A, lda, panel, C, ldc, cols, accumulate); break;
+      case 2: block<2>(A, lda, panel, C, ldc, cols, accumulate); break;
+      case 1: block<1>(A, lda, panel, C, ldc, cols, accumulate); break;
+      default: break;
+    }
+  }
+
   template <int R>
   void block(const float* A, int64_t lda, const v16f* panel, float* C, int64_t ldc,
              int64_t cols, bool accumulate) const {

@@ -1,6 +1,5 @@
-// An 8-lane float32 type for the CPU time loops, built on GCC/Clang vector extensions
-// (AVX2 registers in the x86-64-v3 clone of the loops, pairs of SSE registers in the
-// baseline one). It supplies exactly what the cells use: arithmetic, comparisons,
+// A float32 SIMD type for the CPU time loops, built on GCC/Clang vector extensions
+// (16 lanes when compiled for AVX-512, else 8). It supplies exactly what the cells use: arithmetic, comparisons,
 // where(), ld/st (through Mem) and the helpers of poly_exp.
 #pragma once
 #include <cstdint>
@@ -13,8 +12,14 @@
 
 namespace pyrnn {
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
+// 16 lanes where the build targets AVX-512, else 8 (AVX2 registers, or SSE pairs).
+#if defined(__AVX512F__)
+constexpr int kSimdLanes = 16;
+#else
+constexpr int kSimdLanes = 8;
+#endif
+typedef float v8f __attribute__((vector_size(4 * kSimdLanes)));
+typedef int32_t v8i __attribute__((vector_size(4 * kSimdLanes)));
 
 struct MaskF {
   v8i m;
@@ -24,7 +29,7 @@ struct IntF {  // lane exponents (a struct, so that argument-dependent lookup fi
 };
 
 struct VecF {
-  static constexpr int kLanes = 8;
+  static constexpr int kLanes = kSimdLanes;
   v8f v;
   VecF() = default;
   VecF(float s) : v(v8f{} + s) {}  // broadcast (implicit, like a scalar literal)
@@ -52,7 +57,7 @@ inline VecF math_tanh(VecF x) { return poly_tanh(x); }
 
 inline float hsum(VecF a) {
   float s = 0.f;
-  for (int k = 0; k < 8; ++k) s += a.v[k];
+  for (int k = 0; k < kSimdLanes; ++k) s += a.v[k];
   return s;
 }
 
