@@ -131,6 +131,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per side")
     ap.add_argument("--cells", default="rnn_tanh,lstm,gru")
     ap.add_argument("--shapes", default="S1,S2,S3,S4")
+    ap.add_argument("--passes", default="fwd,fwd+bwd")
     ap.add_argument("--reference", action="store_true",
                     help="also time the plain-PyTorch reference (slow)")
     ap.add_argument("--json", default=None, help="write the rows to this file")
@@ -154,7 +155,7 @@ def main(argv=None):
             flops = step_flops(G, B, H, H) * T
             sb_nn = saved_bytes(lambda: nn_m(x))
             sb_py = saved_bytes(lambda: ours(x))
-            for pas in ("fwd", "fwd+bwd"):
+            for pas in args.passes.split(","):
                 if pas == "fwd":
                     a, b = run_fwd(nn_m, x), run_fwd(ours, x)
                     fl = flops

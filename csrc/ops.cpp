@@ -38,6 +38,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   const Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor hx = hx_.contiguous();
   const Tensor cx = cx_ ? cx_->contiguous() : Tensor();
+  const Tensor b_ih = b_ih_ ? b_ih_->contiguous() : Tensor();
   const Tensor b_hh = b_hh_ ? b_hh_->contiguous() : Tensor();
   const Tensor lengths = lengths_ ? lengths_->contiguous() : Tensor();
   const auto opt = input.options();
@@ -47,7 +48,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   const int64_t W = saved_width(m, H) && (save || m == Mode::kGru) ? saved_width(m, H) : GH;
   Tensor ws = at::empty({T, B, W}, opt);
   // Input projection for all T*B rows in one product: ws[..., :G*H] = x @ W_ih^T + b_ih.
-  if (b_ih_) ws.narrow(2, 0, GH).copy_(b_ih_->view({1, 1, GH}).expand({T, B, GH}));
   Tensor output = at::empty({T, B, H}, opt);
   Tensor h_n = at::empty({B, H}, opt);
   Tensor c_n = m == Mode::kLstm ? at::empty({B, H}, opt) : at::empty({0}, opt);
@@ -55,7 +55,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_forward", [&] {
     cpu::matmul(input.data_ptr<scalar_t>(), T * B, d.I, w_ih.data_ptr<scalar_t>(), GH, true,
-                ws.data_ptr<scalar_t>(), W, b_ih_.has_value());
+                ws.data_ptr<scalar_t>(), W, b_ih.defined() ? b_ih.data_ptr<scalar_t>() : nullptr);
     cpu::LoopArgs<scalar_t> p;
     p.steps = T; p.batch = B; p.hidden = H; p.width = W; p.reverse = reverse;
     p.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
@@ -147,7 +147,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
     dx = at::empty({T, B, d.I}, opt);
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_backward_dx", [&] {
       cpu::matmul(gx.data_ptr<scalar_t>(), T * B, GH, w_ih.data_ptr<scalar_t>(), d.I, false,
-                  dx.data_ptr<scalar_t>(), d.I, false);
+                  dx.data_ptr<scalar_t>(), d.I, nullptr);
     });
   }
   Tensor dw_ih = at::mm(gx2.t(), input.view({T * B, d.I}));

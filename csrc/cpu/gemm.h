@@ -19,16 +19,38 @@ class PackedGemm {
   static constexpr int64_t kNR = 32;  // two 16-lane vectors
   static constexpr int64_t kMR = 8;  // 16 accumulators of 16 lanes
 
-  PackedGemm(int64_t M, int64_t N, int64_t K, const float* Wm, bool transposed)
-      : M_(M), N_(N), K_(K), panels_((N + kNR - 1) / kNR) {
+  // block: the columns form N / block blocks of that width (the gate blocks of a
+  // recurrent matrix); panels never straddle two blocks, so a thread can own a slice of
+  // hidden units across all gates. block = N (the default) is one block.
+  PackedGemm(int64_t M, int64_t N, int64_t K, const float* Wm, bool transposed,
+             int64_t block = 0)
+      : M_(M), N_(N), K_(K), block_(block > 0 ? block : (N > 0 ? N : 1)),
+        per_block_((block_ + kNR - 1) / kNR), panels_(N / block_ * per_block_) {
     packed_.reset(new v16f[panels_ * K * 2 + 1]);
     float* dst = reinterpret_cast<float*>(packed_.get());
-    for (int64_t p = 0; p < panels_; ++p)
+    for (int64_t p = 0; p < panels_; ++p) {
+      const int64_t n0 = first_column(p), cols = columns(p);
       for (int64_t k = 0; k < K; ++k)
         for (int64_t c = 0; c < kNR; ++c) {
-          const int64_t n = p * kNR + c;
-          *dst++ = n < N ? (transposed ? Wm[n * K + k] : Wm[k * N + n]) : 0.f;
+          const int64_t n = n0 + c;
+          *dst++ = c < cols ? (transposed ? Wm[n * K + k] : Wm[k * N + n]) : 0.f;
         }
+    }
+  }
+
+  int64_t panels_per_block() const { return per_block_; }
+
+  // The panels [p0, p1) only, for all M rows of A (no threads of its own).
+  void run_panels(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc,
+                  bool accumulate, int64_t p0, int64_t p1) const {
+    for (int64_t p = p0; p < p1; ++p) {
+      const v16f* panel = packed_.get() + p * K_ * 2;
+      const int64_t n0 = first_column(p), cols = columns(p);
+      int64_t i = 0;
+      for (; i + kMR <= M; i += kMR)
+        block<kMR>(A + i * lda, lda, panel, C + i * ldc + n0, ldc, cols, accumulate);
+      tail(M - i, A + i * lda, lda, panel, C + i * ldc + n0, ldc, cols, accumulate);
+    }
   }
 
   // A: [M, K] with leading dimension K; C: [M, N] with leading dimension N.
@@ -36,11 +58,13 @@ class PackedGemm {
 
   // The same with M rows and leading dimensions lda, ldc given. Rows go in chunks of
   // kChunk, so that a chunk of A stays in cache while every panel passes over it.
-  void run(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc, bool accumulate) const {
+  // bias: [N] added to every row of C (only with accumulate = false), or nullptr.
+  void run(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc, bool accumulate,
+           const float* bias = nullptr) const {
     constexpr int64_t kChunk = 96;
     const int64_t chunks = (M + kChunk - 1) / kChunk;
     // Threads split the (chunk, panel) tiles; below ~1 MFLOP one thread is faster.
-#pragma omp parallel for collapse(2) schedule(static) if (2 * M * N_ * K_ > (1 << 20))
+#pragma omp parallel for collapse(2) schedule(static) if (2 * M * N_ * K_ >= (1 << 19))
     for (int64_t q = 0; q < chunks; ++q) {
       for (int64_t p = 0; p < panels_; ++p) {
         const int64_t m0 = q * kChunk;
@@ -48,41 +72,58 @@ class PackedGemm {
         const float* Ac = A + m0 * lda;
         float* Cc = C + m0 * ldc;
         const v16f* panel = packed_.get() + p * K_ * 2;
-        const int64_t n0 = p * kNR, cols = N_ - n0 < kNR ? N_ - n0 : kNR;
+        const int64_t n0 = first_column(p), cols = columns(p);
         int64_t i = 0;
         for (; i + kMR <= rows; i += kMR)
-          block<kMR>(Ac + i * lda, lda, panel, Cc + i * ldc + n0, ldc, cols, accumulate);
-        tail(rows - i, Ac + i * lda, lda, panel, Cc + i * ldc + n0, ldc, cols, accumulate);
+          block<kMR>(Ac + i * lda, lda, panel, Cc + i * ldc + n0, ldc, cols, accumulate,
+                     bias ? bias + n0 : nullptr);
+        tail(rows - i, Ac + i * lda, lda, panel, Cc + i * ldc + n0, ldc, cols, accumulate,
+             bias ? bias + n0 : nullptr);
       }
     }
   }
 
  private:
+  int64_t first_column(int64_t p) const { return p / per_block_ * block_ + p % per_block_ * kNR; }
+  int64_t columns(int64_t p) const {
+    const int64_t left = block_ - p % per_block_ * kNR;
+    return left < kNR ? left : kNR;
+  }
+
   void tail(int64_t rows, const float* A, int64_t lda, const v16f* panel, float* C, int64_t ldc,
-            int64_t cols, bool accumulate) const {
+            int64_t cols, bool accumulate, const float* bias = nullptr) const {
     switch (rows) {
-      case 7: block<7>(A, lda, panel, C, ldc, cols, accumulate); break;
-      case 6: block<6>(A, lda, panel, C, ldc, cols, accumulate); break;
-      case 5: block<5>(A, lda, panel, C, ldc, cols, accumulate); break;
-      case 4: block<4>(A, lda, panel, C, ldc, cols, accumulate); break;
-      case 3: block<3>(A, lda, panel, C, ldc, cols, accumulate); break;
-      case 2: block<2>(A, lda, panel, C, ldc, cols, accumulate); break;
-      case 1: block<1>(A, lda, panel, C, ldc, cols, accumulate); break;
+      case 7: block<7>(A, lda, panel, C, ldc, cols, accumulate, bias); break;
+      case 6: block<6>(A, lda, panel, C, ldc, cols, accumulate, bias); break;
+      case 5: block<5>(A, lda, panel, C, ldc, cols, accumulate, bias); break;
+      case 4: block<4>(A, lda, panel, C, ldc, cols, accumulate, bias); break;
+      case 3: block<3>(A, lda, panel, C, ldc, cols, accumulate, bias); break;
+      case 2: block<2>(A, lda, panel, C, ldc, cols, accumulate, bias); break;
+      case 1: block<1>(A, lda, panel, C, ldc, cols, accumulate, bias); break;
       default: break;
     }
   }
 
   template <int R>
   void block(const float* A, int64_t lda, const v16f* panel, float* C, int64_t ldc,
-             int64_t cols, bool accumulate) const {
-    v16f acc[R][2];
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = v16f{};
+             int64_t cols, bool accumulate, const float* bias = nullptr) const {
+    v16f acc[R][2], b0 = v16f{}, b1 = v16f{};
+    if (bias) {
+      float tmp[kNR] = {};
+      std::memcpy(tmp, bias, sizeof(float) * cols);
+      std::memcpy(&b0, tmp, 64);
+      std::memcpy(&b1, tmp + 16, 64);
+    }
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = b0;
+      acc[r][1] = b1;
+    }
     for (int64_t k = 0; k < K_; ++k) {
-      const v16f b0 = panel[2 * k], b1 = panel[2 * k + 1];
+      const v16f w0 = panel[2 * k], w1 = panel[2 * k + 1];
       for (int r = 0; r < R; ++r) {
         const float a = A[r * lda + k];
-        acc[r][0] += a * b0;
-        acc[r][1] += a * b1;
+        acc[r][0] += a * w0;
+        acc[r][1] += a * w1;
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -106,7 +147,7 @@ class PackedGemm {
     }
   }
 
-  int64_t M_, N_, K_, panels_;
+  int64_t M_, N_, K_, block_, per_block_, panels_;
   std::unique_ptr<v16f[]> packed_;
 };
 

@@ -34,16 +34,20 @@ PYRNN_DEFINE_LOOPS(GruCell, float)
 PYRNN_DEFINE_LOOPS(GruCell, double)
 
 PYRNN_FLAT void matmul(const float* A, int64_t M, int64_t K, const float* Wm, int64_t N,
-                         bool transposed, float* C, int64_t ldc, bool accumulate) {
+                       bool transposed, float* C, int64_t ldc, const float* bias) {
   if (M == 0 || N == 0) return;
   const PackedGemm gemm(M, N, K, Wm, transposed);
-  gemm.run(A, M, K, C, ldc, accumulate);
+  gemm.run(A, M, K, C, ldc, false, bias);
 }
 
 void matmul(const double* A, int64_t M, int64_t K, const double* Wm, int64_t N,
-            bool transposed, double* C, int64_t ldc, bool accumulate) {
-  if (transposed) mm_nt<double>(int(M), int(N), int(K), A, int(K), Wm, int(K), C, int(ldc), accumulate);
-  else mm_nn<double>(int(M), int(N), int(K), A, int(K), Wm, int(N), C, int(ldc), accumulate);
+            bool transposed, double* C, int64_t ldc, const double* bias) {
+  if (bias)
+    for (int64_t i = 0; i < M; ++i) std::memcpy(C + i * ldc, bias, sizeof(double) * N);
+  if (transposed)
+    mm_nt<double>(int(M), int(N), int(K), A, int(K), Wm, int(K), C, int(ldc), bias != nullptr);
+  else
+    mm_nn<double>(int(M), int(N), int(K), A, int(K), Wm, int(N), C, int(ldc), bias != nullptr);
 }
 
 }  // namespace pyrnn::cpu

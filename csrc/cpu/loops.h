@@ -52,13 +52,13 @@ void forward_loop(const LoopArgs<T>& p);
 template <class Cell, typename T, typename A>
 void backward_loop(const LoopArgs<T>& p);
 
-// C[M, N] (+)= A[M, K] @ op(Wm) for all rows at once (the products outside the time
-// loop): op(Wm) = Wm^T for Wm [N, K] (transposed) or Wm for Wm [K, N]; A has leading
-// dimension K, C leading dimension ldc. float32 uses the packed kernel of gemm.h,
-// float64 the BLAS.
+// C[M, N] = A[M, K] @ op(Wm) (+ bias[N] on every row) for all rows at once (the
+// products outside the time loop): op(Wm) = Wm^T for Wm [N, K] (transposed) or Wm for
+// Wm [K, N]; A has leading dimension K, C leading dimension ldc; bias may be nullptr.
+// float32 uses the packed kernel of gemm.h, float64 the BLAS.
 void matmul(const float* A, int64_t M, int64_t K, const float* Wm, int64_t N, bool transposed,
-            float* C, int64_t ldc, bool accumulate);
+            float* C, int64_t ldc, const float* bias);
 void matmul(const double* A, int64_t M, int64_t K, const double* Wm, int64_t N, bool transposed,
-            double* C, int64_t ldc, bool accumulate);
+            double* C, int64_t ldc, const double* bias);
 
 }  // namespace pyrnn::cpu

@@ -1,8 +1,13 @@
 // Bodies of the CPU time loops declared in loops.h; included by kernels.cpp only.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <type_traits>
+
+#include <omp.h>
 
 #include "../cells/common.h"
 #include "blas.h"
@@ -41,18 +46,22 @@ struct Lanes<float> {
   static constexpr int64_t kWidth = VecF::kLanes;
 };
 
-// Calls f(V{}, j) over SIMD runs of hidden units, then f(A{}, j) for the tail.
+// Calls f(V{}, j) over SIMD runs of the hidden units [u0, u1), then f(A{}, j) for the tail.
+template <typename T, typename A, typename F>
+inline void over_units(int64_t u0, int64_t u1, F&& f) {
+  int64_t j = u0;
+  if constexpr (Lanes<T>::kWidth > 1) {
+    for (; j + Lanes<T>::kWidth <= u1; j += Lanes<T>::kWidth) f(typename Lanes<T>::V(0.f), j);
+  }
+  for (; j < u1; ++j) f(A(0), j);
+}
 template <typename T, typename A, typename F>
 inline void over_units(int64_t H, F&& f) {
-  int64_t j = 0;
-  if constexpr (Lanes<T>::kWidth > 1) {
-    for (; j + Lanes<T>::kWidth <= H; j += Lanes<T>::kWidth) f(typename Lanes<T>::V(0.f), j);
-  }
-  for (; j < H; ++j) f(A(0), j);
+  over_units<T, A>(0, H, f);
 }
 
 // Rows of a step are split across threads when a step has at least this many gate units.
-constexpr int64_t kParallelUnits = 8192;
+constexpr int64_t kParallelUnits = 4096;
 
 template <typename A>
 inline A lane_sum(A a) {
@@ -60,8 +69,66 @@ inline A lane_sum(A a) {
 }
 inline float lane_sum(VecF a) { return hsum(a); }
 
+// float32 forward with one team of threads for the whole sequence. Each thread owns a
+// slice of hidden units [u0, u1) across all gate blocks: per step it computes the
+// recurrent product for its columns, then the pointwise update of its units, then meets
+// the others at one barrier. h is double-buffered (every thread reads all of h_{t-1}).
+template <class Cell>
+void forward_steps_team(const LoopArgs<float>& p) {
+  using T = float;
+  const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width;
+  const int64_t G = Cell::kGates, GH = G * H;
+  const bool keep_c = Cell::kHasCell && W >= (cell_offset<Cell>() + 1) * H;
+  std::memcpy(p.hT, p.h0, sizeof(T) * B * H);
+  if (Cell::kHasCell) std::memcpy(p.cT, p.c0, sizeof(T) * B * H);
+  std::unique_ptr<T[]> other(new T[B * H + 1]);
+  T* bufs[2] = {p.hT, other.get()};
+  const PackedGemm gemm(B, GH, H, p.w_hh, true, H);
+  const int64_t per = gemm.panels_per_block();
+#pragma omp parallel if (2 * B * GH * H >= (1 << 19))
+  {
+    const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t q0 = per * id / nt, q1 = per * (id + 1) / nt;
+    const int64_t u0 = std::min(q0 * PackedGemm::kNR, H), u1 = std::min(q1 * PackedGemm::kNR, H);
+    for (int64_t s = 0; s < Tn; ++s) {
+      const int64_t t = p.reverse ? Tn - 1 - s : s;
+      const T* hcur = bufs[s % 2];
+      T* hnext = bufs[(s + 1) % 2];
+      for (int64_t g = 0; g < G; ++g)  // hg[:, my columns] = h_{t-1} @ W_hh^T
+        gemm.run_panels(hcur, B, H, p.hg, GH, false, g * per + q0, g * per + q1);
+      for (int64_t b = 0; b < B && u1 > u0; ++b) {
+        T* yrow = p.y + (t * B + b) * H;
+        T* row = p.ws + (t * B + b) * W;
+        T* h = hnext + b * H;
+        if (!active(p, t, b)) {  // state unchanged, zero output and workspace
+          std::memcpy(h + u0, hcur + b * H + u0, sizeof(T) * (u1 - u0));
+          std::memset(yrow + u0, 0, sizeof(T) * (u1 - u0));
+          for (int64_t k = 0; k < W / H; ++k) std::memset(row + k * H + u0, 0, sizeof(T) * (u1 - u0));
+          continue;
+        }
+        T* c = Cell::kHasCell ? p.cT + b * H : nullptr;
+        T* saved = Cell::kSaved ? row + GH : nullptr;
+        const T* hg = p.hg + b * GH;
+        const T* hp = hcur + b * H;
+        over_units<T, T>(u0, u1, [&](auto zero, int64_t j) {
+          using V = decltype(zero);
+          Cell::template forward<T, V>(j, H, row, hg, p.b_hh, hp, c, h, c, saved);
+        });
+        std::memcpy(yrow + u0, h + u0, sizeof(T) * (u1 - u0));
+        if (keep_c) std::memcpy(row + cell_offset<Cell>() * H + u0, c + u0, sizeof(T) * (u1 - u0));
+      }
+#pragma omp barrier
+    }
+  }
+  if (Tn % 2) std::memcpy(p.hT, bufs[1], sizeof(T) * B * H);
+}
+
 template <class Cell, typename T, typename A>
 void forward_steps(const LoopArgs<T>& p) {
+  if constexpr (std::is_same_v<T, float>) {
+    forward_steps_team<Cell>(p);
+    return;
+  }
   const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width;
   const int64_t GH = Cell::kGates * H;
   const bool keep_c = Cell::kHasCell && W >= (cell_offset<Cell>() + 1) * H;
