@@ -68,10 +68,13 @@ def timed(fn):
     return time.perf_counter() - t0
 
 
-def bench_pair(fa, fb, reps, warmup=2):
-    for _ in range(warmup):
+def bench_pair(fa, fb, reps, warmup=3, warmup_s=0.3):
+    t0 = time.perf_counter()
+    n = 0
+    while n < warmup or time.perf_counter() - t0 < warmup_s:  # caches, clocks, thread pool
         fa()
         fb()
+        n += 1
     ta, tb = [], []
     for _ in range(reps):
         ta.append(timed(fa))
@@ -135,6 +138,8 @@ def main(argv=None):
     ap.add_argument("--reference", action="store_true",
                     help="also time the plain-PyTorch reference (slow)")
     ap.add_argument("--json", default=None, help="write the rows to this file")
+    ap.add_argument("--no-extra", action="store_true",
+                    help="skip the recording, packed and bidirectional rows")
     args = ap.parse_args(argv)
     reps = args.reps or (3 if args.quick else 15)
 
@@ -180,10 +185,65 @@ def main(argv=None):
                     line += f" {tr*1e3:8.1f}"
                 print(line, flush=True)
                 rows.append(row)
+    if not args.no_extra:
+        rows += extra_rows(reps)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     return 0
+
+
+def extra_rows(reps):
+    """Gradient-norm recording overhead, PackedSequence and bidirectional layers (LSTM, S1)."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+    T, B, H = SHAPES["S1"]
+    out = []
+    print(f"\nLSTM at S1 (T={T}, B={B}, H={H}), forward + backward, medians:")
+    print(f"{'case':44} {'A ms':>8} {'B ms':>8} {'B/A':>6}")
+
+    def line(name, ta, tb):
+        print(f"{name:44} {ta*1e3:8.2f} {tb*1e3:8.2f} {tb/ta:6.3f}", flush=True)
+        out.append(dict(case=name, a_ms=ta * 1e3, b_ms=tb * 1e3, ratio=tb / ta))
+
+    nn_m, ours, x, g = make_pair("lstm", T, B, H)
+    rec = pyrnn.LSTM(H, H, record_grad_norms=True)
+    rec.load_state_dict(ours.state_dict())
+    ta, tb = bench_pair(run_fwdbwd(ours, x, g), run_fwdbwd(rec, x, g), reps)
+    line("A: pyrnn, B: pyrnn record_grad_norms=True", ta, tb)
+
+    lengths = torch.full((B,), T, dtype=torch.long)
+    lengths[::2] = torch.randint(1, T, (B // 2,), generator=torch.Generator().manual_seed(0))
+    n_tokens = int(lengths.sum())
+
+    def packed_run(m, xx, lens):
+        params = list(m.parameters())
+
+        def f():
+            for p in params:
+                p.grad = None
+            y, _ = m(pack_padded_sequence(xx, lens, enforce_sorted=False))
+            y.data.backward(torch.ones_like(y.data))
+        return f
+
+    # packed against the same batch padded to T x B, and against a padded batch with the
+    # same number of tokens (T' x B, fewer steps)
+    ta, tb = bench_pair(run_fwdbwd(ours, x, torch.ones(T, B, H)), packed_run(ours, x, lengths),
+                        reps)
+    line(f"A: pyrnn padded {T}x{B}, B: same batch packed", ta, tb)
+    Tp = max(1, n_tokens // B)
+    xp, gp = torch.randn(Tp, B, H), torch.ones(Tp, B, H)
+    ta, tb = bench_pair(run_fwdbwd(ours, xp, gp), packed_run(ours, x, lengths), reps)
+    line(f"A: pyrnn padded {Tp}x{B}, B: packed {n_tokens} tokens", ta, tb)
+    ta, tb = bench_pair(packed_run(nn_m, x, lengths), packed_run(ours, x, lengths), reps)
+    line("packed unsorted: A torch.nn, B pyrnn", ta, tb)
+    torch.manual_seed(0)
+    nn_bi = torch.nn.LSTM(H, H, bidirectional=True)
+    py_bi = pyrnn.LSTM(H, H, bidirectional=True)
+    py_bi.load_state_dict(nn_bi.state_dict())
+    g2 = torch.randn(T, B, 2 * H)
+    ta, tb = bench_pair(run_fwdbwd(nn_bi, x, g2), run_fwdbwd(py_bi, x, g2), reps)
+    line("bidirectional: A torch.nn, B pyrnn", ta, tb)
+    return out
 
 
 if __name__ == "__main__":

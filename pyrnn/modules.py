@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from . import ops
 
@@ -33,6 +33,20 @@ class GradNorms:
 
     def __repr__(self):
         return f"GradNorms(hidden={tuple(self.hidden.shape)}, cell={None if self.cell is None else tuple(self.cell.shape)})"
+
+
+def _unpack(seq: PackedSequence):
+    """(padded [T, B, *], lengths [B] int64, rows) for a PackedSequence, in its sorted batch
+    order; rows[i] is the row of padded.view(T * B, *) that holds seq.data[i]."""
+    bs = seq.batch_sizes  # [T] int64 on the CPU
+    T, B = bs.shape[0], int(bs[0])
+    step = torch.repeat_interleave(torch.arange(T), bs)
+    first = torch.cumsum(bs, 0) - bs  # data index of each step's first row
+    rows = step * B + (torch.arange(step.shape[0]) - first[step])
+    lengths = (bs.unsqueeze(0) > torch.arange(B).unsqueeze(1)).sum(1)
+    rows = rows.to(seq.data.device)
+    flat = seq.data.new_zeros(T * B, seq.data.shape[1]).index_copy(0, rows, seq.data)
+    return flat.view(T, B, -1), lengths, rows
 
 
 class _Base(nn.RNNBase):
@@ -122,11 +136,9 @@ class _Base(nn.RNNBase):
         if packed:
             self._check_input(input.data, True)
             sorted_idx, unsorted_idx = input.sorted_indices, input.unsorted_indices
-            x, lengths = pad_packed_sequence(input)  # [T, B, I], in the caller's order
-            lengths = lengths.to(torch.long)
-            if sorted_idx is not None:  # run in the packed (sorted) order, as torch.nn does
-                x = x.index_select(1, sorted_idx)
-                lengths = lengths.index_select(0, sorted_idx.cpu())
+            # Padded [T, B, I] in the packed (sorted) order, as torch.nn runs it: one
+            # scatter of the packed rows, and one gather back for the output.
+            x, lengths, rows = _unpack(input)
         else:
             self._check_input(input, False)
             if input.dim() == 2:
@@ -207,8 +219,8 @@ class _Base(nn.RNNBase):
         c_n = torch.stack(c_n) if is_lstm else None
 
         if packed:
-            output = pack_padded_sequence(output, lengths, enforce_sorted=True)
-            output = PackedSequence(output.data, output.batch_sizes, sorted_idx, unsorted_idx)
+            data = output.reshape(T * B, output.shape[2]).index_select(0, rows)
+            output = PackedSequence(data, input.batch_sizes, sorted_idx, unsorted_idx)
             if unsorted_idx is not None:
                 h_n = h_n.index_select(1, unsorted_idx)
                 c_n = c_n.index_select(1, unsorted_idx) if c_n is not None else None

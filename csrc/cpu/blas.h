@@ -78,9 +78,11 @@ class RecurrentGemm {
  public:
   RecurrentGemm(int M, int N, int K, const T* Wm, bool transposed)
       : M_(M), N_(N), K_(K), Wm_(Wm), transposed_(transposed) {}
-  void run(const T* A, T* C, bool accumulate) const {
-    if (transposed_) mm_nt<T>(M_, N_, K_, A, K_, Wm_, K_, C, N_, accumulate);
-    else mm_nn<T>(M_, N_, K_, A, K_, Wm_, N_, C, N_, accumulate);
+  // rows: how many leading rows of A and C take part (M by default).
+  void run(const T* A, T* C, bool accumulate, int rows = -1) const {
+    const int M = rows < 0 ? M_ : rows;
+    if (transposed_) mm_nt<T>(M, N_, K_, A, K_, Wm_, K_, C, N_, accumulate);
+    else mm_nn<T>(M, N_, K_, A, K_, Wm_, N_, C, N_, accumulate);
   }
 
  private:
@@ -94,7 +96,9 @@ class RecurrentGemm<float> {  // float32: the packed register-blocked kernel of 
  public:
   RecurrentGemm(int M, int N, int K, const float* Wm, bool transposed)
       : gemm_(M, N, K, Wm, transposed) {}
-  void run(const float* A, float* C, bool accumulate) const { gemm_.run(A, C, accumulate); }
+  void run(const float* A, float* C, bool accumulate, int rows = -1) const {
+    gemm_.run(A, rows < 0 ? gemm_.rows() : rows, gemm_.depth(), C, gemm_.width(), accumulate);
+  }
 
  private:
   PackedGemm gemm_;

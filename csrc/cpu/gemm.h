@@ -39,6 +39,9 @@ class PackedGemm {
   }
 
   int64_t panels_per_block() const { return per_block_; }
+  int64_t rows() const { return M_; }
+  int64_t depth() const { return K_; }
+  int64_t width() const { return N_; }
 
   // The panels [p0, p1) only, for all M rows of A (no threads of its own).
   void run_panels(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc,

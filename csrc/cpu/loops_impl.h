@@ -22,6 +22,23 @@ inline bool active(const LoopArgs<T>& p, int64_t t, int64_t b) {
 }
 
 // Index of the step that ran just before step t of sequence b, or -1 if t was its first.
+// With lengths sorted longest first (PackedSequence order), the sequences still running
+// at step t are a prefix of the batch: the products of a step then skip the rest.
+template <typename T>
+inline bool prefix_active(const LoopArgs<T>& p) {
+  if (!p.lengths) return false;
+  for (int64_t b = 1; b < p.batch; ++b)
+    if (p.lengths[b] > p.lengths[b - 1]) return false;
+  return true;
+}
+template <typename T>
+inline int64_t rows_running(const LoopArgs<T>& p, bool prefix, int64_t t) {
+  int64_t n = p.batch;
+  if (prefix)
+    while (n > 0 && p.lengths[n - 1] <= t) --n;
+  return n;
+}
+
 template <typename T>
 inline int64_t prev_step(const LoopArgs<T>& p, int64_t t, int64_t b) {
   if (!p.reverse) return t - 1;
@@ -85,6 +102,7 @@ void forward_steps_team(const LoopArgs<float>& p) {
   T* bufs[2] = {p.hT, other.get()};
   const PackedGemm gemm(B, GH, H, p.w_hh, true, H);
   const int64_t per = gemm.panels_per_block();
+  const bool prefix = prefix_active(p);
 #pragma omp parallel if (2 * B * GH * H >= (1 << 19))
   {
     const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
@@ -94,8 +112,9 @@ void forward_steps_team(const LoopArgs<float>& p) {
       const int64_t t = p.reverse ? Tn - 1 - s : s;
       const T* hcur = bufs[s % 2];
       T* hnext = bufs[(s + 1) % 2];
+      const int64_t rows = rows_running(p, prefix, t);
       for (int64_t g = 0; g < G; ++g)  // hg[:, my columns] = h_{t-1} @ W_hh^T
-        gemm.run_panels(hcur, B, H, p.hg, GH, false, g * per + q0, g * per + q1);
+        gemm.run_panels(hcur, rows, H, p.hg, GH, false, g * per + q0, g * per + q1);
       for (int64_t b = 0; b < B && u1 > u0; ++b) {
         T* yrow = p.y + (t * B + b) * H;
         T* row = p.ws + (t * B + b) * W;
@@ -135,10 +154,11 @@ void forward_steps(const LoopArgs<T>& p) {
   std::memcpy(p.hT, p.h0, sizeof(T) * B * H);
   if (Cell::kHasCell) std::memcpy(p.cT, p.c0, sizeof(T) * B * H);
   const RecurrentGemm<T> recurrent(int(B), int(GH), int(H), p.w_hh, true);
+  const bool prefix = prefix_active(p);
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = p.reverse ? Tn - 1 - s : s;
     // hg[B, G*H] = h_{t-1}[B, H] @ W_hh^T
-    recurrent.run(p.hT, p.hg, false);
+    recurrent.run(p.hT, p.hg, false, int(rows_running(p, prefix, t)));
 #pragma omp parallel for schedule(static) if (B * GH >= kParallelUnits)
     for (int64_t b = 0; b < B; ++b) {
       T* yrow = p.y + (t * B + b) * H;
@@ -173,6 +193,7 @@ void backward_steps(const LoopArgs<T>& p) {
     else std::memset(p.dc0, 0, sizeof(T) * B * H);
   }
   const RecurrentGemm<T> recurrent(int(B), int(H), int(GH), p.w_hh, false);
+  const bool prefix = prefix_active(p);
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = p.reverse ? s : Tn - 1 - s;  // the forward order, reversed
 #pragma omp parallel for schedule(static) if (B * GH >= kParallelUnits)
@@ -223,7 +244,7 @@ void backward_steps(const LoopArgs<T>& p) {
       if (p.norm_c) p.norm_c[r] = T(std::sqrt(sum_c));
     }
     // dh_{t-1} += gh_t[B, G*H] @ W_hh[G*H, H]   (inactive rows of gh_t are zero)
-    recurrent.run(p.gh + t * B * GH, p.dh0, true);
+    recurrent.run(p.gh + t * B * GH, p.dh0, true, int(rows_running(p, prefix, t)));
   }
 }
 
