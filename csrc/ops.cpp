@@ -150,8 +150,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
                   dx.data_ptr<scalar_t>(), d.I, nullptr);
     });
   }
-  Tensor dw_ih = at::mm(gx2.t(), input.view({T * B, d.I}));
-  Tensor dw_hh = at::mm(gh2.t(), hprev.view({T * B, H}));
+  Tensor dw_ih = at::empty({GH, d.I}, opt), dw_hh = at::empty({GH, H}, opt);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_backward_dw", [&] {
+    // dW_ih[G*H, I] = gx^T @ x and dW_hh[G*H, H] = gh^T @ h_prev, over all T*B rows
+    cpu::matmul_tn(gx.data_ptr<scalar_t>(), GH, T * B, input.data_ptr<scalar_t>(), d.I,
+                   dw_ih.data_ptr<scalar_t>());
+    cpu::matmul_tn(gh.data_ptr<scalar_t>(), GH, T * B, hprev.data_ptr<scalar_t>(), H,
+                   dw_hh.data_ptr<scalar_t>());
+  });
   Tensor db_ih = has_bias ? gx2.sum(0) : at::empty({0}, opt);
   Tensor db_hh = has_bias ? gh2.sum(0) : at::empty({0}, opt);
   return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, norms};

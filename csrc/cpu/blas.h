@@ -70,6 +70,22 @@ void mm_nn(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C, 
 #endif
 }
 
+// C[M, N] = A[K, M]^T @ B[K, N]
+template <typename T>
+void mm_tn(int M, int N, int K, const T* A, const T* B, T* C) {
+  if (M == 0 || N == 0) return;
+#ifdef PYRNN_NO_BLAS
+  auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto a = at::from_blob(const_cast<T*>(A), {K, M}, opt);
+  auto b = at::from_blob(const_cast<T*>(B), {K, N}, opt);
+  auto c = at::from_blob(C, {M, N}, opt);
+  at::mm_out(c, a.t(), b);
+#else
+  // column-major view: C^T[N, M] = B^T[N, K] @ A[K, M]
+  fgemm('N', 'T', N, M, K, T(1), B, N, A, M, T(0), C, N);
+#endif
+}
+
 // The recurrent product of a time loop: C[M, N] (+)= A[M, K] @ op(Wm), with the same
 // right-hand matrix Wm at every step. op(Wm) = Wm^T for Wm [N, K] (transposed = true) or
 // Wm for Wm [K, N]. float32 packs Wm once (gemm.h); float64 calls the BLAS per step.

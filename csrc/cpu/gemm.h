@@ -51,8 +51,8 @@ class PackedGemm {
       const int64_t n0 = first_column(p), cols = columns(p);
       int64_t i = 0;
       for (; i + kMR <= M; i += kMR)
-        block<kMR>(A + i * lda, lda, panel, C + i * ldc + n0, ldc, cols, accumulate);
-      tail(M - i, A + i * lda, lda, panel, C + i * ldc + n0, ldc, cols, accumulate);
+        block<kMR>(A + i * lda, lda, 1, panel, C + i * ldc + n0, ldc, cols, accumulate);
+      tail(M - i, A + i * lda, lda, 1, panel, C + i * ldc + n0, ldc, cols, accumulate);
     }
   }
 
@@ -64,6 +64,12 @@ class PackedGemm {
   // bias: [N] added to every row of C (only with accumulate = false), or nullptr.
   void run(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc, bool accumulate,
            const float* bias = nullptr) const {
+    run_strided(A, M, lda, 1, C, ldc, accumulate, bias);
+  }
+
+  // The same with A(i, k) = A[i * ars + k * aks], e.g. ars = 1, aks = M for a transposed A.
+  void run_strided(const float* A, int64_t M, int64_t ars, int64_t aks, float* C, int64_t ldc,
+                   bool accumulate, const float* bias = nullptr) const {
     constexpr int64_t kChunk = 96;
     const int64_t chunks = (M + kChunk - 1) / kChunk;
     // Threads split the (chunk, panel) tiles; below ~1 MFLOP one thread is faster.
@@ -72,15 +78,15 @@ class PackedGemm {
       for (int64_t p = 0; p < panels_; ++p) {
         const int64_t m0 = q * kChunk;
         const int64_t rows = M - m0 < kChunk ? M - m0 : kChunk;
-        const float* Ac = A + m0 * lda;
+        const float* Ac = A + m0 * ars;
         float* Cc = C + m0 * ldc;
         const v16f* panel = packed_.get() + p * K_ * 2;
         const int64_t n0 = first_column(p), cols = columns(p);
         int64_t i = 0;
         for (; i + kMR <= rows; i += kMR)
-          block<kMR>(Ac + i * lda, lda, panel, Cc + i * ldc + n0, ldc, cols, accumulate,
+          block<kMR>(Ac + i * ars, ars, aks, panel, Cc + i * ldc + n0, ldc, cols, accumulate,
                      bias ? bias + n0 : nullptr);
-        tail(rows - i, Ac + i * lda, lda, panel, Cc + i * ldc + n0, ldc, cols, accumulate,
+        tail(rows - i, Ac + i * ars, ars, aks, panel, Cc + i * ldc + n0, ldc, cols, accumulate,
              bias ? bias + n0 : nullptr);
       }
     }
@@ -93,22 +99,22 @@ class PackedGemm {
     return left < kNR ? left : kNR;
   }
 
-  void tail(int64_t rows, const float* A, int64_t lda, const v16f* panel, float* C, int64_t ldc,
-            int64_t cols, bool accumulate, const float* bias = nullptr) const {
+  void tail(int64_t rows, const float* A, int64_t lda, int64_t aks, const v16f* panel, float* C,
+            int64_t ldc, int64_t cols, bool accumulate, const float* bias = nullptr) const {
     switch (rows) {
-      case 7: block<7>(A, lda, panel, C, ldc, cols, accumulate, bias); break;
-      case 6: block<6>(A, lda, panel, C, ldc, cols, accumulate, bias); break;
-      case 5: block<5>(A, lda, panel, C, ldc, cols, accumulate, bias); break;
-      case 4: block<4>(A, lda, panel, C, ldc, cols, accumulate, bias); break;
-      case 3: block<3>(A, lda, panel, C, ldc, cols, accumulate, bias); break;
-      case 2: block<2>(A, lda, panel, C, ldc, cols, accumulate, bias); break;
-      case 1: block<1>(A, lda, panel, C, ldc, cols, accumulate, bias); break;
+      case 7: block<7>(A, lda, aks, panel, C, ldc, cols, accumulate, bias); break;
+      case 6: block<6>(A, lda, aks, panel, C, ldc, cols, accumulate, bias); break;
+      case 5: block<5>(A, lda, aks, panel, C, ldc, cols, accumulate, bias); break;
+      case 4: block<4>(A, lda, aks, panel, C, ldc, cols, accumulate, bias); break;
+      case 3: block<3>(A, lda, aks, panel, C, ldc, cols, accumulate, bias); break;
+      case 2: block<2>(A, lda, aks, panel, C, ldc, cols, accumulate, bias); break;
+      case 1: block<1>(A, lda, aks, panel, C, ldc, cols, accumulate, bias); break;
       default: break;
     }
   }
 
   template <int R>
-  void block(const float* A, int64_t lda, const v16f* panel, float* C, int64_t ldc,
+  void block(const float* A, int64_t lda, int64_t aks, const v16f* panel, float* C, int64_t ldc,
              int64_t cols, bool accumulate, const float* bias = nullptr) const {
     v16f acc[R][2], b0 = v16f{}, b1 = v16f{};
     if (bias) {
@@ -124,7 +130,7 @@ class PackedGemm {
     for (int64_t k = 0; k < K_; ++k) {
       const v16f w0 = panel[2 * k], w1 = panel[2 * k + 1];
       for (int r = 0; r < R; ++r) {
-        const float a = A[r * lda + k];
+        const float a = A[r * lda + k * aks];
         acc[r][0] += a * w0;
         acc[r][1] += a * w1;
       }

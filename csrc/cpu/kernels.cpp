@@ -40,6 +40,17 @@ PYRNN_FLAT void matmul(const float* A, int64_t M, int64_t K, const float* Wm, in
   gemm.run(A, M, K, C, ldc, false, bias);
 }
 
+PYRNN_FLAT void matmul_tn(const float* A, int64_t M, int64_t K, const float* Bm, int64_t N,
+                          float* C) {
+  if (M == 0 || N == 0) return;
+  const PackedGemm gemm(M, N, K, Bm, false);
+  gemm.run_strided(A, M, 1, M, C, N, false);
+}
+
+void matmul_tn(const double* A, int64_t M, int64_t K, const double* Bm, int64_t N, double* C) {
+  mm_tn<double>(int(M), int(N), int(K), A, Bm, C);
+}
+
 void matmul(const double* A, int64_t M, int64_t K, const double* Wm, int64_t N,
             bool transposed, double* C, int64_t ldc, const double* bias) {
   if (bias)

@@ -61,4 +61,8 @@ void matmul(const float* A, int64_t M, int64_t K, const float* Wm, int64_t N, bo
 void matmul(const double* A, int64_t M, int64_t K, const double* Wm, int64_t N, bool transposed,
             double* C, int64_t ldc, const double* bias);
 
+// C[M, N] = A^T @ Bm for A [K, M] and Bm [K, N] (the weight gradients: K = T*B rows).
+void matmul_tn(const float* A, int64_t M, int64_t K, const float* Bm, int64_t N, float* C);
+void matmul_tn(const double* A, int64_t M, int64_t K, const double* Bm, int64_t N, double* C);
+
 }  // namespace pyrnn::cpu
