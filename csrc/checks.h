@@ -64,7 +64,7 @@ inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef e
 }
 
 struct Dims {
-  int64_t T, B, I, H, G;
+  int64_t T, B, I, H, G, P;  // P: width of h (the projection size, or H without one)
 };
 
 // Checks every argument of a forward call and returns the dimensions. allow_half: also
@@ -73,6 +73,7 @@ inline Dims check_forward_args(Mode m, const at::Tensor& input, const at::Tensor
                                const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
                                const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                                const std::optional<at::Tensor>& b_hh,
+                               const std::optional<at::Tensor>& w_hr,
                                const std::optional<at::Tensor>& lengths,
                                bool allow_half = false) {
   const at::ScalarType dtype = input.scalar_type();
@@ -86,13 +87,21 @@ inline Dims check_forward_args(Mode m, const at::Tensor& input, const at::Tensor
   TORCH_CHECK_VALUE(input.size(0) > 0, "input: expected at least one time step, got T = 0");
   TORCH_CHECK_VALUE(w_hh.dim() == 2, "weight_hh: expected a 2-D tensor, got ", w_hh.dim(), "-D");
   const int64_t G = gates_of(m);
-  Dims d{input.size(0), input.size(1), input.size(2), w_hh.size(1), G};
+  TORCH_CHECK_VALUE(w_hh.size(0) % G == 0, "weight_hh: expected ", G,
+                    " * hidden_size rows, got ", w_hh.size(0));
+  Dims d{input.size(0), input.size(1), input.size(2), w_hh.size(0) / G, G, w_hh.size(1)};
   check_same(w_ih, "weight_ih", input);
   check_same(w_hh, "weight_hh", input);
   check_same(hx, "hx", input);
-  check_shape(w_hh, "weight_hh", {G * d.H, d.H});
+  if (w_hr) {
+    TORCH_CHECK_VALUE(m == Mode::kLstm, "weight_hr: only mode 'lstm' takes a projection");
+    check_same(*w_hr, "weight_hr", input);
+    check_shape(*w_hr, "weight_hr", {d.P, d.H});
+  } else {
+    check_shape(w_hh, "weight_hh", {G * d.H, d.H});
+  }
   check_shape(w_ih, "weight_ih", {G * d.H, d.I});
-  check_shape(hx, "hx", {d.B, d.H});
+  check_shape(hx, "hx", {d.B, d.P});
   TORCH_CHECK_VALUE(b_ih.has_value() == b_hh.has_value(),
                     "bias_ih, bias_hh: expected both or neither");
   if (b_ih) {

@@ -61,12 +61,14 @@ bool is_16bit(at::ScalarType s) { return s == at::kHalf || s == at::kBFloat16; }
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
     c10::string_view mode_s, const Tensor& input_, const Tensor& hx_, const OptTensor& cx_,
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_,
-    const OptTensor& lengths_, bool reverse, bool save, double bptt_clip,
-    const OptTensor& norm_sink) {
+    const OptTensor& w_hr_, const OptTensor& lengths_, bool reverse, bool save,
+    double bptt_clip, const OptTensor& norm_sink) {
   (void)bptt_clip; (void)norm_sink;  // used by backward only
+  TORCH_CHECK_NOT_IMPLEMENTED(!w_hr_.has_value(),
+                              "weight_hr: LSTM projections are not supported on CUDA yet");
   const Mode m = parse_mode(std::string(mode_s));
-  const Dims d = check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, lengths_,
-                                    /*allow_half=*/true);
+  const Dims d = check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_,
+                                    lengths_, /*allow_half=*/true);
   const c10::cuda::CUDAGuard guard(input_.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H;
@@ -119,16 +121,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
   return {output, h_n, c_n, ws};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cuda(
     c10::string_view mode_s, const Tensor& grad_output_, const OptTensor& grad_h_n,
     const OptTensor& grad_c_n, const Tensor& input_, const Tensor& hx_, const OptTensor& cx_,
-    const Tensor& w_ih_, const Tensor& w_hh_, bool has_bias, bool input_grad,
-    const OptTensor& lengths_,
-    const Tensor& output_, const Tensor& workspace_, bool reverse, double bptt_clip,
-    bool record) {
+    const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias,
+    bool input_grad, const OptTensor& lengths_, const Tensor& output_,
+    const Tensor& workspace_, bool reverse, double bptt_clip, bool record) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!w_hr_.has_value(),
+                              "weight_hr: LSTM projections are not supported on CUDA yet");
   const Mode m = parse_mode(std::string(mode_s));
   const Dims d = check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, std::nullopt,
-                                    std::nullopt, lengths_, /*allow_half=*/true);
+                                    std::nullopt, w_hr_, lengths_, /*allow_half=*/true);
   const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, W = saved_width(m, H);
   check_same(grad_output_, "grad_output", input_);
   check_shape(grad_output_, "grad_output", {T, B, H});
@@ -141,7 +144,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
 
   const c10::cuda::CUDAGuard guard(input_.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  const Tensor input = input_.contiguous(), w_hh = w_hh_.contiguous();
+  const Tensor w_ih = input_grad ? w_ih_.contiguous() : w_ih_;  // read only for dX
   const Tensor hx = hx_.contiguous(), dy = grad_output_.contiguous();
   const Tensor y = output_.contiguous(), ws = workspace_.contiguous();
   const Tensor cx = cx_ ? cx_->contiguous() : Tensor();
@@ -216,7 +220,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   Tensor dw_hh = at::mm(gh2.t(), hprev.view({T * B, H}));
   Tensor db_ih = has_bias ? gx2.sum(0) : at::empty({0}, opt);
   Tensor db_hh = has_bias ? gh2.sum(0) : at::empty({0}, opt);
-  return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, norms};
+  return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, at::empty({0}, input.options()), norms};
 }
 
 }  // namespace

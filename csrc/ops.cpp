@@ -2,10 +2,11 @@
 // the matrix products outside the time loop. One pybind11 module for the package.
 //
 // Ops (one layer, one direction):
-//   pyrnn::forward  -> (output [T, B, H], h_n [B, H], c_n [B, H] or [0], workspace)
+//   pyrnn::forward  -> (output [T, B, P], h_n [B, P], c_n [B, H] or [0], workspace)
 //   pyrnn::backward -> (grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh,
-//                       grad_bias_ih, grad_bias_hh, grad_norms [2, T, B] or [0])
-// mode is one of "rnn_tanh", "rnn_relu", "lstm", "gru".
+//                       grad_bias_ih, grad_bias_hh, grad_weight_hr, grad_norms [2, T, B])
+// mode is one of "rnn_tanh", "rnn_relu", "lstm", "gru"; P = H unless an LSTM has a
+// projection weight_hr [P, H]. Absent results are empty [0] tensors.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -29,12 +30,14 @@ using OptTensor = std::optional<Tensor>;
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     c10::string_view mode_s, const Tensor& input_, const Tensor& hx_, const OptTensor& cx_,
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_,
-    const OptTensor& lengths_, bool reverse, bool save, double bptt_clip,
+    const OptTensor& w_hr_, const OptTensor& lengths_, bool reverse, bool save, double bptt_clip,
     const OptTensor& norm_sink) {
   (void)bptt_clip; (void)norm_sink;  // used by backward only
   const Mode m = parse_mode(std::string(mode_s));
-  const Dims d = check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, lengths_);
-  const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H;
+  const Dims d =
+      check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, lengths_);
+  const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, P = d.P;
+  const Tensor w_hr = w_hr_ ? w_hr_->contiguous() : Tensor();
   const Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor hx = hx_.contiguous();
   const Tensor cx = cx_ ? cx_->contiguous() : Tensor();
@@ -48,10 +51,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   const int64_t W = saved_width(m, H) && (save || m == Mode::kGru) ? saved_width(m, H) : GH;
   Tensor ws = at::empty({T, B, W}, opt);
   // Input projection for all T*B rows in one product: ws[..., :G*H] = x @ W_ih^T + b_ih.
-  Tensor output = at::empty({T, B, H}, opt);
-  Tensor h_n = at::empty({B, H}, opt);
+  Tensor output = at::empty({T, B, P}, opt);
+  Tensor h_n = at::empty({B, P}, opt);
   Tensor c_n = m == Mode::kLstm ? at::empty({B, H}, opt) : at::empty({0}, opt);
   Tensor hg = at::empty({B, GH}, opt);
+  Tensor scratch = w_hr.defined() ? at::empty({B, H + P}, opt) : Tensor();  // m_t, h_t
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_forward", [&] {
     cpu::matmul(input.data_ptr<scalar_t>(), T * B, d.I, w_ih.data_ptr<scalar_t>(), GH, true,
@@ -68,6 +72,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     p.hT = h_n.data_ptr<scalar_t>();
     p.cT = m == Mode::kLstm ? c_n.data_ptr<scalar_t>() : nullptr;
     p.hg = hg.data_ptr<scalar_t>();
+    if (w_hr.defined()) {
+      p.proj = P;
+      p.w_hr = w_hr.data_ptr<scalar_t>();
+      p.m = scratch.data_ptr<scalar_t>();
+      p.hnew = p.m + B * H;
+      cpu::forward_proj_loop<scalar_t>(p);
+      return;
+    }
     with_cell(m, [&](auto cell) {
       using Cell = decltype(cell);
       cpu::forward_loop<Cell, scalar_t, scalar_t>(p);
@@ -77,23 +89,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   return {output, h_n, c_n, ws};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cpu(
     c10::string_view mode_s, const Tensor& grad_output_, const OptTensor& grad_h_n,
     const OptTensor& grad_c_n, const Tensor& input_, const Tensor& hx_, const OptTensor& cx_,
-    const Tensor& w_ih_, const Tensor& w_hh_, bool has_bias, bool input_grad,
-    const OptTensor& lengths_,
-    const Tensor& output_, const Tensor& workspace_, bool reverse, double bptt_clip,
-    bool record) {
+    const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias,
+    bool input_grad, const OptTensor& lengths_, const Tensor& output_,
+    const Tensor& workspace_, bool reverse, double bptt_clip, bool record) {
   const Mode m = parse_mode(std::string(mode_s));
   const Dims d = check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, std::nullopt,
-                                    std::nullopt, lengths_);
-  const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, W = saved_width(m, H);
+                                    std::nullopt, w_hr_, lengths_);
+  const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, W = saved_width(m, H), P = d.P;
   check_same(grad_output_, "grad_output", input_);
-  check_shape(grad_output_, "grad_output", {T, B, H});
+  check_shape(grad_output_, "grad_output", {T, B, P});
   check_same(output_, "output", input_);
-  check_shape(output_, "output", {T, B, H});
+  check_shape(output_, "output", {T, B, P});
   check_shape(workspace_, "workspace", W ? at::IntArrayRef{T, B, W} : at::IntArrayRef{0});
-  if (grad_h_n) check_shape(*grad_h_n, "grad_h_n", {B, H});
+  if (grad_h_n) check_shape(*grad_h_n, "grad_h_n", {B, P});
   if (grad_c_n) check_shape(*grad_c_n, "grad_c_n", {B, H});
   TORCH_CHECK_VALUE(bptt_clip >= 0, "bptt_clip: expected a value >= 0 (0 = off), got ", bptt_clip);
 
@@ -105,12 +116,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
   const Tensor dhT = grad_h_n ? grad_h_n->contiguous() : Tensor();
   const Tensor dcT = grad_c_n ? grad_c_n->contiguous() : Tensor();
   const Tensor lengths = lengths_ ? lengths_->contiguous() : Tensor();
+  const Tensor w_hr = w_hr_ ? w_hr_->contiguous() : Tensor();
   const auto opt = input.options();
 
   Tensor gx = at::empty({T, B, GH}, opt);
   Tensor gh = m == Mode::kGru ? at::empty({T, B, GH}, opt) : gx;
-  Tensor hprev = at::empty({T, B, H}, opt);
-  Tensor dh0 = at::empty({B, H}, opt);
+  Tensor hprev = at::empty({T, B, P}, opt);
+  Tensor dh0 = at::empty({B, P}, opt);
+  // projection: dLoss/dm scratch [B, H], dh_t of every step [T, B, P], m_t [T, B, H]
+  Tensor dm, dhtot, mall;
+  if (w_hr.defined()) {
+    dm = at::empty({B, H}, opt);
+    dhtot = at::empty({T, B, P}, opt);
+    mall = at::empty({T, B, H}, opt);
+  }
   Tensor dc0 = m == Mode::kLstm ? at::empty({B, H}, opt) : at::empty({0}, opt);
   Tensor norms = record ? at::zeros({2, T, B}, opt) : at::empty({0}, opt);
 
@@ -134,6 +153,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
     p.clip = bptt_clip;
     p.norm_h = record ? norms.data_ptr<scalar_t>() : nullptr;
     p.norm_c = record && m == Mode::kLstm ? norms.data_ptr<scalar_t>() + T * B : nullptr;
+    if (w_hr.defined()) {
+      p.proj = P;
+      p.w_hr = w_hr.data_ptr<scalar_t>();
+      p.m = dm.data_ptr<scalar_t>();
+      p.dhtot = dhtot.data_ptr<scalar_t>();
+      p.mall = mall.data_ptr<scalar_t>();
+      cpu::backward_proj_loop<scalar_t>(p);
+      return;
+    }
     with_cell(m, [&](auto cell) {
       using Cell = decltype(cell);
       cpu::backward_loop<Cell, scalar_t, scalar_t>(p);
@@ -150,17 +178,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
                   dx.data_ptr<scalar_t>(), d.I, nullptr);
     });
   }
-  Tensor dw_ih = at::empty({GH, d.I}, opt), dw_hh = at::empty({GH, H}, opt);
+  Tensor dw_ih = at::empty({GH, d.I}, opt), dw_hh = at::empty({GH, P}, opt);
+  Tensor dw_hr = w_hr.defined() ? at::empty({P, H}, opt) : at::empty({0}, opt);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_backward_dw", [&] {
-    // dW_ih[G*H, I] = gx^T @ x and dW_hh[G*H, H] = gh^T @ h_prev, over all T*B rows
+    // dW_ih[G*H, I] = gx^T @ x and dW_hh[G*H, P] = gh^T @ h_prev, over all T*B rows
     cpu::matmul_tn(gx.data_ptr<scalar_t>(), GH, T * B, input.data_ptr<scalar_t>(), d.I,
                    dw_ih.data_ptr<scalar_t>());
-    cpu::matmul_tn(gh.data_ptr<scalar_t>(), GH, T * B, hprev.data_ptr<scalar_t>(), H,
+    cpu::matmul_tn(gh.data_ptr<scalar_t>(), GH, T * B, hprev.data_ptr<scalar_t>(), P,
                    dw_hh.data_ptr<scalar_t>());
+    if (w_hr.defined())  // dW_hr[P, H] = dh^T @ m
+      cpu::matmul_tn(dhtot.data_ptr<scalar_t>(), P, T * B, mall.data_ptr<scalar_t>(), H,
+                     dw_hr.data_ptr<scalar_t>());
   });
   Tensor db_ih = has_bias ? gx2.sum(0) : at::empty({0}, opt);
   Tensor db_hh = has_bias ? gh2.sum(0) : at::empty({0}, opt);
-  return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, norms};
+  return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms};
 }
 
 }  // namespace
@@ -169,13 +201,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backw
 TORCH_LIBRARY(pyrnn, m) {
   m.def(
       "forward(str mode, Tensor input, Tensor hx, Tensor? cx, Tensor weight_ih, "
-      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? lengths, bool reverse, "
+      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, "
+      "Tensor? lengths, bool reverse, "
       "bool save, float bptt_clip, Tensor? norm_sink) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "backward(str mode, Tensor grad_output, Tensor? grad_h_n, Tensor? grad_c_n, "
-      "Tensor input, Tensor hx, Tensor? cx, Tensor weight_ih, Tensor weight_hh, bool has_bias, "
-      "bool input_grad, Tensor? lengths, Tensor output, Tensor workspace, bool reverse, float bptt_clip, "
-      "bool record) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor input, Tensor hx, Tensor? cx, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? weight_hr, bool has_bias, bool input_grad, Tensor? lengths, Tensor output, "
+      "Tensor workspace, bool reverse, float bptt_clip, bool record) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pyrnn, CPU, m) {

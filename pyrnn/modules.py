@@ -55,8 +55,6 @@ class _Base(nn.RNNBase):
     def __init__(self, mode, *args, bptt_clip: float = 0.0, record_grad_norms: bool = False,
                  **kwargs):
         super().__init__(mode, *args, **kwargs)
-        if self.proj_size > 0:
-            raise NotImplementedError("proj_size: pyrnn does not support LSTM projections yet")
         self.bptt_clip = float(bptt_clip)
         self.record_grad_norms = bool(record_grad_norms)
         self._norm_sink = None
@@ -88,12 +86,12 @@ class _Base(nn.RNNBase):
         return GradNorms(g[:, 0], g[:, 1] if self.mode == "LSTM" else None)
 
     def _weights(self, layer, direction):
+        """(weight_ih, weight_hh, bias_ih, bias_hh, weight_hr) of one layer and direction."""
         sfx = f"_l{layer}" + ("_reverse" if direction else "")
-        w_ih = getattr(self, "weight_ih" + sfx)
-        w_hh = getattr(self, "weight_hh" + sfx)
-        if self.bias:
-            return w_ih, w_hh, getattr(self, "bias_ih" + sfx), getattr(self, "bias_hh" + sfx)
-        return w_ih, w_hh, None, None
+        w = [getattr(self, "weight_ih" + sfx), getattr(self, "weight_hh" + sfx)]
+        w += [getattr(self, "bias_ih" + sfx), getattr(self, "bias_hh" + sfx)] if self.bias else [None, None]
+        w.append(getattr(self, "weight_hr" + sfx) if self.proj_size > 0 else None)
+        return w
 
     def _check_input(self, x: Tensor, packed: bool):
         if not isinstance(x, Tensor):
@@ -112,15 +110,15 @@ class _Base(nn.RNNBase):
         if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"input: expected dtype {w.dtype} (the parameters' dtype), got {x.dtype}")
 
-    def _check_state(self, name, h, B, unbatched, x):
+    def _check_state(self, name, h, B, unbatched, x, size):
         D = 2 if self.bidirectional else 1
-        expected = (self.num_layers * D, self.hidden_size) if unbatched else (
-            self.num_layers * D, B, self.hidden_size)
+        expected = (self.num_layers * D, size) if unbatched else (self.num_layers * D, B, size)
         if not isinstance(h, Tensor):
             raise TypeError(f"{name}: expected a Tensor, got {type(h).__name__}")
         if tuple(h.shape) != expected:
+            what = "proj_size" if size != self.hidden_size else "hidden_size"
             raise ValueError(f"{name}: expected shape {expected} (num_layers * num_directions, "
-                             f"{'' if unbatched else 'batch, '}hidden_size), got {tuple(h.shape)}")
+                             f"{'' if unbatched else 'batch, '}{what}), got {tuple(h.shape)}")
         if h.device != x.device:
             raise ValueError(f"{name}: expected device {x.device} (the input's), got {h.device}")
         if h.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
@@ -152,6 +150,7 @@ class _Base(nn.RNNBase):
         D = 2 if self.bidirectional else 1
         LD = self.num_layers * D
         H = self.hidden_size
+        P = self.proj_size if self.proj_size > 0 else H  # width of h
 
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
@@ -160,7 +159,7 @@ class _Base(nn.RNNBase):
             x = x.to(dtype)
 
         if hx is None:
-            h0 = x.new_zeros(LD, B, H)
+            h0 = x.new_zeros(LD, B, P)
             c0 = x.new_zeros(LD, B, H) if is_lstm else None
         else:
             if is_lstm:
@@ -168,13 +167,14 @@ class _Base(nn.RNNBase):
                     raise TypeError("hx: expected a tuple (h_0, c_0) for LSTM, got "
                                     f"{type(hx).__name__}")
                 h0, c0 = hx
-                self._check_state("hx[0] (h_0)", h0, B, unbatched, input if not packed else input.data)
-                self._check_state("hx[1] (c_0)", c0, B, unbatched, input if not packed else input.data)
+                ref = input.data if packed else input
+                self._check_state("hx[0] (h_0)", h0, B, unbatched, ref, P)
+                self._check_state("hx[1] (c_0)", c0, B, unbatched, ref, H)
             else:
                 if isinstance(hx, (tuple, list)):
                     raise TypeError(f"hx: expected a Tensor for {self.mode}, got a {type(hx).__name__}")
                 h0, c0 = hx, None
-                self._check_state("hx", h0, B, unbatched, input if not packed else input.data)
+                self._check_state("hx", h0, B, unbatched, input.data if packed else input, H)
             if unbatched:
                 h0 = h0.unsqueeze(1)
                 c0 = c0.unsqueeze(1) if c0 is not None else None
@@ -202,11 +202,12 @@ class _Base(nn.RNNBase):
             outs = []
             for d in range(D):
                 k = layer * D + d
-                w_ih, w_hh, b_ih, b_hh = (
+                w_ih, w_hh, b_ih, b_hh, w_hr = (
                     None if w is None else w.to(dtype) for w in self._weights(layer, d))
                 out, h, c = ops.layer(
                     mode, layer_input, h0[k], c0[k] if is_lstm else None, w_ih, w_hh, b_ih,
-                    b_hh, lengths, d == 1, self.bptt_clip, None if sink is None else sink[k])
+                    b_hh, lengths, d == 1, self.bptt_clip, None if sink is None else sink[k],
+                    w_hr)
                 outs.append(out)
                 h_n.append(h)
                 if is_lstm:

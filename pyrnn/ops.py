@@ -24,12 +24,12 @@ _SAVED = {"lstm": 5, "gru": 4}  # workspace row width in units of H (see csrc/op
 
 
 @torch.library.register_fake("pyrnn::forward")
-def _forward_fake(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
-                  reverse, save, bptt_clip, norm_sink):
+def _forward_fake(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+                  lengths, reverse, save, bptt_clip, norm_sink):
     T, B = input.shape[0], input.shape[1]
-    H = weight_hh.shape[1]
-    output = input.new_empty(T, B, H)
-    h_n = input.new_empty(B, H)
+    H, P = weight_hh.shape[0] // GATES[mode], weight_hh.shape[1]
+    output = input.new_empty(T, B, P)
+    h_n = input.new_empty(B, P)
     c_n = input.new_empty(B, H) if mode == "lstm" else input.new_empty(0)
     width = _SAVED.get(mode, 0) * H
     workspace = input.new_empty(T, B, width) if (save and width) else input.new_empty(0)
@@ -38,26 +38,27 @@ def _forward_fake(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, l
 
 @torch.library.register_fake("pyrnn::backward")
 def _backward_fake(mode, grad_output, grad_h_n, grad_c_n, input, hx, cx, weight_ih, weight_hh,
-                   has_bias, input_grad, lengths, output, workspace, reverse, bptt_clip, record):
+                   weight_hr, has_bias, input_grad, lengths, output, workspace, reverse,
+                   bptt_clip, record):
     T, B = input.shape[0], input.shape[1]
-    H = weight_hh.shape[1]
-    GH = weight_hh.shape[0]
-    empty = input.new_empty(0)
+    GH, P = weight_hh.shape
+    H = GH // GATES[mode]
     return (
-        input.new_empty(input.shape) if input_grad else empty,
-        input.new_empty(B, H),
-        input.new_empty(B, H) if mode == "lstm" else empty,
+        input.new_empty(input.shape) if input_grad else input.new_empty(0),
+        input.new_empty(B, P),
+        input.new_empty(B, H) if mode == "lstm" else input.new_empty(0),
         input.new_empty(weight_ih.shape),
         input.new_empty(weight_hh.shape),
-        input.new_empty(GH) if has_bias else empty,
         input.new_empty(GH) if has_bias else input.new_empty(0),
+        input.new_empty(GH) if has_bias else input.new_empty(0),
+        input.new_empty(weight_hr.shape) if weight_hr is not None else input.new_empty(0),
         input.new_empty(2, T, B) if record else input.new_empty(0),
     )
 
 
 def _setup_context(ctx, inputs, output):
-    (mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, save,
-     bptt_clip, norm_sink) = inputs
+    (mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse,
+     save, bptt_clip, norm_sink) = inputs
     out, _, _, workspace = output
     ctx.mode, ctx.reverse, ctx.bptt_clip = mode, reverse, bptt_clip
     ctx.has_bias = bias_ih is not None
@@ -66,23 +67,24 @@ def _setup_context(ctx, inputs, output):
     if not input.requires_grad:
         # weight_ih only serves dX: keep a one-element stand-in with its shape instead
         weight_ih = weight_ih.new_empty(()).expand(weight_ih.shape)
-    ctx.save_for_backward(input, hx, cx, weight_ih, weight_hh, lengths, out, workspace)
+    ctx.save_for_backward(input, hx, cx, weight_ih, weight_hh, weight_hr, lengths, out, workspace)
 
 
 def _backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
     if not ctx.saved:
         raise RuntimeError("pyrnn: this forward ran with save=False, so it cannot be "
                            "differentiated; call it with save=True")
-    input, hx, cx, weight_ih, weight_hh, lengths, out, workspace = ctx.saved_tensors
+    input, hx, cx, weight_ih, weight_hh, weight_hr, lengths, out, workspace = ctx.saved_tensors
     if grad_output is None:
         grad_output = torch.zeros_like(out)
-    dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, norms = torch.ops.pyrnn.backward(
+    dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms = torch.ops.pyrnn.backward(
         ctx.mode, grad_output, grad_h_n, grad_c_n if ctx.mode == "lstm" else None, input, hx,
-        cx, weight_ih, weight_hh, ctx.has_bias, ctx.needs_input_grad[1], lengths, out,
-        workspace, ctx.reverse, ctx.bptt_clip, ctx.record)
+        cx, weight_ih, weight_hh, weight_hr, ctx.has_bias, ctx.needs_input_grad[1], lengths,
+        out, workspace, ctx.reverse, ctx.bptt_clip, ctx.record)
     return (None, dx if ctx.needs_input_grad[1] else None, dh,
             dc if ctx.mode == "lstm" else None, dw_ih, dw_hh,
             db_ih if ctx.has_bias else None, db_hh if ctx.has_bias else None,
+            dw_hr if weight_hr is not None else None,
             None, None, None, None, norms if ctx.record else None)
 
 
@@ -110,12 +112,14 @@ def _needs_save(*tensors):
 def layer(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], weight_ih: Tensor,
           weight_hh: Tensor, bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
           lengths: Optional[Tensor] = None, reverse: bool = False, bptt_clip: float = 0.0,
-          norm_sink: Optional[Tensor] = None):
-    """One layer in one direction. Returns (output, h_n, c_n); c_n is None unless LSTM."""
-    save = _needs_save(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, norm_sink)
+          norm_sink: Optional[Tensor] = None, weight_hr: Optional[Tensor] = None):
+    """One layer in one direction. Returns (output, h_n, c_n); c_n is None unless LSTM.
+    weight_hr [P, H] (LSTM only) projects h_t = W_hr (o_t * tanh(c_t)); hx is then [B, P]."""
+    save = _needs_save(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+                       norm_sink)
     out, h_n, c_n, _ = torch.ops.pyrnn.forward(
-        mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse, save,
-        float(bptt_clip), norm_sink)
+        mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
+        reverse, save, float(bptt_clip), norm_sink)
     return out, h_n, (c_n if mode == "lstm" else None)
 
 
@@ -136,10 +140,10 @@ def rnn_relu(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, length
 
 
 def lstm(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,
-         reverse=False, bptt_clip=0.0, norm_sink=None):
-    """LSTM, gates i, f, g, o. -> (output, h_n, c_n)"""
+         reverse=False, bptt_clip=0.0, norm_sink=None, weight_hr=None):
+    """LSTM, gates i, f, g, o; optional projection weight_hr [P, H]. -> (output, h_n, c_n)"""
     return layer("lstm", input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
-                 reverse, bptt_clip, norm_sink)
+                 reverse, bptt_clip, norm_sink, weight_hr)
 
 
 def gru(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,

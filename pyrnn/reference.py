@@ -22,7 +22,7 @@ def _pre(a, clip):
 
 
 def _run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse,
-         bptt_clip, steps):
+         bptt_clip, steps, weight_hr=None):
     T, B = input.shape[0], input.shape[1]
     H = weight_hh.shape[1]
     h, c = hx, cx
@@ -46,6 +46,8 @@ def _run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, r
             i, f, g, o = torch.sigmoid(ai), torch.sigmoid(af), torch.tanh(ag), torch.sigmoid(ao)
             c_new = f * c + i * g
             h_new = o * torch.tanh(c_new)
+            if weight_hr is not None:
+                h_new = h_new @ weight_hr.t()
         elif mode == "gru":
             xr, xz, xn = xg.chunk(3, 1)
             hr, hz, hn = hg.chunk(3, 1)
@@ -83,9 +85,9 @@ def rnn_relu(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, length
 
 
 def lstm(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,
-         reverse=False, bptt_clip=0.0, steps=None):
+         reverse=False, bptt_clip=0.0, steps=None, weight_hr=None):
     return _run("lstm", input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
-                reverse, bptt_clip, steps)
+                reverse, bptt_clip, steps, weight_hr)
 
 
 def gru(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,

@@ -109,29 +109,76 @@ def test_lengths_freeze_state_and_zero_output(mode):
 def test_no_workspace_without_grad(mode):
     args = make_layer_args(mode, 4, 2, 3, 5, requires_grad=False)
     x, hx, cx, w_ih, w_hh, b_ih, b_hh = args
-    res = torch.ops.pyrnn.forward(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, None, False,
+    res = torch.ops.pyrnn.forward(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, None, None, False,
                                   False, 0.0, None)
     assert res[3].numel() == 0
-    res = torch.ops.pyrnn.forward(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, None, False,
+    res = torch.ops.pyrnn.forward(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, None, None, False,
                                   True, 0.0, None)
     expected = {"lstm": 5 * 5, "gru": 4 * 5}.get(mode, 0)
     assert res[3].numel() == 4 * 2 * expected
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_opcheck(mode):
+@pytest.mark.parametrize("mode,proj", [(m, False) for m in MODES] + [("lstm", True)])
+def test_opcheck(mode, proj):
     args = make_layer_args(mode, 4, 3, 2, 5)
     x, hx, cx, w_ih, w_hh, b_ih, b_hh = args
+    w_hr = None
+    if proj:  # projection to P = 3
+        w_hr = torch.randn(3, 5, dtype=x.dtype, requires_grad=True)
+        w_hh = torch.randn(20, 3, dtype=x.dtype, requires_grad=True)
+        hx = torch.randn(3, 3, dtype=x.dtype, requires_grad=True)
     lengths = torch.tensor([4, 1, 3])
-    torch.library.opcheck(torch.ops.pyrnn.forward.default,
-                          (mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, lengths, True, True, 0.0,
-                           None))
-    out = torch.ops.pyrnn.forward(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, lengths, True,
-                                  True, 0.0, None)
+    fwd = (mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, True, True, 0.0, None)
+    torch.library.opcheck(torch.ops.pyrnn.forward.default, fwd)
+    out = torch.ops.pyrnn.forward(*fwd)
     dy = torch.randn_like(out[0])
     detach = lambda t: None if t is None else t.detach()
     torch.library.opcheck(
         torch.ops.pyrnn.backward.default,
         (mode, dy, None, None, detach(x), detach(hx), detach(cx), detach(w_ih), detach(w_hh),
-         True, True, lengths, out[0].detach(), out[3].detach(), True, 0.0, True),
+         detach(w_hr), True, True, lengths, out[0].detach(), out[3].detach(), True, 0.0, True),
         test_utils=("test_schema", "test_faketensor"))
+
+
+def _proj_args(dtype=torch.float64, seed=0, P=3):
+    x, hx, cx, w_ih, w_hh, b_ih, b_hh = make_layer_args("lstm", T, B, I, H, dtype=dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    w_hh = (torch.randn(4 * H, P, generator=g, dtype=dtype) * 0.5).requires_grad_()
+    w_hr = (torch.randn(P, H, generator=g, dtype=dtype) * 0.5).requires_grad_()
+    hx = (torch.randn(B, P, generator=g, dtype=dtype) * 0.5).requires_grad_()
+    return x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr
+
+
+@pytest.mark.parametrize("use_lengths,reverse", list(itertools.product([False, True], repeat=2)))
+def test_projection_gradcheck_and_reference(use_lengths, reverse):
+    args = _proj_args()
+    lengths = torch.tensor([5, 2, 4]) if use_lengths else None
+    x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr = args
+
+    def f(*_):
+        return ops.lstm(x, hx, cx, w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse,
+                        weight_hr=w_hr)
+
+    assert torch.autograd.gradcheck(f, list(args), eps=1e-6, atol=1e-7, rtol=1e-5)
+    ours = f()
+    ref = reference.lstm(x, hx, cx, w_ih, w_hh, b_ih, b_hh, lengths=lengths, reverse=reverse,
+                         weight_hr=w_hr)
+    assert ours[0].shape == (T, B, 3) and ours[1].shape == (B, 3) and ours[2].shape == (B, H)
+    cot = [torch.randn_like(o) for o in ours]
+    for a, b in zip(ours + torch.autograd.grad(ours, list(args), cot),
+                    ref + torch.autograd.grad(ref, list(args), cot)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_projection_float32_and_norms():
+    x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr = _proj_args(torch.float32, P=4)
+    sink = torch.zeros(2, T, B, requires_grad=True)
+    out = ops.lstm(x, hx, cx, w_ih, w_hh, b_ih, b_hh, weight_hr=w_hr, norm_sink=sink)
+    steps = []
+    ref = reference.lstm(x, hx, cx, w_ih, w_hh, b_ih, b_hh, weight_hr=w_hr, steps=steps)
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-6)  # float32 rounding
+    out[0].backward(torch.ones_like(out[0]))
+    ref[0].backward(torch.ones_like(ref[0]))
+    for s in steps:  # ||dLoss/dh_t|| over the P projected units, ||dLoss/dc_t|| over H
+        torch.testing.assert_close(sink.grad[0, s["t"]], s["h"].grad.norm(dim=1), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(sink.grad[1, s["t"]], s["c"].grad.norm(dim=1), rtol=1e-4, atol=1e-6)

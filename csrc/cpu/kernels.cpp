@@ -33,6 +33,15 @@ PYRNN_DEFINE_LOOPS(LstmCell, double)
 PYRNN_DEFINE_LOOPS(GruCell, float)
 PYRNN_DEFINE_LOOPS(GruCell, double)
 
+template <>
+PYRNN_FLAT void forward_proj_loop<float>(const LoopArgs<float>& p) { forward_proj_steps(p); }
+template <>
+PYRNN_FLAT void forward_proj_loop<double>(const LoopArgs<double>& p) { forward_proj_steps(p); }
+template <>
+PYRNN_FLAT void backward_proj_loop<float>(const LoopArgs<float>& p) { backward_proj_steps(p); }
+template <>
+PYRNN_FLAT void backward_proj_loop<double>(const LoopArgs<double>& p) { backward_proj_steps(p); }
+
 PYRNN_FLAT void matmul(const float* A, int64_t M, int64_t K, const float* Wm, int64_t N,
                        bool transposed, float* C, int64_t ldc, const float* bias) {
   if (M == 0 || N == 0) return;

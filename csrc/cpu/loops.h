@@ -44,6 +44,15 @@ struct LoopArgs {
   double clip = 0;          // <= 0: off
   T* norm_h = nullptr;      // [T, B] or nullptr: ||dLoss/dh_t|| per step and sample
   T* norm_c = nullptr;      // [T, B] or nullptr: ||dLoss/dc_t|| (LSTM)
+
+  // LSTM with a projection h_t = W_hr (o_t * tanh(c_t)): h, y, h0, hT, dh0, hprev and
+  // dy are P wide instead of H; the rest keeps H.
+  int64_t proj = 0;          // P
+  const T* w_hr = nullptr;   // [P, H]
+  T* m = nullptr;            // [B, H] scratch: o * tanh(c) (forward), dLoss/dm (backward)
+  T* hnew = nullptr;         // [B, P] scratch (forward)
+  T* dhtot = nullptr;        // [T, B, P] total dLoss/dh_t of every step (backward)
+  T* mall = nullptr;         // [T, B, H] o * tanh(c) of every step (backward)
 };
 
 // Defined (for every cell, T = A = float and T = A = double) in kernels.cpp.
@@ -60,6 +69,12 @@ void matmul(const float* A, int64_t M, int64_t K, const float* Wm, int64_t N, bo
             float* C, int64_t ldc, const float* bias);
 void matmul(const double* A, int64_t M, int64_t K, const double* Wm, int64_t N, bool transposed,
             double* C, int64_t ldc, const double* bias);
+
+// The LSTM with a projection (p.proj > 0), for T = float and T = double.
+template <typename T>
+void forward_proj_loop(const LoopArgs<T>& p);
+template <typename T>
+void backward_proj_loop(const LoopArgs<T>& p);
 
 // C[M, N] = A^T @ Bm for A [K, M] and Bm [K, N] (the weight gradients: K = T*B rows).
 void matmul_tn(const float* A, int64_t M, int64_t K, const float* Bm, int64_t N, float* C);

@@ -248,4 +248,124 @@ void backward_steps(const LoopArgs<T>& p) {
   }
 }
 
+// LSTM with a projection: the recurrent state is h_t = W_hr m_t, m_t = o_t * tanh(c_t).
+// Per step: hg = h_{t-1} W_hh^T, the cell's pointwise update (writing m_t), then
+// h_t = m_t W_hr^T. Backward: dm_t = dh_t W_hr, the cell's backward on dm_t, and
+// dh_{t-1} = gates' gradients @ W_hh; dh_t and m_t of every step are kept for dW_hr.
+template <typename T>
+void forward_proj_steps(const LoopArgs<T>& p) {
+  using Cell = LstmCell;
+  const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width, P = p.proj;
+  const int64_t GH = 4 * H;
+  const bool keep_c = W >= (cell_offset<Cell>() + 1) * H;
+  std::memcpy(p.hT, p.h0, sizeof(T) * B * P);
+  std::memcpy(p.cT, p.c0, sizeof(T) * B * H);
+  const RecurrentGemm<T> recurrent(int(B), int(GH), int(P), p.w_hh, true);
+  const RecurrentGemm<T> projection(int(B), int(P), int(H), p.w_hr, true);
+  const bool prefix = prefix_active(p);
+  for (int64_t s = 0; s < Tn; ++s) {
+    const int64_t t = p.reverse ? Tn - 1 - s : s;
+    const int rows = int(rows_running(p, prefix, t));
+    recurrent.run(p.hT, p.hg, false, rows);
+#pragma omp parallel for schedule(static) if (B * GH >= kParallelUnits)
+    for (int64_t b = 0; b < B; ++b) {
+      T* row = p.ws + (t * B + b) * W;
+      if (!active(p, t, b)) {
+        std::memset(row, 0, sizeof(T) * W);
+        continue;
+      }
+      T* c = p.cT + b * H;
+      T* m = p.m + b * H;
+      const T* hg = p.hg + b * GH;
+      over_units<T, T>(H, [&](auto zero, int64_t j) {
+        using V = decltype(zero);
+        Cell::template forward<T, V>(j, H, row, hg, p.b_hh, nullptr, c, m, c, nullptr);
+      });
+      if (keep_c) std::memcpy(row + cell_offset<Cell>() * H, c, sizeof(T) * H);
+    }
+    projection.run(p.m, p.hnew, false, rows);  // h_t[B, P] = m_t @ W_hr^T
+    for (int64_t b = 0; b < B; ++b) {
+      T* yrow = p.y + (t * B + b) * P;
+      if (!active(p, t, b)) {
+        std::memset(yrow, 0, sizeof(T) * P);
+        continue;
+      }
+      std::memcpy(p.hT + b * P, p.hnew + b * P, sizeof(T) * P);
+      std::memcpy(yrow, p.hnew + b * P, sizeof(T) * P);
+    }
+  }
+}
+
+template <typename T>
+void backward_proj_steps(const LoopArgs<T>& p) {
+  using Cell = LstmCell;
+  const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width, P = p.proj;
+  const int64_t GH = 4 * H;
+  if (p.dhT) std::memcpy(p.dh0, p.dhT, sizeof(T) * B * P);
+  else std::memset(p.dh0, 0, sizeof(T) * B * P);
+  if (p.dcT) std::memcpy(p.dc0, p.dcT, sizeof(T) * B * H);
+  else std::memset(p.dc0, 0, sizeof(T) * B * H);
+  const RecurrentGemm<T> recurrent(int(B), int(P), int(GH), p.w_hh, false);
+  const RecurrentGemm<T> projection(int(B), int(H), int(P), p.w_hr, false);
+  const bool prefix = prefix_active(p);
+  for (int64_t s = 0; s < Tn; ++s) {
+    const int64_t t = p.reverse ? s : Tn - 1 - s;
+    const int rows = int(rows_running(p, prefix, t));
+    T* dht = p.dhtot + t * B * P;
+    for (int64_t b = 0; b < B; ++b) {  // total dLoss/dh_t = output path + recurrent path
+      const int64_t r = t * B + b;
+      T* d = dht + b * P;
+      if (!active(p, t, b)) {
+        std::memset(d, 0, sizeof(T) * P);
+        if (p.norm_h) p.norm_h[r] = T(0);
+        continue;
+      }
+      const T* dy = p.dy + r * P;
+      const T* dh = p.dh0 + b * P;
+      T sum = 0;
+      for (int64_t j = 0; j < P; ++j) {
+        d[j] = dy[j] + dh[j];
+        sum += d[j] * d[j];
+      }
+      if (p.norm_h) p.norm_h[r] = std::sqrt(sum);
+    }
+    projection.run(dht, p.m, false, rows);  // dm_t[B, H] = dh_t @ W_hr
+#pragma omp parallel for schedule(static) if (B * GH >= kParallelUnits)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t r = t * B + b;
+      T* gx = p.gx + r * GH;
+      T* hprev = p.hprev + r * P;
+      T* mrow = p.mall + r * H;
+      if (!active(p, t, b)) {
+        std::memset(gx, 0, sizeof(T) * GH);
+        std::memset(hprev, 0, sizeof(T) * P);
+        std::memset(mrow, 0, sizeof(T) * H);
+        if (p.norm_c) p.norm_c[r] = T(0);
+        continue;
+      }
+      const int64_t q = prev_step(p, t, b);
+      const T* row = p.ws + r * W;
+      const T* c = row + cell_offset<Cell>() * H;
+      const T* cp = q >= 0 ? p.ws + (q * B + b) * W + cell_offset<Cell>() * H : p.c0 + b * H;
+      std::memcpy(hprev, q >= 0 ? p.y + (q * B + b) * P : p.h0 + b * P, sizeof(T) * P);
+      const T* dm = p.m + b * H;
+      T* dc_state = p.dc0 + b * H;
+      T sum_c = 0;
+      over_units<T, T>(H, [&](auto zero, int64_t j) {
+        using V = decltype(zero);
+        V dc = ld<V>(dc_state + j), direct = zero;
+        Cell::template backward<T, V>(j, H, ld<V>(dm + j), &dc, row, nullptr, nullptr, nullptr,
+                                      c, cp, gx, gx, &direct, V(T(p.clip)));
+        sum_c += lane_sum(dc * dc);
+        st(dc_state + j, Cell::template carry<T, V>(j, H, dc, row));
+        st(mrow + j, ld<V>(row + 3 * H + j) * math_tanh(ld<V>(c + j)));
+      });
+      if (p.norm_c) p.norm_c[r] = std::sqrt(sum_c);
+      std::memset(p.dh0 + b * P, 0, sizeof(T) * P);  // no path to h_{t-1} but through W_hh
+    }
+    // dh_{t-1} += gates' gradients[B, 4H] @ W_hh[4H, P]   (inactive rows are zero)
+    recurrent.run(p.gx + t * B * GH, p.dh0, true, rows);
+  }
+}
+
 }  // namespace pyrnn::cpu
