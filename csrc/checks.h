@@ -132,4 +132,29 @@ inline Dims check_forward_args(Mode m, const at::Tensor& input, const at::Tensor
   return d;
 }
 
+// Checks the arguments of a backward call (those of its forward, then what the forward
+// returned and the incoming gradients) and returns the dimensions.
+inline Dims check_backward_args(Mode m, const at::Tensor& grad_output,
+                                const std::optional<at::Tensor>& grad_h_n,
+                                const std::optional<at::Tensor>& grad_c_n,
+                                const at::Tensor& input, const at::Tensor& hx,
+                                const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
+                                const at::Tensor& w_hh, const std::optional<at::Tensor>& w_hr,
+                                const std::optional<at::Tensor>& lengths,
+                                const at::Tensor& output, const at::Tensor& workspace,
+                                double bptt_clip, bool allow_half = false) {
+  const Dims d = check_forward_args(m, input, hx, cx, w_ih, w_hh, std::nullopt, std::nullopt,
+                                    w_hr, lengths, allow_half);
+  const int64_t W = saved_width(m, d.H);
+  check_same(grad_output, "grad_output", input);
+  check_shape(grad_output, "grad_output", {d.T, d.B, d.P});
+  check_same(output, "output", input);
+  check_shape(output, "output", {d.T, d.B, d.P});
+  check_shape(workspace, "workspace", W ? at::IntArrayRef{d.T, d.B, W} : at::IntArrayRef{0});
+  if (grad_h_n) check_shape(*grad_h_n, "grad_h_n", {d.B, d.P});
+  if (grad_c_n) check_shape(*grad_c_n, "grad_c_n", {d.B, d.H});
+  TORCH_CHECK_VALUE(bptt_clip >= 0, "bptt_clip: expected a value >= 0 (0 = off), got ", bptt_clip);
+  return d;
+}
+
 }  // namespace pyrnn

@@ -130,17 +130,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   TORCH_CHECK_NOT_IMPLEMENTED(!w_hr_.has_value(),
                               "weight_hr: LSTM projections are not supported on CUDA yet");
   const Mode m = parse_mode(std::string(mode_s));
-  const Dims d = check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, std::nullopt,
-                                    std::nullopt, w_hr_, lengths_, /*allow_half=*/true);
+  const Dims d = check_backward_args(m, grad_output_, grad_h_n, grad_c_n, input_, hx_, cx_,
+                                     w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_,
+                                     bptt_clip, /*allow_half=*/true);
   const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, W = saved_width(m, H);
-  check_same(grad_output_, "grad_output", input_);
-  check_shape(grad_output_, "grad_output", {T, B, H});
-  check_same(output_, "output", input_);
-  check_shape(output_, "output", {T, B, H});
-  check_shape(workspace_, "workspace", W ? at::IntArrayRef{T, B, W} : at::IntArrayRef{0});
-  if (grad_h_n) check_shape(*grad_h_n, "grad_h_n", {B, H});
-  if (grad_c_n) check_shape(*grad_c_n, "grad_c_n", {B, H});
-  TORCH_CHECK_VALUE(bptt_clip >= 0, "bptt_clip: expected a value >= 0 (0 = off), got ", bptt_clip);
 
   const c10::cuda::CUDAGuard guard(input_.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -96,17 +96,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     bool input_grad, const OptTensor& lengths_, const Tensor& output_,
     const Tensor& workspace_, bool reverse, double bptt_clip, bool record) {
   const Mode m = parse_mode(std::string(mode_s));
-  const Dims d = check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, std::nullopt,
-                                    std::nullopt, w_hr_, lengths_);
+  const Dims d = check_backward_args(m, grad_output_, grad_h_n, grad_c_n, input_, hx_, cx_,
+                                     w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_,
+                                     bptt_clip);
   const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, W = saved_width(m, H), P = d.P;
-  check_same(grad_output_, "grad_output", input_);
-  check_shape(grad_output_, "grad_output", {T, B, P});
-  check_same(output_, "output", input_);
-  check_shape(output_, "output", {T, B, P});
-  check_shape(workspace_, "workspace", W ? at::IntArrayRef{T, B, W} : at::IntArrayRef{0});
-  if (grad_h_n) check_shape(*grad_h_n, "grad_h_n", {B, P});
-  if (grad_c_n) check_shape(*grad_c_n, "grad_c_n", {B, H});
-  TORCH_CHECK_VALUE(bptt_clip >= 0, "bptt_clip: expected a value >= 0 (0 = off), got ", bptt_clip);
 
   const Tensor input = input_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor w_ih = input_grad ? w_ih_.contiguous() : w_ih_;  // read only for dX

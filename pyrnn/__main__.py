@@ -202,7 +202,7 @@ def build_parser():
     a = sub.add_parser("adding", help="train a cell on the adding problem")
     a.add_argument("--cell", default="lstm", choices=CELLS)
     a.add_argument("--T", type=int, default=100)
-    a.add_argument("--steps", type=int, default=3000)
+    a.add_argument("--steps", type=int, default=10000)
     a.add_argument("--batch", type=int, default=64)
     a.add_argument("--hidden", type=int, default=64)
     a.add_argument("--lr", type=float, default=3e-3)

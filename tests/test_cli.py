@@ -42,6 +42,8 @@ def test_adding_runs_and_plots(tmp_path, capsys):
     assert _is_png(tmp_path / "adding_gru_T10.png")
 
 
-def test_module_entry_point():
-    res = subprocess.run([sys.executable, "-m", "pyrnn", "info"], capture_output=True, text=True)
+def test_module_entry_point(tmp_path):
+    # from an empty directory, so that `-m` finds the installed package, not a source tree
+    res = subprocess.run([sys.executable, "-m", "pyrnn", "info"], capture_output=True, text=True,
+                         cwd=tmp_path)
     assert res.returncode == 0 and "pyrnn" in res.stdout
