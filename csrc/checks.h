@@ -90,6 +90,8 @@ inline Dims check_forward_args(Mode m, const at::Tensor& input, const at::Tensor
   TORCH_CHECK_VALUE(w_hh.size(0) % G == 0, "weight_hh: expected ", G,
                     " * hidden_size rows, got ", w_hh.size(0));
   Dims d{input.size(0), input.size(1), input.size(2), w_hh.size(0) / G, G, w_hh.size(1)};
+  TORCH_CHECK_VALUE(d.H > 0 && d.P > 0, "weight_hh: expected a hidden size > 0, got shape ",
+                    shape_str(w_hh.sizes()));
   check_same(w_ih, "weight_ih", input);
   check_same(w_hh, "weight_hh", input);
   check_same(hx, "hx", input);

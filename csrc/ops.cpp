@@ -8,7 +8,6 @@
 // mode is one of "rnn_tanh", "rnn_relu", "lstm", "gru"; P = H unless an LSTM has a
 // projection weight_hr [P, H]. Absent results are empty [0] tensors.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 

@@ -182,3 +182,18 @@ def test_projection_float32_and_norms():
     for s in steps:  # ||dLoss/dh_t|| over the P projected units, ||dLoss/dc_t|| over H
         torch.testing.assert_close(sink.grad[0, s["t"]], s["h"].grad.norm(dim=1), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(sink.grad[1, s["t"]], s["c"].grad.norm(dim=1), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_batch_and_input_size_zero(mode):
+    for B_, I_ in [(0, 3), (2, 0)]:
+        args = make_layer_args(mode, 4, B_, I_, 5, dtype=torch.float32)
+        out, h, c = call_op(ops, mode, *args)
+        assert out.shape == (4, B_, 5)
+        out.sum().backward()
+        assert args[3].grad.shape == args[3].shape  # weight_ih
+
+
+def test_hidden_size_zero_rejected():
+    with pytest.raises(ValueError, match="weight_hh: expected a hidden size > 0"):
+        ops.gru(torch.randn(3, 2, 4), torch.zeros(2, 0), torch.randn(0, 4), torch.randn(0, 0))

@@ -21,7 +21,6 @@ inline bool active(const LoopArgs<T>& p, int64_t t, int64_t b) {
   return p.lengths == nullptr || t < p.lengths[b];
 }
 
-// Index of the step that ran just before step t of sequence b, or -1 if t was its first.
 // With lengths sorted longest first (PackedSequence order), the sequences still running
 // at step t are a prefix of the batch: the products of a step then skip the rest.
 template <typename T>
@@ -39,6 +38,7 @@ inline int64_t rows_running(const LoopArgs<T>& p, bool prefix, int64_t t) {
   return n;
 }
 
+// Index of the step that ran just before step t of sequence b, or -1 if t was its first.
 template <typename T>
 inline int64_t prev_step(const LoopArgs<T>& p, int64_t t, int64_t b) {
   if (!p.reverse) return t - 1;
@@ -51,7 +51,7 @@ constexpr int64_t cell_offset() {  // offset of c_t inside a workspace row, in u
   return Cell::kGates + Cell::kSaved;
 }
 
-// SIMD type used for the hidden units of a row: 8 float lanes, or none for double.
+// SIMD type used for the hidden units of a row: VecF for float, none for double.
 template <typename T>
 struct Lanes {
   using V = T;
