@@ -123,13 +123,21 @@ def cmd_adding(args):
     gen = torch.Generator().manual_seed(args.seed)
     rnn = make_module(args.cell, 2, args.hidden, bptt_clip=args.bptt_clip,
                       record_grad_norms=True)
+    if args.init == "identity":  # Le, Jaitly and Hinton 2015: W_hh = I, zero biases
+        with torch.no_grad():
+            for name, p in rnn.named_parameters():
+                if name.startswith("weight_hh"):
+                    G = p.shape[0] // p.shape[1]
+                    p.copy_(torch.eye(p.shape[1]).repeat(G, 1))
+                elif name.startswith("bias"):
+                    p.zero_()
     head = torch.nn.Linear(args.hidden, 1)
     params = list(rnn.parameters()) + list(head.parameters())
     opt = torch.optim.Adam(params, lr=args.lr)
     test_x, test_y = adding_batch(args.T, 1000, torch.Generator().manual_seed(args.seed + 1))
     baseline = ((test_y - 1.0) ** 2).mean().item()
     curve, flows = [], {}
-    print(f"adding problem: cell {args.cell}, T {args.T}, hidden {args.hidden}, lr {args.lr}, "
+    print(f"adding problem: cell {args.cell} ({args.init} init), T {args.T}, hidden {args.hidden}, lr {args.lr}, "
           f"bptt_clip {args.bptt_clip or 'off'}, {args.steps} steps of batch {args.batch}; "
           f"baseline MSE (always 1) {baseline:.3f}")
     bar = Progress(args.steps, "adding", force=args.progress)
@@ -208,6 +216,8 @@ def build_parser():
     a.add_argument("--lr", type=float, default=3e-3)
     a.add_argument("--bptt-clip", type=float, default=0.0,
                    help="clamp gate pre-activation gradients to [-c, c] inside BPTT (0 = off)")
+    a.add_argument("--init", default="default", choices=("default", "identity"),
+                   help="recurrent weights: torch.nn's default, or the identity (IRNN)")
     a.add_argument("--grad-clip", type=float, default=1.0,
                    help="global gradient-norm clipping before each update (0 = off)")
     a.add_argument("--eval-every", type=int, default=250)

@@ -88,7 +88,8 @@ def analyse(norms: Tensor, vanish_below: float = 1e-3, explode_above: float = 1e
     nz = c[: last + 1]
     first = float(nz[0])
     end = float(nz[last])
-    ratio = first / end if end > 0 else (math.inf if first > 0 else 1.0)
+    # no gradient even at the loss step means nothing flows at all: a ratio of 0
+    ratio = first / end if end > 0 else (math.inf if first > 0 else 0.0)
     flag = VANISHING if ratio < vanish_below else EXPLODING if ratio > explode_above else STABLE
     return FlowStats(rate, half_life(rate), ratio, flag)
 

@@ -159,3 +159,8 @@ def test_analyse_module():
     stats = gradflow.analyse_module(m)
     assert set(stats) == {"l0", "l0_reverse", "l1", "l1_reverse"}
     assert all(s.decay_rate > 0 for s in stats.values())
+
+
+def test_analysis_of_a_dead_gradient():
+    s = gradflow.analyse(torch.zeros(10))
+    assert s.first_last_ratio == 0.0 and s.flag == gradflow.VANISHING
