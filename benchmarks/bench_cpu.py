@@ -4,7 +4,9 @@ For RNN-tanh, LSTM and GRU, float32, input_size = hidden_size, at the shapes
 S1 (T=100, B=32, H=128), S2 (T=100, B=32, H=512), S3 (T=500, B=8, H=256) and
 S4 (T=100, B=1, H=64), it times forward under no_grad and forward + backward, with
 the two sides interleaved (A B A B ...) in one process, and prints per row:
-  - the median time of each side and the ratio pyrnn / torch.nn (lower is better);
+  - the median time of each side, and the median over the interleaved pairs of the
+    ratio pyrnn / torch.nn (lower is better; pairs share the machine's state, which
+    drifts on a shared machine);
   - the share of a roofline: the step's matmul FLOPs over the time, divided by the
     float32 matmul throughput measured in this process;
   - the bytes saved for backward by each side (saved_tensors_hooks), and their ratio.
@@ -79,7 +81,8 @@ def bench_pair(fa, fb, reps, warmup=3, warmup_s=0.3):
     for _ in range(reps):
         ta.append(timed(fa))
         tb.append(timed(fb))
-    return statistics.median(ta), statistics.median(tb)
+    return statistics.median(ta), statistics.median(tb), statistics.median(
+        b / a for a, b in zip(ta, tb))
 
 
 def make_pair(cell, T, B, H, seed=0):
@@ -167,12 +170,12 @@ def main(argv=None):
                 else:
                     a, b = run_fwdbwd(nn_m, x, g), run_fwdbwd(ours, x, g)
                     fl = 3 * flops  # backward: dh W_hh, dW_ih, dW_hh (dX not needed here)
-                tn, tp = bench_pair(a, b, reps)
+                tn, tp, ratio = bench_pair(a, b, reps)
                 row = dict(cell=cell, shape=sname, T=T, B=B, H=H, pass_=pas, torch_ms=tn * 1e3,
-                           pyrnn_ms=tp * 1e3, ratio=tp / tn,
+                           pyrnn_ms=tp * 1e3, ratio=ratio,
                            roofline=fl / tp / 1e9 / peak,
                            saved_nn=sb_nn, saved_pyrnn=sb_py)
-                line = (f"{cell:8} {sname:5} {pas:8} {tn*1e3:11.2f} {tp*1e3:9.2f} {tp/tn:6.2f} "
+                line = (f"{cell:8} {sname:5} {pas:8} {tn*1e3:11.2f} {tp*1e3:9.2f} {ratio:6.2f} "
                         f"{100*row['roofline']:7.1f}% ")
                 if pas == "fwd+bwd":
                     line += f"{sb_nn/2**20:11.2f} {sb_py/2**20:7.2f} {sb_py/sb_nn:6.2f}"
@@ -201,15 +204,15 @@ def extra_rows(reps):
     print(f"\nLSTM at S1 (T={T}, B={B}, H={H}), forward + backward, medians:")
     print(f"{'case':44} {'A ms':>8} {'B ms':>8} {'B/A':>6}")
 
-    def line(name, ta, tb):
-        print(f"{name:44} {ta*1e3:8.2f} {tb*1e3:8.2f} {tb/ta:6.3f}", flush=True)
-        out.append(dict(case=name, a_ms=ta * 1e3, b_ms=tb * 1e3, ratio=tb / ta))
+    def line(name, ta, tb, ratio):
+        print(f"{name:44} {ta*1e3:8.2f} {tb*1e3:8.2f} {ratio:6.3f}", flush=True)
+        out.append(dict(case=name, a_ms=ta * 1e3, b_ms=tb * 1e3, ratio=ratio))
 
     nn_m, ours, x, g = make_pair("lstm", T, B, H)
     rec = pyrnn.LSTM(H, H, record_grad_norms=True)
     rec.load_state_dict(ours.state_dict())
-    ta, tb = bench_pair(run_fwdbwd(ours, x, g), run_fwdbwd(rec, x, g), reps)
-    line("A: pyrnn, B: pyrnn record_grad_norms=True", ta, tb)
+    ta, tb, r = bench_pair(run_fwdbwd(ours, x, g), run_fwdbwd(rec, x, g), reps)
+    line("A: pyrnn, B: pyrnn record_grad_norms=True", ta, tb, r)
 
     lengths = torch.full((B,), T, dtype=torch.long)
     lengths[::2] = torch.randint(1, T, (B // 2,), generator=torch.Generator().manual_seed(0))
@@ -227,22 +230,22 @@ def extra_rows(reps):
 
     # packed against the same batch padded to T x B, and against a padded batch with the
     # same number of tokens (T' x B, fewer steps)
-    ta, tb = bench_pair(run_fwdbwd(ours, x, torch.ones(T, B, H)), packed_run(ours, x, lengths),
+    ta, tb, r = bench_pair(run_fwdbwd(ours, x, torch.ones(T, B, H)), packed_run(ours, x, lengths),
                         reps)
-    line(f"A: pyrnn padded {T}x{B}, B: same batch packed", ta, tb)
+    line(f"A: pyrnn padded {T}x{B}, B: same batch packed", ta, tb, r)
     Tp = max(1, n_tokens // B)
     xp, gp = torch.randn(Tp, B, H), torch.ones(Tp, B, H)
-    ta, tb = bench_pair(run_fwdbwd(ours, xp, gp), packed_run(ours, x, lengths), reps)
-    line(f"A: pyrnn padded {Tp}x{B}, B: packed {n_tokens} tokens", ta, tb)
-    ta, tb = bench_pair(packed_run(nn_m, x, lengths), packed_run(ours, x, lengths), reps)
-    line("packed unsorted: A torch.nn, B pyrnn", ta, tb)
+    ta, tb, r = bench_pair(run_fwdbwd(ours, xp, gp), packed_run(ours, x, lengths), reps)
+    line(f"A: pyrnn padded {Tp}x{B}, B: packed {n_tokens} tokens", ta, tb, r)
+    ta, tb, r = bench_pair(packed_run(nn_m, x, lengths), packed_run(ours, x, lengths), reps)
+    line("packed unsorted: A torch.nn, B pyrnn", ta, tb, r)
     torch.manual_seed(0)
     nn_bi = torch.nn.LSTM(H, H, bidirectional=True)
     py_bi = pyrnn.LSTM(H, H, bidirectional=True)
     py_bi.load_state_dict(nn_bi.state_dict())
     g2 = torch.randn(T, B, 2 * H)
-    ta, tb = bench_pair(run_fwdbwd(nn_bi, x, g2), run_fwdbwd(py_bi, x, g2), reps)
-    line("bidirectional: A torch.nn, B pyrnn", ta, tb)
+    ta, tb, r = bench_pair(run_fwdbwd(nn_bi, x, g2), run_fwdbwd(py_bi, x, g2), reps)
+    line("bidirectional: A torch.nn, B pyrnn", ta, tb, r)
     return out
 
 

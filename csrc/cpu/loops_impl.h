@@ -182,8 +182,111 @@ void forward_steps(const LoopArgs<T>& p) {
   }
 }
 
+// float32 BPTT with one team of threads, sliced like forward_steps_team: a thread owns
+// the hidden units [u0, u1), so the pointwise backward of its units reads the dh it
+// produced itself in the step before. One barrier per step, before the recurrent product
+// (which reads every unit's gate gradients). Per-thread partial sums of the norms are
+// double-buffered and combined after that barrier.
+template <class Cell>
+void backward_steps_team(const LoopArgs<float>& p) {
+  using T = float;
+  const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width;
+  const int64_t G = Cell::kGates, GH = G * H;
+  if (p.dhT) std::memcpy(p.dh0, p.dhT, sizeof(T) * B * H);
+  else std::memset(p.dh0, 0, sizeof(T) * B * H);
+  if (Cell::kHasCell) {
+    if (p.dcT) std::memcpy(p.dc0, p.dcT, sizeof(T) * B * H);
+    else std::memset(p.dc0, 0, sizeof(T) * B * H);
+  }
+  const PackedGemm gemm(B, H, GH, p.w_hh, false, H);  // dh[B, H] += gh[B, G*H] @ W_hh
+  const int64_t per = gemm.panels_per_block();
+  const bool prefix = prefix_active(p);
+  const bool record = p.norm_h != nullptr;
+  const int64_t max_threads = omp_get_max_threads();
+  // partial sums of squares: [2 buffers][thread][h, c][B]
+  std::unique_ptr<T[]> part(new T[2 * max_threads * 2 * B + 1]);
+#pragma omp parallel if (2 * B * GH * H >= (1 << 19))
+  {
+    const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+    const int64_t q0 = per * id / nt, q1 = per * (id + 1) / nt;
+    const int64_t u0 = std::min(q0 * PackedGemm::kNR, H), u1 = std::min(q1 * PackedGemm::kNR, H);
+    const int64_t n = u1 - u0;
+    for (int64_t s = 0; s < Tn; ++s) {
+      const int64_t t = p.reverse ? s : Tn - 1 - s;  // the forward order, reversed
+      T* mine = part.get() + ((s % 2) * max_threads + id) * 2 * B;
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t r = t * B + b;
+        T* gx = p.gx + r * GH;
+        T* gh = p.gh + r * GH;
+        T* hprev = p.hprev + r * H;
+        mine[b] = mine[B + b] = T(0);
+        if (n <= 0) continue;
+        if (!active(p, t, b)) {
+          for (int64_t g = 0; g < G; ++g) {
+            std::memset(gx + g * H + u0, 0, sizeof(T) * n);
+            if (gh != gx) std::memset(gh + g * H + u0, 0, sizeof(T) * n);
+          }
+          std::memset(hprev + u0, 0, sizeof(T) * n);
+          continue;
+        }
+        const int64_t q = prev_step(p, t, b);
+        const T* row = p.ws + r * W;
+        const T* saved = Cell::kSaved ? row + GH : nullptr;
+        const T* h = p.y + r * H;
+        const T* hp = q >= 0 ? p.y + (q * B + b) * H : p.h0 + b * H;
+        const T* c = nullptr;
+        const T* cp = nullptr;
+        if (Cell::kHasCell) {
+          c = row + cell_offset<Cell>() * H;
+          cp = q >= 0 ? p.ws + (q * B + b) * W + cell_offset<Cell>() * H : p.c0 + b * H;
+        }
+        std::memcpy(hprev + u0, hp + u0, sizeof(T) * n);
+        const T* dy = p.dy + r * H;
+        T* dh_state = p.dh0 + b * H;
+        T* dc_state = Cell::kHasCell ? p.dc0 + b * H : nullptr;
+        T sum_h = 0, sum_c = 0;
+        over_units<T, T>(u0, u1, [&](auto zero, int64_t j) {
+          using V = decltype(zero);
+          const V dh = ld<V>(dy + j) + ld<V>(dh_state + j);
+          V dc = zero, direct = zero;
+          if constexpr (Cell::kHasCell) dc = ld<V>(dc_state + j);
+          Cell::template backward<T, V>(j, H, dh, &dc, row, saved, h, hp, c, cp, gx, gh,
+                                        &direct, V(T(p.clip)));
+          if (record) sum_h += lane_sum(dh * dh);
+          if constexpr (Cell::kHasCell) {
+            if (record) sum_c += lane_sum(dc * dc);
+            st(dc_state + j, Cell::template carry<T, V>(j, H, dc, row));
+          }
+          st(dh_state + j, direct);
+        });
+        mine[b] = sum_h;
+        mine[B + b] = sum_c;
+      }
+#pragma omp barrier
+      if (record && id == 0) {
+        const T* all = part.get() + (s % 2) * max_threads * 2 * B;
+        for (int64_t b = 0; b < B; ++b) {
+          T sh = 0, sc = 0;
+          for (int64_t k = 0; k < nt; ++k) {
+            sh += all[k * 2 * B + b];
+            sc += all[k * 2 * B + B + b];
+          }
+          p.norm_h[t * B + b] = std::sqrt(sh);
+          if (p.norm_c) p.norm_c[t * B + b] = std::sqrt(sc);
+        }
+      }
+      // dh_{t-1}[:, my units] += gh_t[B, G*H] @ W_hh[:, my units]  (inactive rows are zero)
+      gemm.run_panels(p.gh + t * B * GH, rows_running(p, prefix, t), GH, p.dh0, H, true, q0, q1);
+    }
+  }
+}
+
 template <class Cell, typename T, typename A>
 void backward_steps(const LoopArgs<T>& p) {
+  if constexpr (std::is_same_v<T, float>) {
+    backward_steps_team<Cell>(p);
+    return;
+  }
   const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width;
   const int64_t GH = Cell::kGates * H;
   if (p.dhT) std::memcpy(p.dh0, p.dhT, sizeof(T) * B * H);
