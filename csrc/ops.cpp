@@ -183,7 +183,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
                      dw_hr.data_ptr<scalar_t>());
   });
   Tensor db_ih = has_bias ? gx2.sum(0) : at::empty({0}, opt);
-  Tensor db_hh = has_bias ? gh2.sum(0) : at::empty({0}, opt);
+  Tensor db_hh = !has_bias ? at::empty({0}, opt) : m == Mode::kGru ? gh2.sum(0) : db_ih.clone();
   return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms};
 }
 

@@ -70,25 +70,34 @@ class PackedGemm {
   // The same with A(i, k) = A[i * ars + k * aks], e.g. ars = 1, aks = M for a transposed A.
   void run_strided(const float* A, int64_t M, int64_t ars, int64_t aks, float* C, int64_t ldc,
                    bool accumulate, const float* bias = nullptr) const {
-    constexpr int64_t kChunk = 96;
+    constexpr int64_t kChunk = 96;   // rows of A per tile
+    // K per pass: a transposed A (aks > 1) is read a cache line per k and row block, so
+    // passes of 256 keep it in cache; a row-major A streams, and one pass avoids
+    // re-reading C.
+    const int64_t kDepth = aks == 1 ? (K_ > 0 ? K_ : 1) : 256;
     const int64_t chunks = (M + kChunk - 1) / kChunk;
-    // Threads split the (chunk, panel) tiles; below ~1 MFLOP one thread is faster.
-#pragma omp parallel for collapse(2) schedule(static) if (2 * M * N_ * K_ >= (1 << 19))
-    for (int64_t q = 0; q < chunks; ++q) {
-      for (int64_t p = 0; p < panels_; ++p) {
-        const int64_t m0 = q * kChunk;
-        const int64_t rows = M - m0 < kChunk ? M - m0 : kChunk;
-        const float* Ac = A + m0 * ars;
-        float* Cc = C + m0 * ldc;
-        const v16f* panel = packed_.get() + p * K_ * 2;
-        const int64_t n0 = first_column(p), cols = columns(p);
-        int64_t i = 0;
-        for (; i + kMR <= rows; i += kMR)
-          block<kMR>(Ac + i * ars, ars, aks, panel, Cc + i * ldc + n0, ldc, cols, accumulate,
-                     bias ? bias + n0 : nullptr);
-        tail(rows - i, Ac + i * ars, ars, aks, panel, Cc + i * ldc + n0, ldc, cols, accumulate,
-             bias ? bias + n0 : nullptr);
+    for (int64_t k0 = 0; k0 < K_ || k0 == 0; k0 += kDepth) {
+      const int64_t kn = K_ - k0 < kDepth ? K_ - k0 : kDepth;
+      const bool acc = accumulate || k0 > 0;
+      const float* bias0 = k0 == 0 ? bias : nullptr;
+      // Threads split the (chunk, panel) tiles; below ~1 MFLOP one thread is faster.
+#pragma omp parallel for collapse(2) schedule(static) if (2 * M * N_ * kn >= (1 << 19))
+      for (int64_t q = 0; q < chunks; ++q) {
+        for (int64_t p = 0; p < panels_; ++p) {
+          const int64_t m0 = q * kChunk;
+          const int64_t rows = M - m0 < kChunk ? M - m0 : kChunk;
+          const float* Ac = A + m0 * ars + k0 * aks;
+          float* Cc = C + m0 * ldc;
+          const v16f* panel = packed_.get() + p * K_ * 2 + k0 * 2;
+          const int64_t n0 = first_column(p), cols = columns(p);
+          const float* bp = bias0 ? bias0 + n0 : nullptr;
+          int64_t i = 0;
+          for (; i + kMR <= rows; i += kMR)
+            block<kMR>(Ac + i * ars, ars, aks, panel, Cc + i * ldc + n0, ldc, cols, acc, bp, kn);
+          tail(rows - i, Ac + i * ars, ars, aks, panel, Cc + i * ldc + n0, ldc, cols, acc, bp, kn);
+        }
       }
+      if (K_ == 0) break;
     }
   }
 
@@ -100,22 +109,25 @@ class PackedGemm {
   }
 
   void tail(int64_t rows, const float* A, int64_t lda, int64_t aks, const v16f* panel, float* C,
-            int64_t ldc, int64_t cols, bool accumulate, const float* bias = nullptr) const {
+            int64_t ldc, int64_t cols, bool accumulate, const float* bias = nullptr,
+            int64_t kn = -1) const {
     switch (rows) {
-      case 7: block<7>(A, lda, aks, panel, C, ldc, cols, accumulate, bias); break;
-      case 6: block<6>(A, lda, aks, panel, C, ldc, cols, accumulate, bias); break;
-      case 5: block<5>(A, lda, aks, panel, C, ldc, cols, accumulate, bias); break;
-      case 4: block<4>(A, lda, aks, panel, C, ldc, cols, accumulate, bias); break;
-      case 3: block<3>(A, lda, aks, panel, C, ldc, cols, accumulate, bias); break;
-      case 2: block<2>(A, lda, aks, panel, C, ldc, cols, accumulate, bias); break;
-      case 1: block<1>(A, lda, aks, panel, C, ldc, cols, accumulate, bias); break;
+      case 7: block<7>(A, lda, aks, panel, C, ldc, cols, accumulate, bias, kn); break;
+      case 6: block<6>(A, lda, aks, panel, C, ldc, cols, accumulate, bias, kn); break;
+      case 5: block<5>(A, lda, aks, panel, C, ldc, cols, accumulate, bias, kn); break;
+      case 4: block<4>(A, lda, aks, panel, C, ldc, cols, accumulate, bias, kn); break;
+      case 3: block<3>(A, lda, aks, panel, C, ldc, cols, accumulate, bias, kn); break;
+      case 2: block<2>(A, lda, aks, panel, C, ldc, cols, accumulate, bias, kn); break;
+      case 1: block<1>(A, lda, aks, panel, C, ldc, cols, accumulate, bias, kn); break;
       default: break;
     }
   }
 
   template <int R>
+  // kn: the depth of this pass (K by default); panel and A point at its first k.
   void block(const float* A, int64_t lda, int64_t aks, const v16f* panel, float* C, int64_t ldc,
-             int64_t cols, bool accumulate, const float* bias = nullptr) const {
+             int64_t cols, bool accumulate, const float* bias = nullptr, int64_t kn = -1) const {
+    if (kn < 0) kn = K_;
     v16f acc[R][2], b0 = v16f{}, b1 = v16f{};
     if (bias) {
       float tmp[kNR] = {};
@@ -127,7 +139,7 @@ class PackedGemm {
       acc[r][0] = b0;
       acc[r][1] = b1;
     }
-    for (int64_t k = 0; k < K_; ++k) {
+    for (int64_t k = 0; k < kn; ++k) {
       const v16f w0 = panel[2 * k], w1 = panel[2 * k + 1];
       for (int r = 0; r < R; ++r) {
         const float a = A[r * lda + k * aks];
