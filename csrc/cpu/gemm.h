@@ -16,8 +16,10 @@ typedef float v16f __attribute__((vector_size(64)));
 
 class PackedGemm {
  public:
-  static constexpr int64_t kNR = 32;  // two 16-lane vectors
-  static constexpr int64_t kMR = 8;  // 16 accumulators of 16 lanes
+  // 8 x 32 blocks (16 accumulators) measured faster here than 6 x 64 on AVX-512.
+  static constexpr int64_t kNR = 32;  // columns per panel: kV 16-lane vectors
+  static constexpr int64_t kV = kNR / 16;
+  static constexpr int64_t kMR = 8;   // rows per block: kMR * kV accumulators
 
   // block: the columns form N / block blocks of that width (the gate blocks of a
   // recurrent matrix); panels never straddle two blocks, so a thread can own a slice of
@@ -26,7 +28,7 @@ class PackedGemm {
              int64_t block = 0)
       : M_(M), N_(N), K_(K), block_(block > 0 ? block : (N > 0 ? N : 1)),
         per_block_((block_ + kNR - 1) / kNR), panels_(N / block_ * per_block_) {
-    packed_.reset(new v16f[panels_ * K * 2 + 1]);
+    packed_.reset(new v16f[panels_ * K * kV + 1]);
     float* dst = reinterpret_cast<float*>(packed_.get());
     for (int64_t p = 0; p < panels_; ++p) {
       const int64_t n0 = first_column(p), cols = columns(p);
@@ -47,7 +49,7 @@ class PackedGemm {
   void run_panels(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc,
                   bool accumulate, int64_t p0, int64_t p1) const {
     for (int64_t p = p0; p < p1; ++p) {
-      const v16f* panel = packed_.get() + p * K_ * 2;
+      const v16f* panel = packed_.get() + p * K_ * kV;
       const int64_t n0 = first_column(p), cols = columns(p);
       int64_t i = 0;
       for (; i + kMR <= M; i += kMR)
@@ -88,7 +90,7 @@ class PackedGemm {
           const int64_t rows = M - m0 < kChunk ? M - m0 : kChunk;
           const float* Ac = A + m0 * ars + k0 * aks;
           float* Cc = C + m0 * ldc;
-          const v16f* panel = packed_.get() + p * K_ * 2 + k0 * 2;
+          const v16f* panel = packed_.get() + p * K_ * kV + k0 * kV;
           const int64_t n0 = first_column(p), cols = columns(p);
           const float* bp = bias0 ? bias0 + n0 : nullptr;
           int64_t i = 0;
@@ -128,41 +130,34 @@ class PackedGemm {
   void block(const float* A, int64_t lda, int64_t aks, const v16f* panel, float* C, int64_t ldc,
              int64_t cols, bool accumulate, const float* bias = nullptr, int64_t kn = -1) const {
     if (kn < 0) kn = K_;
-    v16f acc[R][2], b0 = v16f{}, b1 = v16f{};
+    v16f acc[R][kV], init[kV] = {};
     if (bias) {
       float tmp[kNR] = {};
       std::memcpy(tmp, bias, sizeof(float) * cols);
-      std::memcpy(&b0, tmp, 64);
-      std::memcpy(&b1, tmp + 16, 64);
+      std::memcpy(init, tmp, sizeof tmp);
     }
-    for (int r = 0; r < R; ++r) {
-      acc[r][0] = b0;
-      acc[r][1] = b1;
-    }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < kV; ++v) acc[r][v] = init[v];
     for (int64_t k = 0; k < kn; ++k) {
-      const v16f w0 = panel[2 * k], w1 = panel[2 * k + 1];
+      v16f w[kV];
+      for (int v = 0; v < kV; ++v) w[v] = panel[kV * k + v];
       for (int r = 0; r < R; ++r) {
         const float a = A[r * lda + k * aks];
-        acc[r][0] += a * w0;
-        acc[r][1] += a * w1;
+        for (int v = 0; v < kV; ++v) acc[r][v] += a * w[v];
       }
     }
     for (int r = 0; r < R; ++r) {
       float* c = C + r * ldc;
       if (cols == kNR) {
-        v16f c0, c1;
         if (accumulate) {
-          std::memcpy(&c0, c, 64);
-          std::memcpy(&c1, c + 16, 64);
-          acc[r][0] += c0;
-          acc[r][1] += c1;
+          v16f old[kV];
+          std::memcpy(old, c, sizeof old);
+          for (int v = 0; v < kV; ++v) acc[r][v] += old[v];
         }
-        std::memcpy(c, &acc[r][0], 64);
-        std::memcpy(c + 16, &acc[r][1], 64);
+        std::memcpy(c, acc[r], sizeof acc[r]);
       } else {
         float tmp[kNR];
-        std::memcpy(tmp, &acc[r][0], 64);
-        std::memcpy(tmp + 16, &acc[r][1], 64);
+        std::memcpy(tmp, acc[r], sizeof tmp);
         for (int64_t j = 0; j < cols; ++j) c[j] = accumulate ? c[j] + tmp[j] : tmp[j];
       }
     }
