@@ -3,6 +3,17 @@
 Drop-in modules: pyrnn.RNN, pyrnn.LSTM, pyrnn.GRU (same arguments, parameters and
 results as torch.nn's). Per-layer ops: pyrnn.ops. Plain-PyTorch oracles: pyrnn.reference.
 """
+import torch  # noqa: F401  (loads the libraries the extension links against)
+
+try:
+    from . import _C  # noqa: F401  (the compiled extension; registers torch.ops.pyrnn)
+except ImportError as e:  # pragma: no cover - depends on how the package was installed
+    raise ImportError(
+        f"pyrnn: cannot load the compiled extension pyrnn._C next to {__file__} ({e}). "
+        "If this is the source tree of a non-editable install, run from another directory "
+        "(or use the `pyrnn` command); otherwise build it with "
+        "`pip install --no-build-isolation -e .`") from e
+
 from . import ops, reference
 from ._C import has_cuda as _has_cuda
 from . import gradflow
