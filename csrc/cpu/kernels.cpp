@@ -14,11 +14,11 @@ namespace pyrnn::cpu {
 #define PYRNN_DEFINE_LOOPS(CELL, T)                                     \
   template <>                                                           \
   PYRNN_FLAT void forward_loop<CELL, T, T>(const LoopArgs<T>& p) {    \
-    forward_steps<CELL, T, T>(p);                                       \
+    forward_steps<CELL, T>(p);                                       \
   }                                                                     \
   template <>                                                           \
   PYRNN_FLAT void backward_loop<CELL, T, T>(const LoopArgs<T>& p) {   \
-    backward_steps<CELL, T, T>(p);                                      \
+    backward_steps<CELL, T>(p);                                      \
   }
 
 using RnnTanh = RnnCell<Act::kTanh>;

@@ -86,13 +86,64 @@ inline A lane_sum(A a) {
 }
 inline float lane_sum(VecF a) { return hsum(a); }
 
-// float32 forward with one team of threads for the whole sequence. Each thread owns a
+// The recurrent product of a step, split into panels of columns that never straddle two
+// gate blocks, so that a thread of a team can compute the columns of its own hidden
+// units: float32 uses the packed kernel (panels of 32 columns), float64 the BLAS with one
+// panel per gate block (so the float64 loops run on one thread).
+template <typename T>
+class StepGemm;
+
+template <>
+class StepGemm<float> {
+ public:
+  StepGemm(int64_t M, int64_t N, int64_t K, const float* Wm, bool transposed, int64_t block)
+      : gemm_(M, N, K, Wm, transposed, block) {}
+  int64_t panels_per_block() const { return gemm_.panels_per_block(); }
+  int64_t panel_width() const { return PackedGemm::kNR; }
+  void run_panels(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc, bool accumulate,
+                  int64_t p0, int64_t p1) const {
+    gemm_.run_panels(A, M, lda, C, ldc, accumulate, p0, p1);
+  }
+
+ private:
+  PackedGemm gemm_;
+};
+
+template <>
+class StepGemm<double> {
+ public:
+  StepGemm(int64_t M, int64_t N, int64_t K, const double* Wm, bool transposed, int64_t block)
+      : N_(N), K_(K), block_(block), Wm_(Wm), transposed_(transposed) {
+    (void)M;
+  }
+  int64_t panels_per_block() const { return 1; }
+  int64_t panel_width() const { return block_; }
+  void run_panels(const double* A, int64_t M, int64_t lda, double* C, int64_t ldc,
+                  bool accumulate, int64_t p0, int64_t p1) const {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * block_;
+      if (transposed_)
+        mm_nt<double>(int(M), int(block_), int(K_), A, int(lda), Wm_ + n0 * K_, int(K_), C + n0,
+                      int(ldc), accumulate);
+      else
+        mm_nn<double>(int(M), int(block_), int(K_), A, int(lda), Wm_ + n0, int(N_), C + n0,
+                      int(ldc), accumulate);
+    }
+  }
+
+ private:
+  int64_t N_, K_, block_;
+  const double* Wm_;
+  bool transposed_;
+};
+
+// The forward with one team of threads for the whole sequence (float32; float64 runs it
+// on one thread). Each thread owns a
 // slice of hidden units [u0, u1) across all gate blocks: per step it computes the
 // recurrent product for its columns, then the pointwise update of its units, then meets
 // the others at one barrier. h is double-buffered (every thread reads all of h_{t-1}).
-template <class Cell>
-void forward_steps_team(const LoopArgs<float>& p) {
-  using T = float;
+template <class Cell, typename T>
+void forward_steps(const LoopArgs<T>& p) {
   const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width;
   const int64_t G = Cell::kGates, GH = G * H;
   const bool keep_c = Cell::kHasCell && W >= (cell_offset<Cell>() + 1) * H;
@@ -100,14 +151,16 @@ void forward_steps_team(const LoopArgs<float>& p) {
   if (Cell::kHasCell) std::memcpy(p.cT, p.c0, sizeof(T) * B * H);
   std::unique_ptr<T[]> other(new T[B * H + 1]);
   T* bufs[2] = {p.hT, other.get()};
-  const PackedGemm gemm(B, GH, H, p.w_hh, true, H);
+  const StepGemm<T> gemm(B, GH, H, p.w_hh, true, H);
   const int64_t per = gemm.panels_per_block();
   const bool prefix = prefix_active(p);
-#pragma omp parallel if (2 * B * GH * H >= (1 << 19))
-  {
-    const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+  // One thread when the step is small, and for float64 (whose BLAS must not be called
+  // from inside a parallel region: it would start a nested team on every call).
+  const bool team = per > 1 && 2 * B * GH * H >= (1 << 19);
+  auto body = [&](int64_t nt, int64_t id) {
     const int64_t q0 = per * id / nt, q1 = per * (id + 1) / nt;
-    const int64_t u0 = std::min(q0 * PackedGemm::kNR, H), u1 = std::min(q1 * PackedGemm::kNR, H);
+    const int64_t u0 = std::min(q0 * gemm.panel_width(), H);
+    const int64_t u1 = std::min(q1 * gemm.panel_width(), H);
     for (int64_t s = 0; s < Tn; ++s) {
       const int64_t t = p.reverse ? Tn - 1 - s : s;
       const T* hcur = bufs[s % 2];
@@ -138,58 +191,23 @@ void forward_steps_team(const LoopArgs<float>& p) {
       }
 #pragma omp barrier
     }
+  };
+  if (team) {
+#pragma omp parallel
+    body(omp_get_num_threads(), omp_get_thread_num());
+  } else {
+    body(1, 0);
   }
   if (Tn % 2) std::memcpy(p.hT, bufs[1], sizeof(T) * B * H);
 }
 
-template <class Cell, typename T, typename A>
-void forward_steps(const LoopArgs<T>& p) {
-  if constexpr (std::is_same_v<T, float>) {
-    forward_steps_team<Cell>(p);
-    return;
-  }
-  const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width;
-  const int64_t GH = Cell::kGates * H;
-  const bool keep_c = Cell::kHasCell && W >= (cell_offset<Cell>() + 1) * H;
-  std::memcpy(p.hT, p.h0, sizeof(T) * B * H);
-  if (Cell::kHasCell) std::memcpy(p.cT, p.c0, sizeof(T) * B * H);
-  const RecurrentGemm<T> recurrent(int(B), int(GH), int(H), p.w_hh, true);
-  const bool prefix = prefix_active(p);
-  for (int64_t s = 0; s < Tn; ++s) {
-    const int64_t t = p.reverse ? Tn - 1 - s : s;
-    // hg[B, G*H] = h_{t-1}[B, H] @ W_hh^T
-    recurrent.run(p.hT, p.hg, false, int(rows_running(p, prefix, t)));
-#pragma omp parallel for schedule(static) if (B * GH >= kParallelUnits)
-    for (int64_t b = 0; b < B; ++b) {
-      T* yrow = p.y + (t * B + b) * H;
-      T* row = p.ws + (t * B + b) * W;
-      if (!active(p, t, b)) {  // zeros, so that the saved workspace is deterministic
-        std::memset(yrow, 0, sizeof(T) * H);
-        std::memset(row, 0, sizeof(T) * W);
-        continue;
-      }
-      T* h = p.hT + b * H;
-      T* c = Cell::kHasCell ? p.cT + b * H : nullptr;
-      T* saved = Cell::kSaved ? row + GH : nullptr;
-      const T* hg = p.hg + b * GH;
-      over_units<T, A>(H, [&](auto zero, int64_t j) {
-        using V = decltype(zero);
-        Cell::template forward<T, V>(j, H, row, hg, p.b_hh, h, c, h, c, saved);
-      });
-      std::memcpy(yrow, h, sizeof(T) * H);
-      if (keep_c) std::memcpy(row + cell_offset<Cell>() * H, c, sizeof(T) * H);
-    }
-  }
-}
-
-// float32 BPTT with one team of threads, sliced like forward_steps_team: a thread owns
+// BPTT with one team of threads (float32; float64 on one thread), sliced like the forward: a thread owns
 // the hidden units [u0, u1), so the pointwise backward of its units reads the dh it
 // produced itself in the step before. One barrier per step, before the recurrent product
 // (which reads every unit's gate gradients). Per-thread partial sums of the norms are
 // double-buffered and combined after that barrier.
-template <class Cell>
-void backward_steps_team(const LoopArgs<float>& p) {
-  using T = float;
+template <class Cell, typename T>
+void backward_steps(const LoopArgs<T>& p) {
   const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width;
   const int64_t G = Cell::kGates, GH = G * H;
   if (p.dhT) std::memcpy(p.dh0, p.dhT, sizeof(T) * B * H);
@@ -198,18 +216,20 @@ void backward_steps_team(const LoopArgs<float>& p) {
     if (p.dcT) std::memcpy(p.dc0, p.dcT, sizeof(T) * B * H);
     else std::memset(p.dc0, 0, sizeof(T) * B * H);
   }
-  const PackedGemm gemm(B, H, GH, p.w_hh, false, H);  // dh[B, H] += gh[B, G*H] @ W_hh
+  const StepGemm<T> gemm(B, H, GH, p.w_hh, false, H);  // dh[B, H] += gh[B, G*H] @ W_hh
   const int64_t per = gemm.panels_per_block();
   const bool prefix = prefix_active(p);
   const bool record = p.norm_h != nullptr;
   const int64_t max_threads = omp_get_max_threads();
   // partial sums of squares: [2 buffers][thread][h, c][B]
   std::unique_ptr<T[]> part(new T[2 * max_threads * 2 * B + 1]);
-#pragma omp parallel if (2 * B * GH * H >= (1 << 19))
-  {
-    const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+  // One thread when the step is small, and for float64 (whose BLAS must not be called
+  // from inside a parallel region: it would start a nested team on every call).
+  const bool team = per > 1 && 2 * B * GH * H >= (1 << 19);
+  auto body = [&](int64_t nt, int64_t id) {
     const int64_t q0 = per * id / nt, q1 = per * (id + 1) / nt;
-    const int64_t u0 = std::min(q0 * PackedGemm::kNR, H), u1 = std::min(q1 * PackedGemm::kNR, H);
+    const int64_t u0 = std::min(q0 * gemm.panel_width(), H);
+    const int64_t u1 = std::min(q1 * gemm.panel_width(), H);
     const int64_t n = u1 - u0;
     for (int64_t s = 0; s < Tn; ++s) {
       const int64_t t = p.reverse ? s : Tn - 1 - s;  // the forward order, reversed
@@ -278,76 +298,12 @@ void backward_steps_team(const LoopArgs<float>& p) {
       // dh_{t-1}[:, my units] += gh_t[B, G*H] @ W_hh[:, my units]  (inactive rows are zero)
       gemm.run_panels(p.gh + t * B * GH, rows_running(p, prefix, t), GH, p.dh0, H, true, q0, q1);
     }
-  }
-}
-
-template <class Cell, typename T, typename A>
-void backward_steps(const LoopArgs<T>& p) {
-  if constexpr (std::is_same_v<T, float>) {
-    backward_steps_team<Cell>(p);
-    return;
-  }
-  const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width;
-  const int64_t GH = Cell::kGates * H;
-  if (p.dhT) std::memcpy(p.dh0, p.dhT, sizeof(T) * B * H);
-  else std::memset(p.dh0, 0, sizeof(T) * B * H);
-  if (Cell::kHasCell) {
-    if (p.dcT) std::memcpy(p.dc0, p.dcT, sizeof(T) * B * H);
-    else std::memset(p.dc0, 0, sizeof(T) * B * H);
-  }
-  const RecurrentGemm<T> recurrent(int(B), int(H), int(GH), p.w_hh, false);
-  const bool prefix = prefix_active(p);
-  for (int64_t s = 0; s < Tn; ++s) {
-    const int64_t t = p.reverse ? s : Tn - 1 - s;  // the forward order, reversed
-#pragma omp parallel for schedule(static) if (B * GH >= kParallelUnits)
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t r = t * B + b;
-      T* gx = p.gx + r * GH;
-      T* gh = p.gh + r * GH;
-      T* hprev = p.hprev + r * H;
-      if (!active(p, t, b)) {
-        std::memset(gx, 0, sizeof(T) * GH);
-        if (gh != gx) std::memset(gh, 0, sizeof(T) * GH);
-        std::memset(hprev, 0, sizeof(T) * H);
-        if (p.norm_h) p.norm_h[r] = T(0);
-        if (p.norm_c) p.norm_c[r] = T(0);
-        continue;
-      }
-      const int64_t q = prev_step(p, t, b);
-      const T* row = p.ws + r * W;
-      const T* saved = Cell::kSaved ? row + GH : nullptr;
-      const T* h = p.y + r * H;
-      const T* hp = q >= 0 ? p.y + (q * B + b) * H : p.h0 + b * H;
-      const T* c = nullptr;
-      const T* cp = nullptr;
-      if (Cell::kHasCell) {
-        c = row + cell_offset<Cell>() * H;
-        cp = q >= 0 ? p.ws + (q * B + b) * W + cell_offset<Cell>() * H : p.c0 + b * H;
-      }
-      std::memcpy(hprev, hp, sizeof(T) * H);
-      const T* dy = p.dy + r * H;
-      T* dh_state = p.dh0 + b * H;
-      T* dc_state = Cell::kHasCell ? p.dc0 + b * H : nullptr;
-      A sum_h = 0, sum_c = 0;
-      over_units<T, A>(H, [&](auto zero, int64_t j) {
-        using V = decltype(zero);
-        const V dh = ld<V>(dy + j) + ld<V>(dh_state + j);
-        V dc = zero, direct = zero;
-        if constexpr (Cell::kHasCell) dc = ld<V>(dc_state + j);
-        Cell::template backward<T, V>(j, H, dh, &dc, row, saved, h, hp, c, cp, gx, gh,
-                                      &direct, V(A(p.clip)));
-        sum_h += lane_sum(dh * dh);
-        if constexpr (Cell::kHasCell) {
-          sum_c += lane_sum(dc * dc);
-          st(dc_state + j, Cell::template carry<T, V>(j, H, dc, row));
-        }
-        st(dh_state + j, direct);
-      });
-      if (p.norm_h) p.norm_h[r] = T(std::sqrt(sum_h));
-      if (p.norm_c) p.norm_c[r] = T(std::sqrt(sum_c));
-    }
-    // dh_{t-1} += gh_t[B, G*H] @ W_hh[G*H, H]   (inactive rows of gh_t are zero)
-    recurrent.run(p.gh + t * B * GH, p.dh0, true, int(rows_running(p, prefix, t)));
+  };
+  if (team) {
+#pragma omp parallel
+    body(omp_get_num_threads(), omp_get_thread_num());
+  } else {
+    body(1, 0);
   }
 }
 
