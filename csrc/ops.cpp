@@ -17,7 +17,6 @@
 #include "cells/lstm.h"
 #include "cells/rnn.h"
 #include "checks.h"
-#include "cpu/blas.h"
 #include "cpu/loops.h"
 
 namespace pyrnn {

@@ -86,38 +86,64 @@ void mm_tn(int M, int N, int K, const T* A, const T* B, T* C) {
 #endif
 }
 
-// The recurrent product of a time loop: C[M, N] (+)= A[M, K] @ op(Wm), with the same
-// right-hand matrix Wm at every step. op(Wm) = Wm^T for Wm [N, K] (transposed = true) or
-// Wm for Wm [K, N]. float32 packs Wm once (gemm.h); float64 calls the BLAS per step.
+// The recurrent product of a time loop, C[M, N] (+)= A[M, K] @ op(Wm) with the same Wm at
+// every step (op(Wm) = Wm^T for Wm [N, K] if transposed, else Wm for Wm [K, N]), split
+// into panels of columns that never straddle two gate blocks of width `block`, so that a
+// thread of a team can compute the columns of its own hidden units: float32 uses the packed kernel (panels of 32 columns), float64 the BLAS with one
+// panel per gate block (so the float64 loops run on one thread).
 template <typename T>
-class RecurrentGemm {
- public:
-  RecurrentGemm(int M, int N, int K, const T* Wm, bool transposed)
-      : M_(M), N_(N), K_(K), Wm_(Wm), transposed_(transposed) {}
-  // rows: how many leading rows of A and C take part (M by default).
-  void run(const T* A, T* C, bool accumulate, int rows = -1) const {
-    const int M = rows < 0 ? M_ : rows;
-    if (transposed_) mm_nt<T>(M, N_, K_, A, K_, Wm_, K_, C, N_, accumulate);
-    else mm_nn<T>(M, N_, K_, A, K_, Wm_, N_, C, N_, accumulate);
-  }
-
- private:
-  int M_, N_, K_;
-  const T* Wm_;
-  bool transposed_;
-};
+class StepGemm;
 
 template <>
-class RecurrentGemm<float> {  // float32: the packed register-blocked kernel of gemm.h
+class StepGemm<float> {
  public:
-  RecurrentGemm(int M, int N, int K, const float* Wm, bool transposed)
-      : gemm_(M, N, K, Wm, transposed) {}
-  void run(const float* A, float* C, bool accumulate, int rows = -1) const {
-    gemm_.run(A, rows < 0 ? gemm_.rows() : rows, gemm_.depth(), C, gemm_.width(), accumulate);
+  StepGemm(int64_t M, int64_t N, int64_t K, const float* Wm, bool transposed, int64_t block)
+      : gemm_(M, N, K, Wm, transposed, block) {}
+  int64_t panels_per_block() const { return gemm_.panels_per_block(); }
+  int64_t panel_width() const { return PackedGemm::kNR; }
+  void run_panels(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc, bool accumulate,
+                  int64_t p0, int64_t p1) const {
+    gemm_.run_panels(A, M, lda, C, ldc, accumulate, p0, p1);
+  }
+  // All columns, split across threads when large enough.
+  void run(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc, bool accumulate) const {
+    gemm_.run(A, M, lda, C, ldc, accumulate);
   }
 
  private:
   PackedGemm gemm_;
+};
+
+template <>
+class StepGemm<double> {
+ public:
+  StepGemm(int64_t M, int64_t N, int64_t K, const double* Wm, bool transposed, int64_t block)
+      : N_(N), K_(K), block_(block), Wm_(Wm), transposed_(transposed) {
+    (void)M;
+  }
+  int64_t panels_per_block() const { return 1; }
+  int64_t panel_width() const { return block_; }
+  void run(const double* A, int64_t M, int64_t lda, double* C, int64_t ldc,
+           bool accumulate) const {
+    run_panels(A, M, lda, C, ldc, accumulate, 0, N_ / block_);
+  }
+  void run_panels(const double* A, int64_t M, int64_t lda, double* C, int64_t ldc,
+                  bool accumulate, int64_t p0, int64_t p1) const {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * block_;
+      if (transposed_)
+        mm_nt<double>(int(M), int(block_), int(K_), A, int(lda), Wm_ + n0 * K_, int(K_), C + n0,
+                      int(ldc), accumulate);
+      else
+        mm_nn<double>(int(M), int(block_), int(K_), A, int(lda), Wm_ + n0, int(N_), C + n0,
+                      int(ldc), accumulate);
+    }
+  }
+
+ private:
+  int64_t N_, K_, block_;
+  const double* Wm_;
+  bool transposed_;
 };
 
 }  // namespace pyrnn::cpu

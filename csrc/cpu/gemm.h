@@ -41,9 +41,6 @@ class PackedGemm {
   }
 
   int64_t panels_per_block() const { return per_block_; }
-  int64_t rows() const { return M_; }
-  int64_t depth() const { return K_; }
-  int64_t width() const { return N_; }
 
   // The panels [p0, p1) only, for all M rows of A (no threads of its own).
   void run_panels(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc,
@@ -58,10 +55,7 @@ class PackedGemm {
     }
   }
 
-  // A: [M, K] with leading dimension K; C: [M, N] with leading dimension N.
-  void run(const float* A, float* C, bool accumulate) const { run(A, M_, K_, C, N_, accumulate); }
-
-  // The same with M rows and leading dimensions lda, ldc given. Rows go in chunks of
+  // C[M, N] (+)= A[M, K] @ op(Wm), A and C with leading dimensions lda, ldc. Rows go in chunks of
   // kChunk, so that a chunk of A stays in cache while every panel passes over it.
   // bias: [N] added to every row of C (only with accumulate = false), or nullptr.
   void run(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc, bool accumulate,

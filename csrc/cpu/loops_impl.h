@@ -86,57 +86,6 @@ inline A lane_sum(A a) {
 }
 inline float lane_sum(VecF a) { return hsum(a); }
 
-// The recurrent product of a step, split into panels of columns that never straddle two
-// gate blocks, so that a thread of a team can compute the columns of its own hidden
-// units: float32 uses the packed kernel (panels of 32 columns), float64 the BLAS with one
-// panel per gate block (so the float64 loops run on one thread).
-template <typename T>
-class StepGemm;
-
-template <>
-class StepGemm<float> {
- public:
-  StepGemm(int64_t M, int64_t N, int64_t K, const float* Wm, bool transposed, int64_t block)
-      : gemm_(M, N, K, Wm, transposed, block) {}
-  int64_t panels_per_block() const { return gemm_.panels_per_block(); }
-  int64_t panel_width() const { return PackedGemm::kNR; }
-  void run_panels(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc, bool accumulate,
-                  int64_t p0, int64_t p1) const {
-    gemm_.run_panels(A, M, lda, C, ldc, accumulate, p0, p1);
-  }
-
- private:
-  PackedGemm gemm_;
-};
-
-template <>
-class StepGemm<double> {
- public:
-  StepGemm(int64_t M, int64_t N, int64_t K, const double* Wm, bool transposed, int64_t block)
-      : N_(N), K_(K), block_(block), Wm_(Wm), transposed_(transposed) {
-    (void)M;
-  }
-  int64_t panels_per_block() const { return 1; }
-  int64_t panel_width() const { return block_; }
-  void run_panels(const double* A, int64_t M, int64_t lda, double* C, int64_t ldc,
-                  bool accumulate, int64_t p0, int64_t p1) const {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n0 = p * block_;
-      if (transposed_)
-        mm_nt<double>(int(M), int(block_), int(K_), A, int(lda), Wm_ + n0 * K_, int(K_), C + n0,
-                      int(ldc), accumulate);
-      else
-        mm_nn<double>(int(M), int(block_), int(K_), A, int(lda), Wm_ + n0, int(N_), C + n0,
-                      int(ldc), accumulate);
-    }
-  }
-
- private:
-  int64_t N_, K_, block_;
-  const double* Wm_;
-  bool transposed_;
-};
-
 // The forward with one team of threads for the whole sequence (float32; float64 runs it
 // on one thread). Each thread owns a
 // slice of hidden units [u0, u1) across all gate blocks: per step it computes the
@@ -319,13 +268,13 @@ void forward_proj_steps(const LoopArgs<T>& p) {
   const bool keep_c = W >= (cell_offset<Cell>() + 1) * H;
   std::memcpy(p.hT, p.h0, sizeof(T) * B * P);
   std::memcpy(p.cT, p.c0, sizeof(T) * B * H);
-  const RecurrentGemm<T> recurrent(int(B), int(GH), int(P), p.w_hh, true);
-  const RecurrentGemm<T> projection(int(B), int(P), int(H), p.w_hr, true);
+  const StepGemm<T> recurrent(B, GH, P, p.w_hh, true, GH);
+  const StepGemm<T> projection(B, P, H, p.w_hr, true, P);
   const bool prefix = prefix_active(p);
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = p.reverse ? Tn - 1 - s : s;
     const int rows = int(rows_running(p, prefix, t));
-    recurrent.run(p.hT, p.hg, false, rows);
+    recurrent.run(p.hT, rows, P, p.hg, GH, false);
 #pragma omp parallel for schedule(static) if (B * GH >= kParallelUnits)
     for (int64_t b = 0; b < B; ++b) {
       T* row = p.ws + (t * B + b) * W;
@@ -342,7 +291,7 @@ void forward_proj_steps(const LoopArgs<T>& p) {
       });
       if (keep_c) std::memcpy(row + cell_offset<Cell>() * H, c, sizeof(T) * H);
     }
-    projection.run(p.m, p.hnew, false, rows);  // h_t[B, P] = m_t @ W_hr^T
+    projection.run(p.m, rows, H, p.hnew, P, false);  // h_t[B, P] = m_t @ W_hr^T
     for (int64_t b = 0; b < B; ++b) {
       T* yrow = p.y + (t * B + b) * P;
       if (!active(p, t, b)) {
@@ -364,8 +313,8 @@ void backward_proj_steps(const LoopArgs<T>& p) {
   else std::memset(p.dh0, 0, sizeof(T) * B * P);
   if (p.dcT) std::memcpy(p.dc0, p.dcT, sizeof(T) * B * H);
   else std::memset(p.dc0, 0, sizeof(T) * B * H);
-  const RecurrentGemm<T> recurrent(int(B), int(P), int(GH), p.w_hh, false);
-  const RecurrentGemm<T> projection(int(B), int(H), int(P), p.w_hr, false);
+  const StepGemm<T> recurrent(B, P, GH, p.w_hh, false, P);
+  const StepGemm<T> projection(B, H, P, p.w_hr, false, H);
   const bool prefix = prefix_active(p);
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = p.reverse ? s : Tn - 1 - s;
@@ -388,7 +337,7 @@ void backward_proj_steps(const LoopArgs<T>& p) {
       }
       if (p.norm_h) p.norm_h[r] = std::sqrt(sum);
     }
-    projection.run(dht, p.m, false, rows);  // dm_t[B, H] = dh_t @ W_hr
+    projection.run(dht, rows, P, p.m, H, false);  // dm_t[B, H] = dh_t @ W_hr
 #pragma omp parallel for schedule(static) if (B * GH >= kParallelUnits)
     for (int64_t b = 0; b < B; ++b) {
       const int64_t r = t * B + b;
@@ -423,7 +372,7 @@ void backward_proj_steps(const LoopArgs<T>& p) {
       std::memset(p.dh0 + b * P, 0, sizeof(T) * P);  // no path to h_{t-1} but through W_hh
     }
     // dh_{t-1} += gates' gradients[B, 4H] @ W_hh[4H, P]   (inactive rows are zero)
-    recurrent.run(p.gx + t * B * GH, p.dh0, true, rows);
+    recurrent.run(p.gx + t * B * GH, rows, GH, p.dh0, P, true);
   }
 }
 
