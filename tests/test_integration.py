@@ -3,7 +3,7 @@ import copy
 import io
 import os
 import pickle
-import socket
+import sys
 
 import pytest
 import torch
@@ -86,15 +86,9 @@ def test_convert_replaces_cells_and_layers():
     assert not model["cell"].training
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, state, x, cot, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank, world, store, state, x, cot, out_path):
+    # a file store, not TCP: no port to pick and no port to collide on
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     m = pyrnn.LSTM(3, 5, num_layers=2, batch_first=True)
     m.load_state_dict(state)
@@ -107,6 +101,11 @@ def _ddp_worker(rank, world, port, state, x, cot, out_path):
         torch.save({n: p.grad for n, p in m.named_parameters()}, out_path)
     dist.barrier()  # both ranks leave together: no peer closes its connection early
     dist.destroy_process_group()
+    # Leave without the interpreter's teardown: in CI a spawned worker twice aborted there
+    # ("terminate called without an active exception") after its work was done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_ddp_gloo_matches_single_process(tmp_path):
@@ -117,7 +116,8 @@ def test_ddp_gloo_matches_single_process(tmp_path):
     out, _ = m(x)
     (out * cot).sum().div(4).backward()
     path = str(tmp_path / "grads.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), m.state_dict(), x, cot, path), nprocs=2)
+    store = str(tmp_path / "store")
+    mp.spawn(_ddp_worker, args=(2, store, m.state_dict(), x, cot, path), nprocs=2)
     ddp_grads = torch.load(path)
     for n, p in m.named_parameters():
         # float32; the two halves are summed in another order than the full batch
