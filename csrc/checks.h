@@ -134,6 +134,18 @@ inline Dims check_forward_args(Mode m, const at::Tensor& input, const at::Tensor
   return d;
 }
 
+// norm_out, where given, receives the per-step gradient norms in backward: [2, T, B],
+// floating point, on the input's device.
+inline void check_norm_out(const std::optional<at::Tensor>& norm_out, const at::Tensor& input,
+                           const Dims& d) {
+  if (!norm_out) return;
+  TORCH_CHECK_TYPE(norm_out->is_floating_point(),
+                   "norm_out: expected a floating-point tensor, got ", norm_out->scalar_type());
+  TORCH_CHECK_VALUE(norm_out->device() == input.device(), "norm_out: expected device ",
+                    input.device(), " (the input's), got ", norm_out->device());
+  check_shape(*norm_out, "norm_out", {2, d.T, d.B});
+}
+
 // Checks the arguments of a backward call (those of its forward, then what the forward
 // returned and the incoming gradients) and returns the dimensions.
 inline Dims check_backward_args(Mode m, const at::Tensor& grad_output,

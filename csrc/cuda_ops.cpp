@@ -62,13 +62,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
     c10::string_view mode_s, const Tensor& input_, const Tensor& hx_, const OptTensor& cx_,
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_,
     const OptTensor& w_hr_, const OptTensor& lengths_, bool reverse, bool save,
-    double bptt_clip, const OptTensor& norm_sink) {
-  (void)bptt_clip; (void)norm_sink;  // used by backward only
+    double bptt_clip, const OptTensor& norm_out) {
+  (void)bptt_clip;  // used by backward only
   TORCH_CHECK_NOT_IMPLEMENTED(!w_hr_.has_value(),
                               "weight_hr: LSTM projections are not supported on CUDA yet");
   const Mode m = parse_mode(std::string(mode_s));
   const Dims d = check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_,
                                     lengths_, /*allow_half=*/true);
+  check_norm_out(norm_out, input_, d);
   const c10::cuda::CUDAGuard guard(input_.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H;

@@ -29,11 +29,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     c10::string_view mode_s, const Tensor& input_, const Tensor& hx_, const OptTensor& cx_,
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_,
     const OptTensor& w_hr_, const OptTensor& lengths_, bool reverse, bool save, double bptt_clip,
-    const OptTensor& norm_sink) {
-  (void)bptt_clip; (void)norm_sink;  // used by backward only
+    const OptTensor& norm_out) {
+  (void)bptt_clip;  // used by backward only
   const Mode m = parse_mode(std::string(mode_s));
   const Dims d =
       check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, lengths_);
+  check_norm_out(norm_out, input_, d);
   const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, P = d.P;
   const Tensor w_hr = w_hr_ ? w_hr_->contiguous() : Tensor();
   const Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
@@ -194,7 +195,7 @@ TORCH_LIBRARY(pyrnn, m) {
       "forward(str mode, Tensor input, Tensor hx, Tensor? cx, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, "
       "Tensor? lengths, bool reverse, "
-      "bool save, float bptt_clip, Tensor? norm_sink) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool save, float bptt_clip, Tensor? norm_out) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "backward(str mode, Tensor grad_output, Tensor? grad_h_n, Tensor? grad_c_n, "
       "Tensor input, Tensor hx, Tensor? cx, Tensor weight_ih, Tensor weight_hh, "

@@ -57,7 +57,12 @@ class _Base(nn.RNNBase):
         super().__init__(mode, *args, **kwargs)
         self.bptt_clip = float(bptt_clip)
         self.record_grad_norms = bool(record_grad_norms)
-        self._norm_sink = None
+        # The backward kernels write the norms into this store (see reserve_grad_norms);
+        # _norm_shape is the (T, B) of the last recording forward, _norm_order the batch
+        # order of its packed input.
+        # A plain attribute, not a buffer: no state_dict entry, no DDP broadcast.
+        self._grad_norm_store = torch.zeros(0)
+        self._norm_shape = None
         self._norm_order = None
 
     def flatten_parameters(self) -> None:
@@ -71,19 +76,46 @@ class _Base(nn.RNNBase):
         super().__setstate__(state)
         self.__dict__.setdefault("bptt_clip", 0.0)
         self.__dict__.setdefault("record_grad_norms", False)
-        self.__dict__.setdefault("_norm_sink", None)
+        self.__dict__.setdefault("_norm_shape", None)
         self.__dict__.setdefault("_norm_order", None)
+        self.__dict__.setdefault("_grad_norm_store", torch.zeros(0))
 
     @property
     def grad_norms(self) -> Optional[GradNorms]:
-        """The norms recorded by the last backward through this module (None if none)."""
-        sink = self._norm_sink
-        if sink is None or sink.grad is None:
+        """The norms recorded by the backward through this module's last recording forward
+        (None before any such backward). A copy: later backward passes do not change it."""
+        if self._norm_shape is None:
             return None
-        g = sink.grad
+        T, B = self._norm_shape
+        g = self._grad_norm_store[:, :, :T, :B]
+        # The forward marks its slots with -1; a layer whose backward never ran (the loss
+        # does not depend on it) keeps them, and its gradient is zero.
+        written = g >= 0
+        if not bool(written.any()):
+            return None
+        g = torch.where(written, g, torch.zeros((), dtype=g.dtype, device=g.device))
         if self._norm_order is not None:
             g = g.index_select(3, self._norm_order)
         return GradNorms(g[:, 0], g[:, 1] if self.mode == "LSTM" else None)
+
+    @torch.compiler.disable(reason="record_grad_norms: the store for the norms is too small "
+                            "for this input; under fullgraph=True call "
+                            "module.reserve_grad_norms(T, B) eagerly before compiling")
+    def reserve_grad_norms(self, steps: int, batch: int, dtype: Optional[torch.dtype] = None):
+        """Make room to record the norms of sequences of up to ``steps`` steps and batches of
+        up to ``batch`` (in ``dtype``, by default the parameters'). The forward calls this
+        itself when the room is short; under torch.compile that call is a graph break, so
+        with ``fullgraph=True`` call it once, eagerly, before the compiled module runs."""
+        LD = self.num_layers * (2 if self.bidirectional else 1)
+        w = self.weight_ih_l0
+        dtype = w.dtype if dtype is None else dtype
+        store = self._grad_norm_store
+        if store.dim() == 4 and store.dtype == dtype and store.device == w.device:
+            steps, batch = max(steps, store.shape[2]), max(batch, store.shape[3])
+            if (steps, batch) == tuple(store.shape[2:]):
+                return
+        self._grad_norm_store = torch.full((LD, 2, steps, batch), -1.0, dtype=dtype,
+                                           device=w.device)
 
     def _weights(self, layer, direction):
         """(weight_ih, weight_hh, bias_ih, bias_hh, weight_hr) of one layer and direction."""
@@ -184,16 +216,19 @@ class _Base(nn.RNNBase):
             h0 = h0.to(dtype)
             c0 = c0.to(dtype) if c0 is not None else None
 
-        sink = None
+        store = None
         if self.record_grad_norms and torch.is_grad_enabled():
-            if torch.compiler.is_compiling():
-                raise NotImplementedError(
-                    "record_grad_norms: recording under torch.compile is not supported yet; "
-                    "record in eager mode (the compiled module's gradients are unaffected)")
-            # The backward op returns the norms as this leaf's gradient (see pyrnn.ops).
-            # A forward without grad (evaluation) keeps the last record.
-            sink = x.new_zeros(LD, 2, T, B, requires_grad=True)
-            self._norm_sink = sink
+            # The backward ops write the norms into a module buffer (pyrnn.ops, norm_out),
+            # which torch.compile sees as a graph input. A forward without grad
+            # (evaluation) keeps the last record.
+            store = self._grad_norm_store
+            if (store.dim() != 4 or store.shape[2] < T or store.shape[3] < B
+                    or store.dtype != dtype or store.device != x.device):
+                self.reserve_grad_norms(T, B, dtype)
+                store = self._grad_norm_store
+            store = store[:, :, :T, :B]
+            store.fill_(-1.0)
+            self._norm_shape = (T, B)
             self._norm_order = unsorted_idx if packed else None
 
         layer_input = x
@@ -206,7 +241,7 @@ class _Base(nn.RNNBase):
                     None if w is None else w.to(dtype) for w in self._weights(layer, d))
                 out, h, c = ops.layer(
                     mode, layer_input, h0[k], c0[k] if is_lstm else None, w_ih, w_hh, b_ih,
-                    b_hh, lengths, d == 1, self.bptt_clip, None if sink is None else sink[k],
+                    b_hh, lengths, d == 1, self.bptt_clip, None if store is None else store[k],
                     w_hr)
                 outs.append(out)
                 h_n.append(h)

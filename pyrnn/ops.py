@@ -8,9 +8,11 @@ t < lengths[b]: later steps leave its state unchanged and give zero output. With
 ``reverse=True`` the layer runs from each sequence's own last step back to step 0.
 
 ``bptt_clip=c > 0`` clamps the gradient of every gate pre-activation to [-c, c] inside
-BPTT. ``norm_sink``, a tensor of shape [2, T, B] that requires grad, receives as its
-gradient the per-step L2 norms of dLoss/dh_t (row 0) and, for LSTM, dLoss/dc_t (row 1),
-computed by the backward kernel itself.
+BPTT. ``norm_out``, a tensor of shape [2, T, B], is filled by the backward kernel with
+the per-step L2 norms of dLoss/dh_t (row 0) and, for LSTM, dLoss/dc_t (row 1; zero for
+the other cells). It is written in place when the backward runs (also under
+torch.compile, where it must be a graph input such as a module buffer, not a tensor
+created inside the compiled region).
 """
 from typing import Optional
 
@@ -25,7 +27,7 @@ _SAVED = {"lstm": 5, "gru": 4}  # workspace row width in units of H (see csrc/op
 
 @torch.library.register_fake("pyrnn::forward")
 def _forward_fake(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                  lengths, reverse, save, bptt_clip, norm_sink):
+                  lengths, reverse, save, bptt_clip, norm_out):
     T, B = input.shape[0], input.shape[1]
     H, P = weight_hh.shape[0] // GATES[mode], weight_hh.shape[1]
     output = input.new_empty(T, B, P)
@@ -58,11 +60,14 @@ def _backward_fake(mode, grad_output, grad_h_n, grad_c_n, input, hx, cx, weight_
 
 def _setup_context(ctx, inputs, output):
     (mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse,
-     save, bptt_clip, norm_sink) = inputs
+     save, bptt_clip, norm_out) = inputs
     out, _, _, workspace = output
     ctx.mode, ctx.reverse, ctx.bptt_clip = mode, reverse, bptt_clip
     ctx.has_bias = bias_ih is not None
-    ctx.record = norm_sink is not None
+    ctx.record = norm_out is not None
+    # Held as a plain attribute, not saved: the backward writes into it, and several
+    # layers write into views of one store.
+    ctx.norm_out = norm_out
     ctx.saved = save
     if not input.requires_grad:
         # weight_ih only serves dX: keep a one-element stand-in with its shape instead
@@ -81,11 +86,13 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
         ctx.mode, grad_output, grad_h_n, grad_c_n if ctx.mode == "lstm" else None, input, hx,
         cx, weight_ih, weight_hh, weight_hr, ctx.has_bias, ctx.needs_input_grad[1], lengths,
         out, workspace, ctx.reverse, ctx.bptt_clip, ctx.record)
+    if ctx.record:
+        ctx.norm_out.copy_(norms)
     return (None, dx if ctx.needs_input_grad[1] else None, dh,
             dc if ctx.mode == "lstm" else None, dw_ih, dw_hh,
             db_ih if ctx.has_bias else None, db_hh if ctx.has_bias else None,
             dw_hr if weight_hr is not None else None,
-            None, None, None, None, norms if ctx.record else None)
+            None, None, None, None, None)
 
 
 torch.library.register_autograd("pyrnn::forward", _backward, setup_context=_setup_context)
@@ -112,43 +119,42 @@ def _needs_save(*tensors):
 def layer(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], weight_ih: Tensor,
           weight_hh: Tensor, bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
           lengths: Optional[Tensor] = None, reverse: bool = False, bptt_clip: float = 0.0,
-          norm_sink: Optional[Tensor] = None, weight_hr: Optional[Tensor] = None):
+          norm_out: Optional[Tensor] = None, weight_hr: Optional[Tensor] = None):
     """One layer in one direction. Returns (output, h_n, c_n); c_n is None unless LSTM.
     weight_hr [P, H] (LSTM only) projects h_t = W_hr (o_t * tanh(c_t)); hx is then [B, P]."""
-    save = _needs_save(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                       norm_sink)
+    save = _needs_save(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
     out, h_n, c_n, _ = torch.ops.pyrnn.forward(
         mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
-        reverse, save, float(bptt_clip), norm_sink)
+        reverse, save, float(bptt_clip), norm_out)
     return out, h_n, (c_n if mode == "lstm" else None)
 
 
 def rnn_tanh(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,
-             reverse=False, bptt_clip=0.0, norm_sink=None):
+             reverse=False, bptt_clip=0.0, norm_out=None):
     """Elman RNN with tanh: h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh). -> (output, h_n)"""
     out, h, _ = layer("rnn_tanh", input, hx, None, weight_ih, weight_hh, bias_ih, bias_hh,
-                      lengths, reverse, bptt_clip, norm_sink)
+                      lengths, reverse, bptt_clip, norm_out)
     return out, h
 
 
 def rnn_relu(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,
-             reverse=False, bptt_clip=0.0, norm_sink=None):
+             reverse=False, bptt_clip=0.0, norm_out=None):
     """Elman RNN with ReLU. -> (output, h_n)"""
     out, h, _ = layer("rnn_relu", input, hx, None, weight_ih, weight_hh, bias_ih, bias_hh,
-                      lengths, reverse, bptt_clip, norm_sink)
+                      lengths, reverse, bptt_clip, norm_out)
     return out, h
 
 
 def lstm(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,
-         reverse=False, bptt_clip=0.0, norm_sink=None, weight_hr=None):
+         reverse=False, bptt_clip=0.0, norm_out=None, weight_hr=None):
     """LSTM, gates i, f, g, o; optional projection weight_hr [P, H]. -> (output, h_n, c_n)"""
     return layer("lstm", input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
-                 reverse, bptt_clip, norm_sink, weight_hr)
+                 reverse, bptt_clip, norm_out, weight_hr)
 
 
 def gru(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,
-        reverse=False, bptt_clip=0.0, norm_sink=None):
+        reverse=False, bptt_clip=0.0, norm_out=None):
     """GRU, PyTorch's variant (reset gate applied to W_hn h + b_hn). -> (output, h_n)"""
     out, h, _ = layer("gru", input, hx, None, weight_ih, weight_hh, bias_ih, bias_hh,
-                      lengths, reverse, bptt_clip, norm_sink)
+                      lengths, reverse, bptt_clip, norm_out)
     return out, h

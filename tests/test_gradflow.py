@@ -32,8 +32,8 @@ def test_op_norms_match_reference(mode, reverse, use_lengths):
     T, B = 7, 3
     args = make_layer_args(mode, T, B, 4, 6)
     lengths = torch.tensor([7, 2, 5]) if use_lengths else None
-    sink = torch.zeros(2, T, B, dtype=torch.float64, requires_grad=True)
-    out = call_op(ops, mode, *args, lengths=lengths, reverse=reverse, norm_sink=sink)
+    norms = torch.full((2, T, B), -1.0, dtype=torch.float64)  # every slot is overwritten
+    out = call_op(ops, mode, *args, lengths=lengths, reverse=reverse, norm_out=norms)
     steps = []
     ref = call_op(reference, mode, *args, lengths=lengths, reverse=reverse, steps=steps)
     gen = torch.Generator().manual_seed(5)
@@ -41,10 +41,12 @@ def test_op_norms_match_reference(mode, reverse, use_lengths):
     torch.autograd.backward([o for o in out if o is not None], cot)
     torch.autograd.backward([o for o in ref if o is not None], cot)
     h, c = _reference_norms(steps, T, B)
-    torch.testing.assert_close(sink.grad[0], h, **TOL)
+    torch.testing.assert_close(norms[0], h, **TOL)
     if mode == "lstm":
-        torch.testing.assert_close(sink.grad[1], c, **TOL)
-    assert sink.grad[0].min() >= 0 and sink.grad[0].max() > 0
+        torch.testing.assert_close(norms[1], c, **TOL)
+    else:
+        assert torch.all(norms[1] == 0)
+    assert norms[0].min() >= 0 and norms[0].max() > 0
 
 
 def _module_reference_norms(m, x, lengths, h0, cot_out):
@@ -164,3 +166,26 @@ def test_analyse_module():
 def test_analysis_of_a_dead_gradient():
     s = gradflow.analyse(torch.zeros(10))
     assert s.first_last_ratio == 0.0 and s.flag == gradflow.VANISHING
+
+
+def test_record_lifecycle():
+    torch.manual_seed(0)
+    m = pyrnn.LSTM(3, 4, num_layers=2, record_grad_norms=True)
+    out, (h, c) = m(torch.randn(6, 2, 3))
+    assert m.grad_norms is None  # forward only: nothing recorded yet
+    h[0].sum().backward()  # the loss depends on layer 0 only: layer 1's gradient is zero
+    rec = m.grad_norms
+    assert torch.all(rec.hidden[1] == 0) and torch.all(rec.cell[1] == 0)
+    assert torch.all(rec.hidden[0] > 0)
+    kept = rec.hidden.clone()
+    with torch.no_grad():
+        m(torch.randn(9, 5, 3))  # evaluation keeps the last record
+    torch.testing.assert_close(m.grad_norms.hidden, kept, rtol=0, atol=0)
+    out, _ = m(torch.randn(3, 1, 3))
+    out.sum().backward()
+    assert m.grad_norms.hidden.shape == (2, 3, 1)
+    assert torch.equal(rec.hidden, kept)  # a record is a copy, not a view of the store
+    m.record_grad_norms = False
+    out, _ = m(torch.randn(3, 1, 3))
+    out.sum().backward()
+    assert m.grad_norms.hidden.shape == (2, 3, 1)  # recording off: the last record stays

@@ -406,6 +406,16 @@ def test_op_rejects_lengths_out_of_range(bad):
         torch.ops.pyrnn.forward("lstm", *args, None, lengths, False, False, 0.0, None)
 
 
+@pytest.mark.parametrize("bad,exc,msg", [
+    (torch.zeros(2, T, B + 1), ValueError, rf"norm_out: expected shape \[2, {T}, {B}\], got \[2, {T}, {B + 1}\]"),
+    (torch.zeros(2, T, B, dtype=torch.int32), TypeError, r"norm_out: expected a floating-point"),
+])
+def test_op_rejects_bad_norm_out(bad, exc, msg):
+    args = _op_args("gru")
+    with pytest.raises(exc, match=msg):
+        torch.ops.pyrnn.forward("gru", *args, None, None, False, False, 0.0, bad)
+
+
 @pytest.mark.parametrize("form", ["padded", "packed", "unbatched"])
 @pytest.mark.parametrize("with_hx", [False, True], ids=["no_hx", "hx"])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])

@@ -172,16 +172,16 @@ def test_projection_gradcheck_and_reference(use_lengths, reverse):
 
 def test_projection_float32_and_norms():
     x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr = _proj_args(torch.float32, P=4)
-    sink = torch.zeros(2, T, B, requires_grad=True)
-    out = ops.lstm(x, hx, cx, w_ih, w_hh, b_ih, b_hh, weight_hr=w_hr, norm_sink=sink)
+    norms = torch.full((2, T, B), -1.0)
+    out = ops.lstm(x, hx, cx, w_ih, w_hh, b_ih, b_hh, weight_hr=w_hr, norm_out=norms)
     steps = []
     ref = reference.lstm(x, hx, cx, w_ih, w_hh, b_ih, b_hh, weight_hr=w_hr, steps=steps)
     torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-6)  # float32 rounding
     out[0].backward(torch.ones_like(out[0]))
     ref[0].backward(torch.ones_like(ref[0]))
     for s in steps:  # ||dLoss/dh_t|| over the P projected units, ||dLoss/dc_t|| over H
-        torch.testing.assert_close(sink.grad[0, s["t"]], s["h"].grad.norm(dim=1), rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(sink.grad[1, s["t"]], s["c"].grad.norm(dim=1), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(norms[0, s["t"]], s["h"].grad.norm(dim=1), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(norms[1, s["t"]], s["c"].grad.norm(dim=1), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -214,9 +214,9 @@ def test_threaded_float32_matches_float64_reference(mode, lengths, reverse):
     args64 = make_layer_args(mode, T_, B_, I_, H_, scale=0.09)
     args32 = [None if a is None else a.detach().float().requires_grad_() for a in args64]
     lens = None if lengths is None else torch.tensor(lengths)
-    sink = torch.zeros(2, T_, B_, requires_grad=True)
+    norms = torch.full((2, T_, B_), -1.0)
     ours = [o for o in call_op(ops, mode, *args32, lengths=lens, reverse=reverse,
-                               norm_sink=sink) if o is not None]
+                               norm_out=norms) if o is not None]
     steps = []
     ref = [o for o in call_op(reference, mode, *args64, lengths=lens, reverse=reverse,
                               steps=steps) if o is not None]
@@ -226,7 +226,7 @@ def test_threaded_float32_matches_float64_reference(mode, lengths, reverse):
     cot = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in ref]
     inputs64 = [a for a in args64 if a is not None]
     inputs32 = [a for a in args32 if a is not None]
-    *g32, norms = torch.autograd.grad(ours, inputs32 + [sink], [c.float() for c in cot])
+    g32 = torch.autograd.grad(ours, inputs32, [c.float() for c in cot])
     torch.autograd.backward(ref, cot)
     for a, b in zip(g32, [x.grad for x in inputs64]):
         torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=2e-5 * max(1.0, b.abs().max().item()))
