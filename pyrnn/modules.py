@@ -35,6 +35,26 @@ class GradNorms:
         return f"GradNorms(hidden={tuple(self.hidden.shape)}, cell={None if self.cell is None else tuple(self.cell.shape)})"
 
 
+class GateStats:
+    """Per-step statistics of the gates, recorded by the forward (record_gate_stats=True).
+
+    factor:    [L * D, T, B], the mean over hidden units of the multiplicative factor on
+               the gradient's path back through one step: the forget gate f_t (LSTM),
+               1 - z_t (GRU), the activation's derivative (RNN: 1 - h_t^2 or 1[h_t > 0]).
+    saturated: same shape, the fraction of units whose gate (Elman: activation) is
+               saturated: a sigmoid gate outside [0.05, 0.95], |h_t| > 0.95 for tanh,
+               h_t = 0 for ReLU.
+    Indexed by input position t for both directions; zero at padded steps.
+    """
+
+    def __init__(self, factor: Tensor, saturated: Tensor):
+        self.factor = factor
+        self.saturated = saturated
+
+    def __repr__(self):
+        return f"GateStats(factor={tuple(self.factor.shape)}, saturated={tuple(self.saturated.shape)})"
+
+
 def _unpack(seq: PackedSequence):
     """(padded [T, B, *], lengths [B] int64, rows) for a PackedSequence, in its sorted batch
     order; rows[i] is the row of padded.view(T * B, *) that holds seq.data[i]."""
@@ -53,10 +73,13 @@ class _Base(nn.RNNBase):
     """Shared forward of pyrnn.RNN, LSTM and GRU."""
 
     def __init__(self, mode, *args, bptt_clip: float = 0.0, record_grad_norms: bool = False,
-                 **kwargs):
+                 record_gate_stats: bool = False, **kwargs):
         super().__init__(mode, *args, **kwargs)
         self.bptt_clip = float(bptt_clip)
         self.record_grad_norms = bool(record_grad_norms)
+        self.record_gate_stats = bool(record_gate_stats)
+        self._gate_stats = None  # [L * D, 2, T, B] of the last recording forward
+        self._gate_order = None
         # The backward kernels write the norms into this store (see reserve_grad_norms);
         # _norm_shape is the (T, B) of the last recording forward, _norm_order the batch
         # order of its packed input.
@@ -77,6 +100,9 @@ class _Base(nn.RNNBase):
         self.__dict__.setdefault("bptt_clip", 0.0)
         self.__dict__.setdefault("record_grad_norms", False)
         self.__dict__.setdefault("_norm_shape", None)
+        self.__dict__.setdefault("record_gate_stats", False)
+        self.__dict__.setdefault("_gate_stats", None)
+        self.__dict__.setdefault("_gate_order", None)
         self.__dict__.setdefault("_norm_order", None)
         self.__dict__.setdefault("_grad_norm_store", torch.zeros(0))
 
@@ -97,6 +123,16 @@ class _Base(nn.RNNBase):
         if self._norm_order is not None:
             g = g.index_select(3, self._norm_order)
         return GradNorms(g[:, 0], g[:, 1] if self.mode == "LSTM" else None)
+
+    @property
+    def gate_stats(self) -> Optional[GateStats]:
+        """The gate statistics of the last forward with record_gate_stats on (None if none)."""
+        g = self._gate_stats
+        if g is None:
+            return None
+        if self._gate_order is not None:
+            g = g.index_select(3, self._gate_order)
+        return GateStats(g[:, 0], g[:, 1])
 
     @torch.compiler.disable(reason="record_grad_norms: the store for the norms is too small "
                             "for this input; under fullgraph=True call "
@@ -231,6 +267,12 @@ class _Base(nn.RNNBase):
             self._norm_shape = (T, B)
             self._norm_order = unsorted_idx if packed else None
 
+        stats = None
+        if self.record_gate_stats:
+            stats = x.new_zeros(LD, 2, T, B)
+            self._gate_stats = stats
+            self._gate_order = unsorted_idx if packed else None
+
         layer_input = x
         h_n, c_n = [], []
         for layer in range(self.num_layers):
@@ -242,7 +284,7 @@ class _Base(nn.RNNBase):
                 out, h, c = ops.layer(
                     mode, layer_input, h0[k], c0[k] if is_lstm else None, w_ih, w_hh, b_ih,
                     b_hh, lengths, d == 1, self.bptt_clip, None if store is None else store[k],
-                    w_hr)
+                    w_hr, None if stats is None else stats[k])
                 outs.append(out)
                 h_n.append(h)
                 if is_lstm:
@@ -273,7 +315,8 @@ class RNN(_Base):
     """Elman RNN, a drop-in for torch.nn.RNN (same arguments, parameters and results).
 
     Extra keyword arguments: bptt_clip (clamp gate pre-activation gradients inside BPTT
-    to [-c, c]; 0 = off) and record_grad_norms (see grad_norms).
+    to [-c, c]; 0 = off), record_grad_norms (see grad_norms) and record_gate_stats (see
+    gate_stats).
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,

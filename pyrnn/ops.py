@@ -116,16 +116,54 @@ def _needs_save(*tensors):
         t is not None and t.requires_grad for t in tensors)
 
 
+# A unit counts as saturated when the derivative of its activation is below a fifth of
+# its largest value: a sigmoid gate outside [0.05, 0.95] (g (1 - g) < 0.0475), a tanh
+# unit with |h| > 0.95 (1 - h^2 < 0.0975), a ReLU unit at zero.
+SATURATION = 0.05
+
+
+def _gate_stats(mode, out, workspace, H, lengths):
+    """[2, T, B]: per step and sample, the mean over hidden units of the multiplicative
+    factor on the gradient's path from h_t (c_t) back to step t-1, and the fraction of
+    saturated units (see SATURATION). The factor is the forget gate f_t (LSTM), 1 - z_t
+    (GRU) or the activation's derivative (Elman: 1 - h_t^2 for tanh, 1[h_t > 0] for ReLU).
+    For the gated cells the saturation is that of the same gate. Zero at padded steps."""
+    if mode == "lstm":
+        gate = workspace[..., H:2 * H]  # workspace rows: i, f, g, o, c
+        factor, saturated = gate, (gate < SATURATION) | (gate > 1 - SATURATION)
+    elif mode == "gru":
+        gate = workspace[..., H:2 * H]  # workspace rows: r, z, n, W_hn h + b_hn
+        factor, saturated = 1 - gate, (gate < SATURATION) | (gate > 1 - SATURATION)
+    elif mode == "rnn_tanh":
+        factor, saturated = 1 - out * out, out.abs() > 1 - SATURATION
+    else:
+        factor, saturated = (out > 0).to(out.dtype), out <= 0
+    stats = torch.stack([factor.mean(-1), saturated.to(out.dtype).mean(-1)])
+    if lengths is not None:
+        T = out.shape[0]
+        mask = torch.arange(T).unsqueeze(1) < lengths.unsqueeze(0)
+        stats = stats * mask.to(device=out.device, dtype=out.dtype)
+    return stats
+
+
 def layer(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], weight_ih: Tensor,
           weight_hh: Tensor, bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
           lengths: Optional[Tensor] = None, reverse: bool = False, bptt_clip: float = 0.0,
-          norm_out: Optional[Tensor] = None, weight_hr: Optional[Tensor] = None):
+          norm_out: Optional[Tensor] = None, weight_hr: Optional[Tensor] = None,
+          gate_stats_out: Optional[Tensor] = None):
     """One layer in one direction. Returns (output, h_n, c_n); c_n is None unless LSTM.
-    weight_hr [P, H] (LSTM only) projects h_t = W_hr (o_t * tanh(c_t)); hx is then [B, P]."""
+    weight_hr [P, H] (LSTM only) projects h_t = W_hr (o_t * tanh(c_t)); hx is then [B, P].
+    gate_stats_out, a [2, T, B] tensor, receives the forward's gate statistics (see
+    _gate_stats); the gated cells then keep their activated gates even without grad."""
     save = _needs_save(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
-    out, h_n, c_n, _ = torch.ops.pyrnn.forward(
+    keep = save or (gate_stats_out is not None and mode in _SAVED)
+    out, h_n, c_n, workspace = torch.ops.pyrnn.forward(
         mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
-        reverse, save, float(bptt_clip), norm_out)
+        reverse, keep, float(bptt_clip), norm_out)
+    if gate_stats_out is not None:
+        with torch.no_grad():
+            gate_stats_out.copy_(_gate_stats(mode, out, workspace, weight_hh.shape[0] //
+                                             GATES[mode], lengths))
     return out, h_n, (c_n if mode == "lstm" else None)
 
 

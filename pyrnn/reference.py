@@ -5,8 +5,9 @@ they are the oracle the tests hold the compiled kernels to. They are slow by des
 
 ``bptt_clip`` is applied with tensor hooks on the gate pre-activations, as in
 Graves (2013): the hook clamps dLoss/da to [-c, c] before autograd carries it further.
-``steps``, if a list, receives one dict per step that ran ({"t", "h", "c"}), holding
-the step's h_t and c_t with retain_grad() set, so that a test can read dLoss/dh_t.
+``steps``, if a list, receives one dict per step that ran ({"t", "h", "c", "gate",
+"mask"}), holding the step's h_t and c_t with retain_grad() set, so that a test can read
+dLoss/dh_t, and the forget gate f_t (LSTM) or update gate z_t (GRU; None otherwise).
 """
 import torch
 
@@ -37,7 +38,7 @@ def _run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, r
         if bias_ih is not None:
             xg = xg + bias_ih
             hg = hg + bias_hh
-        c_new = None
+        c_new = gate = None
         if mode in ("rnn_tanh", "rnn_relu"):
             a = _pre(xg + hg, bptt_clip)
             h_new = torch.tanh(a) if mode == "rnn_tanh" else torch.relu(a)
@@ -45,6 +46,7 @@ def _run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, r
             ai, af, ag, ao = (_pre(x, bptt_clip) for x in (xg + hg).chunk(4, 1))
             i, f, g, o = torch.sigmoid(ai), torch.sigmoid(af), torch.tanh(ag), torch.sigmoid(ao)
             c_new = f * c + i * g
+            gate = f
             h_new = o * torch.tanh(c_new)
             if weight_hr is not None:
                 h_new = h_new @ weight_hr.t()
@@ -55,6 +57,7 @@ def _run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, r
             z = torch.sigmoid(_pre(xz + hz, bptt_clip))
             n = torch.tanh(_pre(xn + r * hn, bptt_clip))
             h_new = (1 - z) * n + z * h
+            gate = z
         else:
             raise ValueError(f"mode: expected 'rnn_tanh', 'rnn_relu', 'lstm' or 'gru', got {mode!r}")
         if steps is not None:
@@ -62,7 +65,8 @@ def _run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, r
                 h_new.retain_grad()
             if c_new is not None and c_new.requires_grad:
                 c_new.retain_grad()
-            steps.append({"t": t, "h": h_new, "c": c_new, "mask": mask.squeeze(1)})
+            steps.append({"t": t, "h": h_new, "c": c_new, "gate": gate,
+                          "mask": mask.squeeze(1)})
         h = torch.where(mask, h_new, h)
         if c_new is not None:
             c = torch.where(mask, c_new, c)

@@ -189,3 +189,62 @@ def test_record_lifecycle():
     out, _ = m(torch.randn(3, 1, 3))
     out.sum().backward()
     assert m.grad_norms.hidden.shape == (2, 3, 1)  # recording off: the last record stays
+
+
+def _reference_gate_stats(mode, steps, T, B):
+    """The statistics, from the reference's per-step gates, by the documented rules."""
+    out = torch.zeros(2, T, B, dtype=torch.float64)
+    for s in steps:
+        g, h = s["gate"], s["h"].detach()
+        if mode == "lstm":
+            factor, sat = g, (g < 0.05) | (g > 0.95)
+        elif mode == "gru":
+            factor, sat = 1 - g, (g < 0.05) | (g > 0.95)
+        elif mode == "rnn_tanh":
+            factor, sat = 1 - h ** 2, h.abs() > 0.95
+        else:
+            factor, sat = (h > 0).double(), h == 0
+        m = s["mask"].double()
+        out[0, s["t"]] = factor.detach().mean(1) * m
+        out[1, s["t"]] = sat.double().mean(1) * m
+    return out
+
+
+@pytest.mark.parametrize("cls,kw", [(pyrnn.RNN, {}), (pyrnn.RNN, {"nonlinearity": "relu"}),
+                                    (pyrnn.LSTM, {}), (pyrnn.GRU, {})])
+@pytest.mark.parametrize("grad", [False, True])
+def test_gate_stats_match_reference(cls, kw, grad):
+    # two layers, bidirectional, packed: every indexing path of the record
+    torch.manual_seed(0)
+    T, B, I, H = 6, 3, 4, 5
+    m = cls(I, H, num_layers=2, bidirectional=True, dtype=torch.float64,
+            record_gate_stats=True, **kw)
+    with torch.no_grad():  # large weights, so that some units saturate
+        for p in m.parameters():
+            p.mul_(6)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    lengths = torch.tensor([4, 6, 1])
+    with torch.set_grad_enabled(grad):
+        m(pack_padded_sequence(x, lengths, enforce_sorted=False))
+    rec = m.gate_stats
+    mode = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}[m.mode]
+    inp, expected = x, []
+    for layer in range(2):
+        outs = []
+        for d in range(2):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            w = [getattr(m, n + sfx).detach() for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            h0 = torch.zeros(B, H, dtype=torch.float64)
+            steps = []
+            res = call_op(reference, mode, inp, h0, h0 if mode == "lstm" else None, *w,
+                          lengths=lengths, reverse=d == 1, steps=steps)
+            outs.append(res[0])
+            expected.append(_reference_gate_stats(mode, steps, T, B))
+        inp = torch.cat(outs, 2)
+    expected = torch.stack(expected)
+    # the same float64 gates up to rounding; a unit within rounding of a saturation
+    # threshold could flip, which these random weights do not hit
+    torch.testing.assert_close(rec.factor, expected[:, 0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(rec.saturated, expected[:, 1], rtol=0, atol=1e-12)
+    assert rec.saturated.max() > 0 and rec.factor.max() > 0
+    assert torch.all(rec.factor[:, 1:, 2] == 0)  # padded steps of the length-1 sequence

@@ -139,14 +139,16 @@ def test_autocast_bfloat16_close_to_float32():
 
 @pytest.mark.parametrize("cls", [pyrnn.RNN, pyrnn.LSTM, pyrnn.GRU])
 def test_recording_under_compile_fullgraph(cls):
-    # The backward writes the norms into a module buffer, which the compiled graph takes
-    # as an input; with fullgraph=True the buffer is reserved eagerly first.
+    # The backward writes the norms into a store the module keeps, which the compiled
+    # graph takes as an input; with fullgraph=True it is reserved eagerly first. The gate
+    # statistics of the forward come out of the graph.
     torch.manual_seed(0)
-    m = cls(4, 6, num_layers=2, bidirectional=True, record_grad_norms=True)
+    m = cls(4, 6, num_layers=2, bidirectional=True, record_grad_norms=True,
+            record_gate_stats=True)
     x = torch.randn(5, 3, 4)
     cot = torch.randn(5, 3, 12)
     m(x)[0].backward(cot)
-    eager = m.grad_norms
+    eager, eager_stats = m.grad_norms, m.gate_stats
     torch._dynamo.reset()
     m.reserve_grad_norms(5, 3)
     cm = torch.compile(m, fullgraph=True, backend="inductor")
@@ -158,6 +160,9 @@ def test_recording_under_compile_fullgraph(cls):
         if cls is pyrnn.LSTM:
             torch.testing.assert_close(rec.cell, eager.cell, rtol=1e-6, atol=1e-7)
         assert rec.hidden.shape == (4, 5, 3) and rec.hidden.min() > 0
+        stats = m.gate_stats
+        torch.testing.assert_close(stats.factor, eager_stats.factor, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(stats.saturated, eager_stats.saturated, rtol=0, atol=0)
 
 
 def test_recording_under_fullgraph_without_reservation_says_what_to_do():
