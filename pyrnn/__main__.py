@@ -60,13 +60,14 @@ def cmd_info(args):
 def gradflow_run(cell, T, batch, input_size, hidden, seed):
     """Norms of dLoss/dh_t for a loss on the last step only, at torch.nn's initialisation."""
     torch.manual_seed(seed)
-    m = make_module(cell, input_size, hidden, record_grad_norms=True)
+    m = make_module(cell, input_size, hidden, record_grad_norms=True, record_gate_stats=True)
     x = torch.randn(T, batch, input_size)
     out, _ = m(x)
     target = torch.randn(batch, hidden)
     loss = (out[-1] - target).pow(2).sum(1).mean()
     loss.backward()
-    return m.grad_norms.hidden[0], m.weight_hh_l0.grad.norm().item()
+    return (m.grad_norms.hidden[0], m.weight_hh_l0.grad.norm().item(),
+            m.gate_stats.factor.mean().item())
 
 
 def cmd_gradflow(args):
@@ -77,20 +78,22 @@ def cmd_gradflow(args):
     bar = Progress(len(cells) * len(Ts), "gradflow", force=args.progress)
     for cell in cells:
         for T in Ts:
-            norms, w = gradflow_run(cell, T, args.batch, args.input_size, args.hidden, args.seed)
-            results[cell, T] = (norms, w)
+            results[cell, T] = gradflow_run(cell, T, args.batch, args.input_size, args.hidden,
+                                            args.seed)
             bar.update(note=f"{cell} T={T}")
     bar.close()
     print(f"loss on the last step; batch {args.batch}, input {args.input_size}, "
-          f"hidden {args.hidden}; norms are batch means of ||dLoss/dh_t||")
+          f"hidden {args.hidden}; norms are batch means of ||dLoss/dh_t||; factor is the "
+          f"mean gate factor on the path back through a step (f, 1 - z, or the "
+          f"activation's derivative)")
     print(f"{'cell':9} {'T':>4} {'|dL/dW_hh|':>11} {'|dL/dh_0|':>11} {'|dL/dh_T-1|':>11} "
-          f"{'decay/step':>10} {'half-life':>9}  flag")
-    for (cell, T), (norms, w) in results.items():
+          f"{'decay/step':>10} {'half-life':>9} {'factor':>7}  flag")
+    for (cell, T), (norms, w, factor) in results.items():
         s = gradflow.analyse(norms)
         c = gradflow.curve(norms)
         hl = "inf" if math.isinf(s.half_life) else f"{s.half_life:.1f}"
         print(f"{cell:9} {T:4d} {w:11.4g} {float(c[0]):11.4g} {float(c[-1]):11.4g} "
-              f"{s.decay_rate:10.4f} {hl:>9}  {s.flag}")
+              f"{s.decay_rate:10.4f} {hl:>9} {factor:7.3f}  {s.flag}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         for cell in cells:
