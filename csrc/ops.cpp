@@ -48,8 +48,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   // The GRU writes h_n into its row even when nothing is saved; the LSTM keeps c_t only
   // when saving.
   const int64_t W = saved_width(m, H) && (save || m == Mode::kGru) ? saved_width(m, H) : GH;
-  Tensor ws = at::empty({T, B, W}, opt);
-  // Input projection for all T*B rows in one product: ws[..., :G*H] = x @ W_ih^T + b_ih.
+  // float32 without a projection, batch >= 8: the time loop computes each step's input
+  // projection itself, each thread for the columns of its own units, so that the rows
+  // are still in cache when the pointwise update reads them; a forward that saves
+  // nothing then needs the rows of one step only. Otherwise (small batches, where one
+  // product over all T*B rows runs faster; float64; projections) that product comes
+  // first: ws[..., :G*H] = x @ W_ih^T + b_ih.
+  const bool in_loop = input.scalar_type() == at::kFloat && !w_hr.defined() && B >= 8;
+  const bool one_step = in_loop && !save;
+  Tensor ws = at::empty({one_step ? 1 : T, B, W}, opt);
   Tensor output = at::empty({T, B, P}, opt);
   Tensor h_n = at::empty({B, P}, opt);
   Tensor c_n = m == Mode::kLstm ? at::empty({B, H}, opt) : at::empty({0}, opt);
@@ -57,8 +64,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   Tensor scratch = w_hr.defined() ? at::empty({B, H + P}, opt) : Tensor();  // m_t, h_t
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_forward", [&] {
-    cpu::matmul(input.data_ptr<scalar_t>(), T * B, d.I, w_ih.data_ptr<scalar_t>(), GH, true,
-                ws.data_ptr<scalar_t>(), W, b_ih.defined() ? b_ih.data_ptr<scalar_t>() : nullptr);
+    if (!in_loop)
+      cpu::matmul(input.data_ptr<scalar_t>(), T * B, d.I, w_ih.data_ptr<scalar_t>(), GH, true,
+                  ws.data_ptr<scalar_t>(), W, b_ih.defined() ? b_ih.data_ptr<scalar_t>() : nullptr);
     cpu::LoopArgs<scalar_t> p;
     p.steps = T; p.batch = B; p.hidden = H; p.width = W; p.reverse = reverse;
     p.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
@@ -71,6 +79,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     p.hT = h_n.data_ptr<scalar_t>();
     p.cT = m == Mode::kLstm ? c_n.data_ptr<scalar_t>() : nullptr;
     p.hg = hg.data_ptr<scalar_t>();
+    if (in_loop) {
+      p.x = input.data_ptr<scalar_t>();
+      p.w_ih = w_ih.data_ptr<scalar_t>();
+      p.b_ih = b_ih.defined() ? b_ih.data_ptr<scalar_t>() : nullptr;
+      p.input = d.I;
+      p.ws_one_step = one_step;
+    }
     if (w_hr.defined()) {
       p.proj = P;
       p.w_hr = w_hr.data_ptr<scalar_t>();

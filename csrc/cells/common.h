@@ -50,49 +50,62 @@ PYRNN_HD A where(bool c, A a, A b) {
 }
 
 // ---- float32 exp and tanh for the host, written once for scalars and SIMD lanes ----
-// F is float or a SIMD float type with matching helpers round_int, to_float, pow2i.
+// F is float or a SIMD float type with matching helpers fmin_, fmax_, abs_, copysign_
+// and scale_of (below for float, in csrc/cpu/simd.h for the SIMD type).
 // exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then the Taylor series of
-// e^r to r^7 (truncation error < 1e-8 relative) and a 2^n built from the exponent bits.
-inline int round_int(float t) { return int(t + (t < 0.f ? -0.5f : 0.5f)); }
-inline float to_float(int n) { return float(n); }
-inline float pow2i(int n) {
-  const unsigned bits = unsigned(n + 127) << 23;
+// e^r to r^7 (truncation error < 1e-8 relative) and 2^n built from the exponent bits.
+// n is rounded by adding 1.5 * 2^23, which leaves n in the low mantissa bits of the sum.
+constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2^23
+
+inline float fmin_(float a, float b) { return a < b ? a : b; }
+inline float fmax_(float a, float b) { return a > b ? a : b; }
+inline float abs_(float a) { return std::fabs(a); }
+inline float copysign_(float mag, float sign) { return std::copysign(mag, sign); }
+// 2^n for t = n + kRoundMagic (|n| <= 127).
+inline float scale_of(float t) {
+  int32_t bits, magic;
+  const float m = kRoundMagic;
+  __builtin_memcpy(&bits, &t, sizeof bits);
+  __builtin_memcpy(&magic, &m, sizeof magic);
+  const int32_t e = (bits - magic + 127) << 23;
   float f;
-  __builtin_memcpy(&f, &bits, sizeof f);
+  __builtin_memcpy(&f, &e, sizeof f);
   return f;
 }
 
+// Returns e^r - 1 for the reduced argument and sets `scale` to 2^n, where x = n ln2 + r.
 template <typename F>
-inline F poly_exp(F x) {
-  x = where(x < F(-87.3f), F(-87.3f), x);
-  x = where(x > F(88.3f), F(88.3f), x);
-  const auto n = round_int(x * F(1.44269504088896341f));
-  const F nf = to_float(n);
-  const F r = x - nf * F(0.693145751953125f) - nf * F(1.42860682030941723e-6f);
+inline F exp_reduced(F x, F& scale) {
+  const F t = x * F(1.44269504088896341f) + F(kRoundMagic);
+  const F nf = t - F(kRoundMagic);
+  F r = x - nf * F(0.693145751953125f);
+  r = r - nf * F(1.42860682030941723e-6f);
   F p = F(1.f / 5040.f);
   p = p * r + F(1.f / 720.f);
   p = p * r + F(1.f / 120.f);
   p = p * r + F(1.f / 24.f);
   p = p * r + F(1.f / 6.f);
   p = p * r + F(0.5f);
-  p = p * r + F(1.f);
-  p = p * r + F(1.f);
-  return p * pow2i(n);
+  scale = scale_of(t);
+  return (p * r) * r + r;
 }
 
-// tanh: the odd Taylor series to x^9 for |x| < 1/4 (error < 1e-8 relative), else
-// (1 - e) / (1 + e) with e = exp(-2|x|) (a few ulp); |x| is capped at 9, where
-// tanh rounds to 1 in float32.
+template <typename F>
+inline F poly_exp(F x) {
+  F scale;
+  const F pm1 = exp_reduced(fmin_(fmax_(x, F(-87.3f)), F(88.3f)), scale);
+  return scale * pm1 + scale;
+}
+
+// tanh |x| = -m / (m + 2) with m = e^(-2|x|) - 1, computed as 2^n (p + 1) - 1 from the
+// reduced exp, so that small |x| keeps its relative precision (about 2e-7 overall);
+// |x| is capped at 9, where tanh rounds to 1 in float32.
 template <typename F>
 inline F poly_tanh(F x) {
-  const F ax = where(x < F(0.f), -x, x);
-  const F e = poly_exp(F(-2.f) * where(ax > F(9.f), F(9.f), ax));
-  const F big = (F(1.f) - e) / (F(1.f) + e);
-  const F x2 = x * x;
-  const F small =
-      x * (F(1.f) + x2 * (F(-1.f / 3.f) + x2 * (F(2.f / 15.f) + x2 * (F(-17.f / 315.f) +
-                                                                     x2 * F(62.f / 2835.f)))));
-  return where(ax < F(0.25f), small, where(x < F(0.f), -big, big));
+  F scale;
+  const F pm1 = exp_reduced(F(-2.f) * fmin_(abs_(x), F(9.f)), scale);
+  const F m = scale * pm1 + (scale - F(1.f));
+  return copysign_(-m / (m + F(2.f)), x);
 }
 
 // The activations the cells call. double uses the C library; float uses the C

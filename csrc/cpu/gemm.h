@@ -42,16 +42,18 @@ class PackedGemm {
 
   int64_t panels_per_block() const { return per_block_; }
 
-  // The panels [p0, p1) only, for all M rows of A (no threads of its own).
+  // The panels [p0, p1) only, for all M rows of A (no threads of its own). bias: as
+  // for run.
   void run_panels(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc,
-                  bool accumulate, int64_t p0, int64_t p1) const {
+                  bool accumulate, int64_t p0, int64_t p1, const float* bias = nullptr) const {
     for (int64_t p = p0; p < p1; ++p) {
       const v16f* panel = packed_.get() + p * K_ * kV;
       const int64_t n0 = first_column(p), cols = columns(p);
+      const float* bp = bias ? bias + n0 : nullptr;
       int64_t i = 0;
       for (; i + kMR <= M; i += kMR)
-        block<kMR>(A + i * lda, lda, 1, panel, C + i * ldc + n0, ldc, cols, accumulate);
-      tail(M - i, A + i * lda, lda, 1, panel, C + i * ldc + n0, ldc, cols, accumulate);
+        block<kMR>(A + i * lda, lda, 1, panel, C + i * ldc + n0, ldc, cols, accumulate, bp);
+      tail(M - i, A + i * lda, lda, 1, panel, C + i * ldc + n0, ldc, cols, accumulate, bp);
     }
   }
 

@@ -31,6 +31,14 @@ struct LoopArgs {
   T* hT = nullptr;   // forward: running h state, then h_n
   T* cT = nullptr;   // forward: running c state, then c_n
   T* hg = nullptr;   // scratch [B, G*H]
+  // Optional (forward): with x set, the loop computes each step's input projection
+  // x_t @ W_ih^T + b_ih into the first G*H entries of the step's rows itself.
+  const T* x = nullptr;     // [T, B, I]
+  const T* w_ih = nullptr;  // [G*H, I]
+  const T* b_ih = nullptr;  // [G*H] or nullptr
+  int64_t input = 0;        // I
+  bool ws_one_step = false; // (with x) ws holds the rows of one step only, reused at
+                            // every step: a forward that saves nothing
 
   // backward only
   const T* dy = nullptr;    // [T, B, H]

@@ -101,11 +101,17 @@ void forward_steps(const LoopArgs<T>& p) {
   std::unique_ptr<T[]> other(new T[B * H + 1]);
   T* bufs[2] = {p.hT, other.get()};
   const StepGemm<T> gemm(B, GH, H, p.w_hh, true, H);
+  // The input projection, when the loop computes it (float32): the same panel layout, so
+  // each thread projects the columns of its own units, just before it needs them.
+  std::unique_ptr<PackedGemm> xgemm;
+  if constexpr (std::is_same_v<T, float>) {
+    if (p.x) xgemm.reset(new PackedGemm(B, GH, p.input, p.w_ih, true, H));
+  }
   const int64_t per = gemm.panels_per_block();
   const bool prefix = prefix_active(p);
   // One thread when the step is small, and for float64 (whose BLAS must not be called
   // from inside a parallel region: it would start a nested team on every call).
-  const bool team = per > 1 && 2 * B * GH * H >= (1 << 19);
+  const bool team = per > 1 && 2 * B * GH * (H + p.input * (p.x != nullptr)) >= (1 << 19);
   auto body = [&](int64_t nt, int64_t id) {
     const int64_t q0 = per * id / nt, q1 = per * (id + 1) / nt;
     const int64_t u0 = std::min(q0 * gemm.panel_width(), H);
@@ -115,11 +121,18 @@ void forward_steps(const LoopArgs<T>& p) {
       const T* hcur = bufs[s % 2];
       T* hnext = bufs[(s + 1) % 2];
       const int64_t rows = rows_running(p, prefix, t);
+      const int64_t ws_step = p.ws_one_step ? 0 : t;  // the rows of step t in ws
+      if constexpr (std::is_same_v<T, float>) {
+        if (xgemm)  // ws[t, :, my columns] = x_t @ W_ih^T + b_ih
+          for (int64_t g = 0; g < G; ++g)
+            xgemm->run_panels(p.x + t * B * p.input, rows, p.input, p.ws + ws_step * B * W, W,
+                              false, g * per + q0, g * per + q1, p.b_ih);
+      }
       for (int64_t g = 0; g < G; ++g)  // hg[:, my columns] = h_{t-1} @ W_hh^T
         gemm.run_panels(hcur, rows, H, p.hg, GH, false, g * per + q0, g * per + q1);
       for (int64_t b = 0; b < B && u1 > u0; ++b) {
         T* yrow = p.y + (t * B + b) * H;
-        T* row = p.ws + (t * B + b) * W;
+        T* row = p.ws + (ws_step * B + b) * W;
         T* h = hnext + b * H;
         if (!active(p, t, b)) {  // state unchanged, zero output and workspace
           std::memcpy(h + u0, hcur + b * H + u0, sizeof(T) * (u1 - u0));
@@ -134,8 +147,8 @@ void forward_steps(const LoopArgs<T>& p) {
         over_units<T, T>(u0, u1, [&](auto zero, int64_t j) {
           using V = decltype(zero);
           Cell::template forward<T, V>(j, H, row, hg, p.b_hh, hp, c, h, c, saved);
+          st(yrow + j, ld<V>(h + j));
         });
-        std::memcpy(yrow + u0, h + u0, sizeof(T) * (u1 - u0));
         if (keep_c) std::memcpy(row + cell_offset<Cell>() * H + u0, c + u0, sizeof(T) * (u1 - u0));
       }
 #pragma omp barrier

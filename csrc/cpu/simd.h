@@ -1,8 +1,12 @@
 // A float32 SIMD type for the CPU time loops, built on GCC/Clang vector extensions
 // (16 lanes when compiled for AVX-512, else 8). It supplies exactly what the cells use: arithmetic, comparisons,
-// where(), ld/st (through Mem) and the helpers of poly_exp.
+// where(), ld/st (through Mem) and the helpers of poly_exp and poly_tanh.
 #pragma once
 #include <cstdint>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors passed by value, internal only
@@ -24,9 +28,6 @@ typedef int32_t v8i __attribute__((vector_size(4 * kSimdLanes)));
 struct MaskF {
   v8i m;
 };
-struct IntF {  // lane exponents (a struct, so that argument-dependent lookup finds it)
-  v8i n;
-};
 
 struct VecF {
   static constexpr int kLanes = kSimdLanes;
@@ -45,12 +46,32 @@ inline MaskF operator<(VecF a, VecF b) { return {a.v < b.v}; }
 inline MaskF operator>(VecF a, VecF b) { return {a.v > b.v}; }
 inline VecF where(MaskF c, VecF a, VecF b) { return c.m ? a.v : b.v; }
 
-inline IntF round_int(VecF t) {
-  const v8f half = t.v < 0.f ? v8f{} - 0.5f : v8f{} + 0.5f;
-  return {__builtin_convertvector(t.v + half, v8i)};
+inline VecF fmin_(VecF a, VecF b) {
+#if defined(__AVX512F__)
+  return (v8f)_mm512_min_ps((__m512)a.v, (__m512)b.v);
+#elif defined(__AVX__)
+  return (v8f)_mm256_min_ps((__m256)a.v, (__m256)b.v);
+#else
+  return where(a < b, a, b);
+#endif
 }
-inline VecF to_float(IntF n) { return __builtin_convertvector(n.n, v8f); }
-inline VecF pow2i(IntF n) { return (v8f)((n.n + 127) << 23); }
+inline VecF fmax_(VecF a, VecF b) {
+#if defined(__AVX512F__)
+  return (v8f)_mm512_max_ps((__m512)a.v, (__m512)b.v);
+#elif defined(__AVX__)
+  return (v8f)_mm256_max_ps((__m256)a.v, (__m256)b.v);
+#else
+  return where(a > b, a, b);
+#endif
+}
+inline VecF abs_(VecF a) { return (v8f)((v8i)a.v & 0x7fffffff); }
+inline VecF copysign_(VecF mag, VecF sign) {
+  return (v8f)(((v8i)mag.v & 0x7fffffff) | ((v8i)sign.v & int32_t(0x80000000u)));
+}
+inline VecF scale_of(VecF t) {
+  const v8i magic = (v8i)(v8f{} + kRoundMagic);
+  return (v8f)(((v8i)t.v - magic + 127) << 23);
+}
 
 inline VecF math_exp(VecF x) { return poly_exp(x); }
 inline VecF math_tanh(VecF x) { return poly_tanh(x); }
