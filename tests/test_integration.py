@@ -187,3 +187,22 @@ def test_recording_under_compile_grows_its_store():
         assert m.grad_norms.hidden.shape == (1, T, B)
         torch.testing.assert_close(m.grad_norms.hidden, ref.grad_norms.hidden, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(m.grad_norms.cell, ref.grad_norms.cell, rtol=1e-6, atol=1e-7)
+
+
+def test_recording_under_compile_dynamic_shapes():
+    # one reservation, then one graph with symbolic T and B serves every smaller input
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = pyrnn.LSTM(3, 4, record_grad_norms=True)
+    ref = pyrnn.LSTM(3, 4, record_grad_norms=True)
+    ref.load_state_dict(m.state_dict())
+    m.reserve_grad_norms(10, 4)
+    cm = torch.compile(m, fullgraph=True, dynamic=True, backend="inductor")
+    for T, B in [(5, 2), (7, 3), (9, 4)]:
+        x = torch.randn(T, B, 3)
+        cm(x)[0].sum().backward()
+        ref(x)[0].sum().backward()
+        assert m.grad_norms.hidden.shape == (1, T, B)
+        # same kernels; float32 rounding of the glue ops may differ
+        torch.testing.assert_close(m.grad_norms.hidden, ref.grad_norms.hidden, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(m.grad_norms.cell, ref.grad_norms.cell, rtol=1e-6, atol=1e-7)
