@@ -80,6 +80,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     p.cT = m == Mode::kLstm ? c_n.data_ptr<scalar_t>() : nullptr;
     p.hg = hg.data_ptr<scalar_t>();
     if (in_loop) {
+      p.project = true;
       p.x = input.data_ptr<scalar_t>();
       p.w_ih = w_ih.data_ptr<scalar_t>();
       p.b_ih = b_ih.defined() ? b_ih.data_ptr<scalar_t>() : nullptr;

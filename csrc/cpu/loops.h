@@ -31,13 +31,14 @@ struct LoopArgs {
   T* hT = nullptr;   // forward: running h state, then h_n
   T* cT = nullptr;   // forward: running c state, then c_n
   T* hg = nullptr;   // scratch [B, G*H]
-  // Optional (forward): with x set, the loop computes each step's input projection
-  // x_t @ W_ih^T + b_ih into the first G*H entries of the step's rows itself.
-  const T* x = nullptr;     // [T, B, I]
+  // Optional (forward, float32): with project set, the loop computes each step's input
+  // projection x_t @ W_ih^T + b_ih into the first G*H entries of the step's rows itself.
+  bool project = false;
+  const T* x = nullptr;     // [T, B, I] (nullptr when it is empty)
   const T* w_ih = nullptr;  // [G*H, I]
   const T* b_ih = nullptr;  // [G*H] or nullptr
   int64_t input = 0;        // I
-  bool ws_one_step = false; // (with x) ws holds the rows of one step only, reused at
+  bool ws_one_step = false; // (with project) ws holds the rows of one step only, reused at
                             // every step: a forward that saves nothing
 
   // backward only

@@ -105,13 +105,13 @@ void forward_steps(const LoopArgs<T>& p) {
   // each thread projects the columns of its own units, just before it needs them.
   std::unique_ptr<PackedGemm> xgemm;
   if constexpr (std::is_same_v<T, float>) {
-    if (p.x) xgemm.reset(new PackedGemm(B, GH, p.input, p.w_ih, true, H));
+    if (p.project) xgemm.reset(new PackedGemm(B, GH, p.input, p.w_ih, true, H));
   }
   const int64_t per = gemm.panels_per_block();
   const bool prefix = prefix_active(p);
   // One thread when the step is small, and for float64 (whose BLAS must not be called
   // from inside a parallel region: it would start a nested team on every call).
-  const bool team = per > 1 && 2 * B * GH * (H + p.input * (p.x != nullptr)) >= (1 << 19);
+  const bool team = per > 1 && 2 * B * GH * (H + p.input * p.project) >= (1 << 19);
   auto body = [&](int64_t nt, int64_t id) {
     const int64_t q0 = per * id / nt, q1 = per * (id + 1) / nt;
     const int64_t u0 = std::min(q0 * gemm.panel_width(), H);
