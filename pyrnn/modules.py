@@ -254,8 +254,8 @@ class _Base(nn.RNNBase):
 
         store = None
         if self.record_grad_norms and torch.is_grad_enabled():
-            # The backward ops write the norms into a module buffer (pyrnn.ops, norm_out),
-            # which torch.compile sees as a graph input. A forward without grad
+            # The backward ops write the norms into the store the module keeps (pyrnn.ops,
+            # norm_out), which torch.compile sees as a graph input. A forward without grad
             # (evaluation) keeps the last record.
             store = self._grad_norm_store
             if (store.dim() != 4 or store.shape[2] < T or store.shape[3] < B

@@ -116,9 +116,10 @@ def _needs_save(*tensors):
         t is not None and t.requires_grad for t in tensors)
 
 
-# A unit counts as saturated when the derivative of its activation is below a fifth of
-# its largest value: a sigmoid gate outside [0.05, 0.95] (g (1 - g) < 0.0475), a tanh
-# unit with |h| > 0.95 (1 - h^2 < 0.0975), a ReLU unit at zero.
+# A unit counts as saturated when its activation is within SATURATION of a bound, where
+# its derivative is small: a sigmoid gate outside [0.05, 0.95] (g (1 - g) < 0.0475, under
+# a fifth of its peak 0.25), a tanh unit with |h| > 0.95 (1 - h^2 < 0.0975, under a
+# tenth of its peak 1), a ReLU unit at zero (derivative 0).
 SATURATION = 0.05
 
 

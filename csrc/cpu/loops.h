@@ -5,7 +5,8 @@
 //
 // Shapes (one layer, one direction):
 //   ws:     [T, B, W]  per-step workspace row; its first G*H entries hold the input
-//                      projection on entry and the activated gates on exit, then
+//                      projection on entry (or, with project, once the loop has
+//                      computed it) and the activated gates on exit, then
 //                      Cell::kSaved*H saved values, then (LSTM) c_t
 //   y:      [T, B, H]  output; zero at steps past a sequence's length
 //   h0, hT: [B, H]     (c0, cT likewise for LSTM)
