@@ -172,33 +172,24 @@ def test_recording_under_fullgraph_without_reservation_says_what_to_do():
         torch.compile(m, fullgraph=True)(torch.randn(5, 2, 3))
 
 
-def test_recording_under_compile_grows_its_store():
-    # Without a reservation the store grows at a graph break, for each larger shape.
+@pytest.mark.parametrize("how", ["grows", "dynamic"])
+def test_recording_under_compile_across_shapes(how):
+    # grows: no reservation, so the store grows at a graph break for each larger shape.
+    # dynamic: one reservation, then one fullgraph graph with symbolic T and B serves
+    # every smaller input.
     torch._dynamo.reset()
     torch.manual_seed(0)
     m = pyrnn.LSTM(3, 4, record_grad_norms=True)
     ref = pyrnn.LSTM(3, 4, record_grad_norms=True)
     ref.load_state_dict(m.state_dict())
-    cm = torch.compile(m, backend="inductor")
-    for T, B in [(4, 2), (7, 3), (5, 2)]:
-        x = torch.randn(T, B, 3)
-        cm(x)[0].sum().backward()
-        ref(x)[0].sum().backward()
-        assert m.grad_norms.hidden.shape == (1, T, B)
-        torch.testing.assert_close(m.grad_norms.hidden, ref.grad_norms.hidden, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(m.grad_norms.cell, ref.grad_norms.cell, rtol=1e-6, atol=1e-7)
-
-
-def test_recording_under_compile_dynamic_shapes():
-    # one reservation, then one graph with symbolic T and B serves every smaller input
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    m = pyrnn.LSTM(3, 4, record_grad_norms=True)
-    ref = pyrnn.LSTM(3, 4, record_grad_norms=True)
-    ref.load_state_dict(m.state_dict())
-    m.reserve_grad_norms(10, 4)
-    cm = torch.compile(m, fullgraph=True, dynamic=True, backend="inductor")
-    for T, B in [(5, 2), (7, 3), (9, 4)]:
+    if how == "grows":
+        cm = torch.compile(m, backend="inductor")
+        shapes = [(4, 2), (7, 3), (5, 2)]
+    else:
+        m.reserve_grad_norms(10, 4)
+        cm = torch.compile(m, fullgraph=True, dynamic=True, backend="inductor")
+        shapes = [(5, 2), (7, 3), (9, 4)]
+    for T, B in shapes:
         x = torch.randn(T, B, 3)
         cm(x)[0].sum().backward()
         ref(x)[0].sum().backward()
