@@ -116,10 +116,9 @@ class _Base(nn.RNNBase):
         g = self._grad_norm_store[:, :, :T, :B]
         # The forward marks its slots with -1; a layer whose backward never ran (the loss
         # does not depend on it) keeps them, and its gradient is zero.
-        written = g >= 0
-        if not bool(written.any()):
+        if not bool((g >= 0).any()):
             return None
-        g = torch.where(written, g, torch.zeros((), dtype=g.dtype, device=g.device))
+        g = g.clamp_min(0)
         if self._norm_order is not None:
             g = g.index_select(3, self._norm_order)
         return GradNorms(g[:, 0], g[:, 1] if self.mode == "LSTM" else None)
@@ -134,6 +133,11 @@ class _Base(nn.RNNBase):
             g = g.index_select(3, self._gate_order)
         return GateStats(g[:, 0], g[:, 1])
 
+    def _norm_store_fits(self, steps, batch, dtype, device) -> bool:
+        s = self._grad_norm_store
+        return (s.dim() == 4 and s.shape[2] >= steps and s.shape[3] >= batch
+                and s.dtype == dtype and s.device == device)
+
     @torch.compiler.disable(reason="record_grad_norms: the store for the norms is too small "
                             "for this input; under fullgraph=True call "
                             "module.reserve_grad_norms(T, B) eagerly before compiling")
@@ -145,11 +149,11 @@ class _Base(nn.RNNBase):
         LD = self.num_layers * (2 if self.bidirectional else 1)
         w = self.weight_ih_l0
         dtype = w.dtype if dtype is None else dtype
+        if self._norm_store_fits(steps, batch, dtype, w.device):
+            return
         store = self._grad_norm_store
         if store.dim() == 4 and store.dtype == dtype and store.device == w.device:
             steps, batch = max(steps, store.shape[2]), max(batch, store.shape[3])
-            if (steps, batch) == tuple(store.shape[2:]):
-                return
         self._grad_norm_store = torch.full((LD, 2, steps, batch), -1.0, dtype=dtype,
                                            device=w.device)
 
@@ -257,12 +261,9 @@ class _Base(nn.RNNBase):
             # The backward ops write the norms into the store the module keeps (pyrnn.ops,
             # norm_out), which torch.compile sees as a graph input. A forward without grad
             # (evaluation) keeps the last record.
-            store = self._grad_norm_store
-            if (store.dim() != 4 or store.shape[2] < T or store.shape[3] < B
-                    or store.dtype != dtype or store.device != x.device):
+            if not self._norm_store_fits(T, B, dtype, x.device):
                 self.reserve_grad_norms(T, B, dtype)
-                store = self._grad_norm_store
-            store = store[:, :, :T, :B]
+            store = self._grad_norm_store[:, :, :T, :B]
             store.fill_(-1.0)
             self._norm_shape = (T, B)
             self._norm_order = unsorted_idx if packed else None
