@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from . import export as _export
 from . import ops
 
 _MODES = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
@@ -197,6 +198,8 @@ class _Base(nn.RNNBase):
             raise TypeError(f"{name}: expected dtype {x.dtype} (the input's), got {h.dtype}")
 
     def forward(self, input, hx=None):
+        if _export.exporting():  # torch.onnx.export: torch.nn's forward (pyrnn/export.py)
+            return _export.module_forward(self, input, hx)
         mode = _MODES[self.mode]
         is_lstm = mode == "lstm"
         packed = isinstance(input, PackedSequence)
@@ -356,6 +359,8 @@ class _CellMixin:
     _mode = None
 
     def _step(self, input, hx, cx):
+        if _export.exporting():  # torch.onnx.export: torch.nn's forward (pyrnn/export.py)
+            return _export.cell_step(self, input, hx, cx)
         if not isinstance(input, Tensor) or not input.is_floating_point():
             raise TypeError(f"input: expected a floating-point tensor, got "
                             f"{input.dtype if isinstance(input, Tensor) else type(input).__name__}")
