@@ -29,11 +29,14 @@ def exporting() -> bool:
     return (torch.jit.is_tracing() or torch.compiler.is_exporting()) and _in_onnx_export()
 
 
-def _torch_view(module: nn.Module, cls: type) -> nn.Module:
+def _torch_view(module: nn.RNNBase, cls: type) -> nn.RNNBase:
     """An instance of torch.nn's class ``cls`` that shares ``module``'s state (parameters,
     buffers and settings are the same objects), so that ``cls.forward`` runs on them."""
     view = cls.__new__(cls)
     view.__dict__.update(module.__dict__)
+    # torch.nn's forward reads the weights from _flat_weights: rebuild it (on the view only)
+    # from the parameters as they are now, e.g. as the exporter substitutes them.
+    view._init_flat_weights()
     return view
 
 

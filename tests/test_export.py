@@ -92,8 +92,11 @@ def _export(model, args, dynamo, path):
             logging.disable(logging.NOTSET)
     graph = onnx.load(path).graph
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    feed = {i.name: args[NAMES.index(i.name)].numpy() for i in sess.get_inputs()}
-    return graph, [torch.from_numpy(o) for o in sess.run(None, feed)]
+
+    def run(args):
+        feed = {i.name: args[NAMES.index(i.name)].numpy() for i in sess.get_inputs()}
+        return [torch.from_numpy(o) for o in sess.run(None, feed)]
+    return graph, run
 
 
 # The recurrent operators torch.nn's modules export to, per exporter: each layer of a
@@ -114,8 +117,9 @@ def test_export_runs_in_onnxruntime_as_torch_nn(dynamo, tmp_path):
     with torch.no_grad():
         ours, ref = model(*args), twin(*args)
 
-    graph, got = _export(model, args, dynamo, tmp_path / "pyrnn.onnx")
-    twin_graph, twin_got = _export(twin, args, dynamo, tmp_path / "torch.onnx")
+    graph, run = _export(model, args, dynamo, tmp_path / "pyrnn.onnx")
+    twin_graph, twin_run = _export(twin, args, dynamo, tmp_path / "torch.onnx")
+    got, twin_got = run(args), twin_run(args)
 
     ops = collections.Counter(n.op_type for n in graph.node)
     # ONNX's own operators, one per layer and call, and exactly the graph torch.nn gives.
@@ -123,6 +127,10 @@ def test_export_runs_in_onnxruntime_as_torch_nn(dynamo, tmp_path):
     assert ops == collections.Counter(n.op_type for n in twin_graph.node)
     assert not {"Loop", "Scan"} & set(ops)
     assert all(n.domain in ("", "ai.onnx") for n in graph.node), {n.domain for n in graph.node}
+    # Packed input reaches the operators as their sequence_lens (input 4).
+    with_lengths = [n for n in graph.node if n.op_type in ("LSTM", "GRU", "RNN")
+                    and len(n.input) > 4 and n.input[4]]
+    assert len(with_lengths) == (3 if packed else 0)
 
     assert len(got) == len(ours) == len(twin_got)
     for k, (o, p, t, ot) in enumerate(zip(got, ours, ref, twin_got)):
@@ -203,3 +211,18 @@ def test_to_torch_bare_module(cls):
     assert type(again) is cls
     for (k, a), (_, b) in zip(again.state_dict().items(), m.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_export_packed_lengths_are_an_input(tmp_path):
+    # The TorchScript export of a model that packs its input runs other lengths (same
+    # longest length) as pyrnn does: the lengths are not baked into the graph.
+    model = Zoo(True).eval()
+    _, run = _export(model, _inputs(), False, tmp_path / "m.onnx")
+    args = (*_inputs()[:4], torch.tensor([3, 5, 1]))
+    with torch.no_grad():
+        want = model(*args)
+    got = run(args)
+    for k in range(len(want) - 7, len(want)):  # the packed modules' outputs and states
+        # float32 against float32 over 5 steps, values of size ~1: the bound measured in
+        # test_export_runs_in_onnxruntime_as_torch_nn stays below 1e-5 (a few ulps).
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-5, msg=f"output {k}")
