@@ -5,8 +5,6 @@ shapes, initialisation and state_dict layout are torch.nn's own; only forward di
 (They derive from RNNBase rather than from torch.nn.LSTM etc. so that torch.compile
 traces them instead of breaking the graph.)
 """
-import math
-import warnings
 from typing import Optional
 
 import torch
@@ -14,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from . import export as _export
 from . import ops
 
 _MODES = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
@@ -327,6 +326,8 @@ class _Base(nn.RNNBase):
         return x, None, None, None, batched, states
 
     def forward(self, input, hx=None):
+        if _export.exporting():
+            return _export.module_forward(self, input, hx)
         mode = _MODES[self.mode]
         is_lstm = mode == "lstm"
         packed = isinstance(input, PackedSequence)
@@ -472,6 +473,8 @@ class _CellMixin:
 
     def _step(self, input, hx):
         """input [B, I] or [I]; hx None, a tensor, or (h, c) for the LSTM cell."""
+        if _export.exporting():
+            return _export.cell_step(self, input, hx)
         is_lstm = self._mode == "lstm"
         if input.dim() not in (1, 2):
             raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got "
