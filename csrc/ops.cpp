@@ -189,7 +189,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   });
 
   // Everything that does not depend on the order of time: single products over T*B rows.
-  const Tensor gx2 = gx.view({T * B, GH}), gh2 = gh.view({T * B, GH});
   Tensor dx = at::empty({0}, opt);
   if (input_grad) {  // dX[T*B, I] = gx[T*B, G*H] @ W_ih[G*H, I]
     dx = at::empty({T, B, d.I}, opt);
@@ -210,8 +209,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
       cpu::matmul_tn(dhtot.data_ptr<scalar_t>(), P, T * B, mall.data_ptr<scalar_t>(), H,
                      dw_hr.data_ptr<scalar_t>());
   });
-  Tensor db_ih = has_bias ? gx2.sum(0) : at::empty({0}, opt);
-  Tensor db_hh = !has_bias ? at::empty({0}, opt) : m == Mode::kGru ? gh2.sum(0) : db_ih.clone();
+  // the bias gradients: column sums over the T*B rows, in an order fixed by T*B alone
+  Tensor db_ih = has_bias ? at::empty({GH}, opt) : at::empty({0}, opt);
+  Tensor db_hh = has_bias ? at::empty({GH}, opt) : at::empty({0}, opt);
+  if (has_bias) {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_backward_db", [&] {
+      cpu::column_sums(gx.data_ptr<scalar_t>(), T * B, GH, db_ih.data_ptr<scalar_t>());
+      if (m == Mode::kGru)
+        cpu::column_sums(gh.data_ptr<scalar_t>(), T * B, GH, db_hh.data_ptr<scalar_t>());
+      else
+        db_hh.copy_(db_ih);
+    });
+  }
   return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms};
 }
 

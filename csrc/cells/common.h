@@ -55,13 +55,15 @@ PYRNN_HD A where(bool c, A a, A b) {
 // exp: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then the Taylor series of
 // e^r to r^7 (truncation error < 1e-8 relative) and 2^n built from the exponent bits.
 // n is rounded by adding 1.5 * 2^23, which leaves n in the low mantissa bits of the sum.
+// fmin_(a, b) and fmax_(a, b) return b when either is NaN (as the x86 min and max
+// instructions do), so every clamp below puts its bound first and lets NaN through.
 constexpr float kRoundMagic = 12582912.f;  // 1.5 * 2^23
 
 inline float fmin_(float a, float b) { return a < b ? a : b; }
 inline float fmax_(float a, float b) { return a > b ? a : b; }
 inline float abs_(float a) { return std::fabs(a); }
 inline float copysign_(float mag, float sign) { return std::copysign(mag, sign); }
-// 2^n for t = n + kRoundMagic (|n| <= 127).
+// 2^n for t = n + kRoundMagic (-126 <= n <= 127).
 inline float scale_of(float t) {
   int32_t bits, magic;
   const float m = kRoundMagic;
@@ -73,10 +75,11 @@ inline float scale_of(float t) {
   return f;
 }
 
-// Returns e^r - 1 for the reduced argument and sets `scale` to 2^n, where x = n ln2 + r.
+// Returns e^r - 1 for the reduced argument and sets t to n + kRoundMagic, where
+// x = n ln2 + r.
 template <typename F>
-inline F exp_reduced(F x, F& scale) {
-  const F t = x * F(1.44269504088896341f) + F(kRoundMagic);
+inline F exp_reduced(F x, F& t) {
+  t = x * F(1.44269504088896341f) + F(kRoundMagic);
   const F nf = t - F(kRoundMagic);
   F r = x - nf * F(0.693145751953125f);
   r = r - nf * F(1.42860682030941723e-6f);
@@ -86,24 +89,29 @@ inline F exp_reduced(F x, F& scale) {
   p = p * r + F(1.f / 24.f);
   p = p * r + F(1.f / 6.f);
   p = p * r + F(0.5f);
-  scale = scale_of(t);
   return (p * r) * r + r;
 }
 
+// e^x as float32 rounds it: +Inf above ln(FLT_MAX) = 88.7228 (so that a sigmoid reaches 0
+// there, as 1 / (1 + e^-x) does in float32), NaN for NaN. The result is built as
+// 2 * 2^(n-1) e^r so that n = 128 (x up to 89) overflows only in the final doubling.
+// Arguments below -86.5 give e^-86.5 (2.6e-38): the sigmoid, its only user, adds 1 to it.
 template <typename F>
 inline F poly_exp(F x) {
-  F scale;
-  const F pm1 = exp_reduced(fmin_(fmax_(x, F(-87.3f)), F(88.3f)), scale);
-  return scale * pm1 + scale;
+  F t;
+  const F pm1 = exp_reduced(fmin_(F(89.f), fmax_(F(-86.5f), x)), t);
+  const F half = scale_of(t - F(1.f));  // 2^(n-1)
+  return (half * pm1 + half) * F(2.f);
 }
 
 // tanh |x| = -m / (m + 2) with m = e^(-2|x|) - 1, computed as 2^n (p + 1) - 1 from the
 // reduced exp, so that small |x| keeps its relative precision (about 2e-7 overall);
-// |x| is capped at 9, where tanh rounds to 1 in float32.
+// |x| is capped at 9, where tanh rounds to 1 in float32 (NaN passes the cap).
 template <typename F>
 inline F poly_tanh(F x) {
-  F scale;
-  const F pm1 = exp_reduced(F(-2.f) * fmin_(abs_(x), F(9.f)), scale);
+  F t;
+  const F pm1 = exp_reduced(F(-2.f) * fmin_(F(9.f), abs_(x)), t);
+  const F scale = scale_of(t);
   const F m = scale * pm1 + (scale - F(1.f));
   return copysign_(-m / (m + F(2.f)), x);
 }

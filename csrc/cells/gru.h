@@ -26,7 +26,7 @@ struct GruCell {
     const A z = sigmoid(ld<A>(xg + H + j) + hz);
     const A n = math_tanh(ld<A>(xg + 2 * H + j) + r * hn);
     const A hp = ld<A>(h_prev + j);
-    st(h + j, (A(1) - z) * n + z * hp);
+    st(h + j, (hp - n) * z + n);  // torch.nn's form of (1 - z) n + z h_prev
     st(xg + j, r);
     st(xg + H + j, z);
     st(xg + 2 * H + j, n);
@@ -40,9 +40,11 @@ struct GruCell {
     (void)dc; (void)h; (void)c; (void)c_prev;
     const A r = ld<A>(xg + j), z = ld<A>(xg + H + j), n = ld<A>(xg + 2 * H + j);
     const A hn = ld<A>(saved + j), hp = ld<A>(h_prev + j);
-    const A dan = clamp_abs(dh * (A(1) - z) * (A(1) - n * n), clip);
-    const A daz = clamp_abs(dh * (hp - n) * z * (A(1) - z), clip);
-    const A dar = clamp_abs(dan * hn * r * (A(1) - r), clip);
+    // the derivatives of the forward's form, in torch's order of operations, so that
+    // Inf and NaN land where torch.nn puts them (dh - dh z is NaN for an infinite dh)
+    const A dan = clamp_abs((dh - dh * z) * (A(1) - n * n), clip);
+    const A daz = clamp_abs((dh * (hp - n)) * (A(1) - z) * z, clip);
+    const A dar = clamp_abs((dan * hn) * (A(1) - r) * r, clip);
     *dh_direct = dh * z;
     st(gx + j, dar);
     st(gx + H + j, daz);

@@ -16,7 +16,9 @@ struct LstmCell {
   template <typename T, typename A>
   PYRNN_HD static A pre(int64_t k, int64_t j, int64_t H, const T* xg, const T* hg,
                         const T* bh) {
-    return ld<A>(xg + k * H + j) + ld<A>(hg + k * H + j) + (bh ? ld<A>(bh + k * H + j) : A(0));
+    // summed as torch.nn does: (W_hh h + b_hh) + (W_ih x + b_ih)
+    const A hgk = ld<A>(hg + k * H + j);
+    return ld<A>(xg + k * H + j) + (bh ? hgk + ld<A>(bh + k * H + j) : hgk);
   }
 
   template <typename T, typename A>
@@ -47,10 +49,12 @@ struct LstmCell {
     const A tc = math_tanh(ld<A>(c + j));
     const A dct = *dc + dh * o * (A(1) - tc * tc);
     *dc = dct;
-    st(gx + j, clamp_abs(dct * g * i * (A(1) - i), clip));
-    st(gx + H + j, clamp_abs(dct * ld<A>(c_prev + j) * f * (A(1) - f), clip));
+    // products in torch's order (sigmoid' as (grad * (1 - s)) * s), so that Inf and NaN
+    // land where torch.nn puts them
+    st(gx + j, clamp_abs((dct * g) * (A(1) - i) * i, clip));
+    st(gx + H + j, clamp_abs((dct * ld<A>(c_prev + j)) * (A(1) - f) * f, clip));
     st(gx + 2 * H + j, clamp_abs(dct * i * (A(1) - g * g), clip));
-    st(gx + 3 * H + j, clamp_abs(dh * tc * o * (A(1) - o), clip));
+    st(gx + 3 * H + j, clamp_abs((dh * tc) * (A(1) - o) * o, clip));
     *dh_direct = A(0);
   }
 

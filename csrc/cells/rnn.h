@@ -28,11 +28,12 @@ struct RnnCell {
   PYRNN_HD static void forward(int64_t j, int64_t H, T* xg, const T* hg, const T* bh,
                                const T* h_prev, const T* c_prev, T* h, T* c, T* saved) {
     (void)H; (void)h_prev; (void)c_prev; (void)c; (void)saved;
-    const A a = ld<A>(xg + j) + ld<A>(hg + j) + (bh ? ld<A>(bh + j) : A(0));
+    // summed as torch.nn does: (W_hh h + b_hh) + (W_ih x + b_ih)
+    const A a = ld<A>(xg + j) + (bh ? ld<A>(hg + j) + ld<A>(bh + j) : ld<A>(hg + j));
     if constexpr (kAct == Act::kTanh) {
       st(h + j, math_tanh(a));
     } else {
-      st(h + j, where(a > A(0), a, A(0)));
+      st(h + j, where(a < A(0), A(0), a));  // NaN stays NaN
     }
   }
 
@@ -46,7 +47,7 @@ struct RnnCell {
     if constexpr (kAct == Act::kTanh) {
       d = dh * (A(1) - y * y);
     } else {
-      d = where(y > A(0), dh, A(0));
+      d = where(y <= A(0), A(0), dh);  // torch's threshold_backward: NaN passes dh
     }
     d = clamp_abs(d, clip);
     st(gx + j, d);

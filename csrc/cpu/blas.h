@@ -4,6 +4,7 @@
 // against a libtorch without those symbols defines PYRNN_NO_BLAS and falls back to
 // at::mm_out on borrowed tensors (same results, a little dispatch overhead).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 
@@ -22,7 +23,40 @@ void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
 }
 #endif
 
+// MKL's per-thread thread count (in the MKL that libtorch links, absent elsewhere).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace pyrnn::cpu {
+
+// While alive, the BLAS calls of this thread run on this thread alone: a threaded BLAS
+// splits a product by the number of threads, and may split its sums (a product with a
+// long inner dimension), which makes the result depend on the thread count.
+class SequentialBlas {
+ public:
+  SequentialBlas() : prev_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_);
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  int prev_;
+};
+
+// Runs f(i) for the tiles i in [0, n) of a product whose tiles are fixed by its shape
+// alone, each with a sequential BLAS, on the team's threads when the product has at
+// least 2^20 flops. Every entry of the result is then computed by one call whose
+// operands do not depend on the number of threads, and so are its bits.
+template <typename F>
+inline void over_tiles(int64_t n, double flops, F&& f) {
+#pragma omp parallel if (n > 1 && flops >= double(1 << 20))
+  {
+    SequentialBlas sequential;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) f(i);
+  }
+}
 
 #ifndef PYRNN_NO_BLAS
 inline void fgemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
@@ -70,19 +104,19 @@ void mm_nn(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C, 
 #endif
 }
 
-// C[M, N] = A[K, M]^T @ B[K, N]
+// C[M, N] = A[K, M]^T @ B[K, N]; A has leading dimension lda (>= M), C ldc (>= N)
 template <typename T>
-void mm_tn(int M, int N, int K, const T* A, const T* B, T* C) {
+void mm_tn(int M, int N, int K, const T* A, int lda, const T* B, T* C, int ldc) {
   if (M == 0 || N == 0) return;
 #ifdef PYRNN_NO_BLAS
   auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  auto a = at::from_blob(const_cast<T*>(A), {K, M}, opt);
+  auto a = at::from_blob(const_cast<T*>(A), {K, M}, {lda, 1}, opt);
   auto b = at::from_blob(const_cast<T*>(B), {K, N}, opt);
-  auto c = at::from_blob(C, {M, N}, opt);
+  auto c = at::from_blob(C, {M, N}, {ldc, 1}, opt);
   at::mm_out(c, a.t(), b);
 #else
   // column-major view: C^T[N, M] = B^T[N, K] @ A[K, M]
-  fgemm('N', 'T', N, M, K, T(1), B, N, A, M, T(0), C, N);
+  fgemm('N', 'T', N, M, K, T(1), B, N, A, lda, T(0), C, ldc);
 #endif
 }
 
@@ -127,17 +161,22 @@ class StepGemm<double> {
            bool accumulate) const {
     run_panels(A, M, lda, C, ldc, accumulate, 0, N_ / block_);
   }
+  // Column tiles of kTile within each gate block, one sequential BLAS call each (see
+  // over_tiles): the same bits for any number of threads.
   void run_panels(const double* A, int64_t M, int64_t lda, double* C, int64_t ldc,
                   bool accumulate, int64_t p0, int64_t p1) const {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n0 = p * block_;
+    constexpr int64_t kTile = 128;
+    const int64_t per = (block_ + kTile - 1) / kTile;
+    over_tiles((p1 - p0) * per, 2.0 * M * (p1 - p0) * block_ * K_, [&](int64_t i) {
+      const int64_t n0 = (p0 + i / per) * block_ + i % per * kTile;
+      const int64_t w = std::min(kTile, block_ - i % per * kTile);
       if (transposed_)
-        mm_nt<double>(int(M), int(block_), int(K_), A, int(lda), Wm_ + n0 * K_, int(K_), C + n0,
+        mm_nt<double>(int(M), int(w), int(K_), A, int(lda), Wm_ + n0 * K_, int(K_), C + n0,
                       int(ldc), accumulate);
       else
-        mm_nn<double>(int(M), int(block_), int(K_), A, int(lda), Wm_ + n0, int(N_), C + n0,
+        mm_nn<double>(int(M), int(w), int(K_), A, int(lda), Wm_ + n0, int(N_), C + n0,
                       int(ldc), accumulate);
-    }
+    });
   }
 
  private:

@@ -87,7 +87,13 @@ template <typename T>
 void backward_proj_loop(const LoopArgs<T>& p);
 
 // C[M, N] = A^T @ Bm for A [K, M] and Bm [K, N] (the weight gradients: K = T*B rows).
+// Every product here gives the same bits for any number of threads.
 void matmul_tn(const float* A, int64_t M, int64_t K, const float* Bm, int64_t N, float* C);
 void matmul_tn(const double* A, int64_t M, int64_t K, const double* Bm, int64_t N, double* C);
+
+// out[N] = the sum of the M rows of A[M, N] (the bias gradients), in an order that
+// depends on M alone.
+void column_sums(const float* A, int64_t M, int64_t N, float* out);
+void column_sums(const double* A, int64_t M, int64_t N, double* out);
 
 }  // namespace pyrnn::cpu

@@ -166,8 +166,9 @@ void forward_steps(const LoopArgs<T>& p) {
 // BPTT with one team of threads (float32; float64 on one thread), sliced like the forward: a thread owns
 // the hidden units [u0, u1), so the pointwise backward of its units reads the dh it
 // produced itself in the step before. One barrier per step, before the recurrent product
-// (which reads every unit's gate gradients). Per-thread partial sums of the norms are
-// double-buffered and combined after that barrier.
+// (which reads every unit's gate gradients). The norms are summed per panel of units
+// (fixed by H, not by the threads), double-buffered, and the panels' sums added in
+// order after that barrier: the same bits for any number of threads.
 template <class Cell, typename T>
 void backward_steps(const LoopArgs<T>& p) {
   const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width;
@@ -182,9 +183,9 @@ void backward_steps(const LoopArgs<T>& p) {
   const int64_t per = gemm.panels_per_block();
   const bool prefix = prefix_active(p);
   const bool record = p.norm_h != nullptr;
-  const int64_t max_threads = omp_get_max_threads();
-  // partial sums of squares: [2 buffers][thread][h, c][B]
-  std::unique_ptr<T[]> part(new T[2 * max_threads * 2 * B + 1]);
+  const int64_t pw = gemm.panel_width();
+  // partial sums of squares: [2 buffers][panel][h, c][B]
+  std::unique_ptr<T[]> part(new T[2 * per * 2 * B + 1]);
   // One thread when the step is small, and for float64 (whose BLAS must not be called
   // from inside a parallel region: it would start a nested team on every call).
   const bool team = per > 1 && 2 * B * GH * H >= (1 << 19);
@@ -195,13 +196,14 @@ void backward_steps(const LoopArgs<T>& p) {
     const int64_t n = u1 - u0;
     for (int64_t s = 0; s < Tn; ++s) {
       const int64_t t = p.reverse ? s : Tn - 1 - s;  // the forward order, reversed
-      T* mine = part.get() + ((s % 2) * max_threads + id) * 2 * B;
+      T* buf = part.get() + (s % 2) * per * 2 * B;
       for (int64_t b = 0; b < B; ++b) {
         const int64_t r = t * B + b;
         T* gx = p.gx + r * GH;
         T* gh = p.gh + r * GH;
         T* hprev = p.hprev + r * H;
-        mine[b] = mine[B + b] = T(0);
+        if (record)
+          for (int64_t q = q0; q < q1; ++q) buf[q * 2 * B + b] = buf[q * 2 * B + B + b] = T(0);
         if (n <= 0) continue;
         if (!active(p, t, b)) {
           for (int64_t g = 0; g < G; ++g) {
@@ -226,32 +228,38 @@ void backward_steps(const LoopArgs<T>& p) {
         const T* dy = p.dy + r * H;
         T* dh_state = p.dh0 + b * H;
         T* dc_state = Cell::kHasCell ? p.dc0 + b * H : nullptr;
-        T sum_h = 0, sum_c = 0;
-        over_units<T, T>(u0, u1, [&](auto zero, int64_t j) {
-          using V = decltype(zero);
-          const V dh = ld<V>(dy + j) + ld<V>(dh_state + j);
-          V dc = zero, direct = zero;
-          if constexpr (Cell::kHasCell) dc = ld<V>(dc_state + j);
-          Cell::template backward<T, V>(j, H, dh, &dc, row, saved, h, hp, c, cp, gx, gh,
-                                        &direct, V(T(p.clip)));
-          if (record) sum_h += lane_sum(dh * dh);
-          if constexpr (Cell::kHasCell) {
-            if (record) sum_c += lane_sum(dc * dc);
-            st(dc_state + j, Cell::template carry<T, V>(j, H, dc, row));
+        // one panel at a time when recording (its sums go to its own slot), else all units
+        for (int64_t v0 = u0; v0 < u1; v0 += record ? pw : n) {
+          const int64_t v1 = std::min(u1, v0 + (record ? pw : n));
+          T sum_h = 0, sum_c = 0;
+          over_units<T, T>(v0, v1, [&](auto zero, int64_t j) {
+            using V = decltype(zero);
+            const V dh = ld<V>(dy + j) + ld<V>(dh_state + j);
+            V dc = zero, direct = zero;
+            if constexpr (Cell::kHasCell) dc = ld<V>(dc_state + j);
+            Cell::template backward<T, V>(j, H, dh, &dc, row, saved, h, hp, c, cp, gx, gh,
+                                          &direct, V(T(p.clip)));
+            if (record) sum_h += lane_sum(dh * dh);
+            if constexpr (Cell::kHasCell) {
+              if (record) sum_c += lane_sum(dc * dc);
+              st(dc_state + j, Cell::template carry<T, V>(j, H, dc, row));
+            }
+            st(dh_state + j, direct);
+          });
+          if (record) {
+            T* slot = buf + v0 / pw * 2 * B;
+            slot[b] = sum_h;
+            slot[B + b] = sum_c;
           }
-          st(dh_state + j, direct);
-        });
-        mine[b] = sum_h;
-        mine[B + b] = sum_c;
+        }
       }
 #pragma omp barrier
       if (record && id == 0) {
-        const T* all = part.get() + (s % 2) * max_threads * 2 * B;
         for (int64_t b = 0; b < B; ++b) {
           T sh = 0, sc = 0;
-          for (int64_t k = 0; k < nt; ++k) {
-            sh += all[k * 2 * B + b];
-            sc += all[k * 2 * B + B + b];
+          for (int64_t q = 0; q < per; ++q) {
+            sh += buf[q * 2 * B + b];
+            sc += buf[q * 2 * B + B + b];
           }
           p.norm_h[t * B + b] = std::sqrt(sh);
           if (p.norm_c) p.norm_c[t * B + b] = std::sqrt(sc);

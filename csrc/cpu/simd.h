@@ -44,8 +44,10 @@ inline VecF operator/(VecF a, VecF b) { return a.v / b.v; }
 inline VecF operator-(VecF a) { return -a.v; }
 inline MaskF operator<(VecF a, VecF b) { return {a.v < b.v}; }
 inline MaskF operator>(VecF a, VecF b) { return {a.v > b.v}; }
+inline MaskF operator<=(VecF a, VecF b) { return {a.v <= b.v}; }
 inline VecF where(MaskF c, VecF a, VecF b) { return c.m ? a.v : b.v; }
 
+// fmin_(a, b), fmax_(a, b): b when either is NaN, like the scalar ones in common.h.
 inline VecF fmin_(VecF a, VecF b) {
 #if defined(__AVX512F__)
   return (v8f)_mm512_min_ps((__m512)a.v, (__m512)b.v);

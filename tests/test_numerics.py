@@ -1,0 +1,290 @@
+"""Non-finite values and thread counts: pyrnn against torch.nn, and against itself.
+
+1. NaN, +Inf, -Inf and values near the float32 limits in inputs, states and weights:
+   outputs, final states and every gradient must have NaN and +-Inf exactly where
+   torch.nn has them, and finite values must agree with torch.nn.
+2. The same call gives bitwise the same outputs, states, gradients, recorded gradient
+   norms and gate statistics with 1, 2, 3 and 4 threads.
+"""
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import pyrnn
+
+CELLS = {
+    "rnn_tanh": ("RNN", {"nonlinearity": "tanh"}),
+    "rnn_relu": ("RNN", {"nonlinearity": "relu"}),
+    "lstm": ("LSTM", {}),
+    "gru": ("GRU", {}),
+}
+DTYPES = [torch.float32, torch.float64]
+
+
+def make_pair(cell, I, H, dtype, **kw):
+    name, extra = CELLS[cell]
+    torch.manual_seed(0)
+    ref = getattr(nn, name)(I, H, dtype=dtype, **extra, **kw)
+    ours = getattr(pyrnn, name)(I, H, dtype=dtype, **extra, **kw)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref
+
+
+# ---------------------------------------------------------------------------------------
+# 1. NaN, Inf and the float32 limits against torch.nn
+
+T, I, H = 5, 4, 8
+
+# Each scenario edits the inputs (x, h0, c0) and the state_dict in place.
+def _nan_x(x, h, c, sd):
+    x[1, 0, 0] = math.nan
+
+
+def _inf_x(x, h, c, sd):
+    x[1, 0, 0] = math.inf
+
+
+def _ninf_x(x, h, c, sd):
+    x[2, 1, 1] = -math.inf
+
+
+def _nan_h0(x, h, c, sd):
+    h[0, 1, 3] = math.nan
+
+
+def _inf_c0(x, h, c, sd):  # the LSTM's cell state; for the others the hidden state
+    (c if c is not None else h)[0, 2, 5] = math.inf
+
+
+def _nan_w_hh(x, h, c, sd):
+    sd["weight_hh_l0"][1, 2] = math.nan
+
+
+def _inf_w_ih(x, h, c, sd):
+    sd["weight_ih_l0"][0, 1] = math.inf
+
+
+def _ninf_w_ih(x, h, c, sd):
+    sd["weight_ih_l0"][-1, 0] = -math.inf
+
+
+def _inf_b_hh(x, h, c, sd):
+    sd["bias_hh_l0"][3] = math.inf
+    sd["bias_hh_l0"][-2] = -math.inf
+
+
+def _huge_h0(x, h, c, sd):  # far from overflow in one product, saturating every gate
+    h.mul_(1e30)
+
+
+def _near_max(x, h, c, sd):
+    """Single entries near the largest float32. The ReLU passes its input on linearly, so
+    that products of its states (W_hh h, dW = sum over steps of gx h) add several terms of
+    that size, and whether such a sum overflows depends on the order of its terms, which no
+    two matmul implementations share; for the ReLU the entries are 1e36, where the sums
+    stay finite in any order."""
+    big = 1e36 if sd.get("_relu") else 3e38
+    x[1, :, 0] = big
+    x[3, :, 2] = -big
+
+
+def _denormal(x, h, c, sd):  # inputs and states in float32's subnormal range
+    x.mul_(1e-39)
+    h.mul_(1e-39)
+    if c is not None:
+        c.mul_(1e-39)
+
+
+SCENARIOS = {f.__name__[1:]: f for f in [_nan_x, _inf_x, _ninf_x, _nan_h0, _inf_c0, _nan_w_hh,
+                                         _inf_w_ih, _ninf_w_ih, _inf_b_hh, _huge_h0,
+                                         _near_max, _denormal]}
+
+
+def _run(module, x, h, c, cot):
+    """Outputs, final states and the gradients of sum(cotangent * result) with respect to
+    the input, the initial states and every parameter, as a dict of tensors."""
+    x = x.clone().requires_grad_(True)
+    h = h.clone().requires_grad_(True)
+    c = c.clone().requires_grad_(True) if c is not None else None
+    out, hn = module(x, (h, c) if c is not None else h)
+    res = {"output": out}
+    if c is not None:
+        res["h_n"], res["c_n"] = hn
+    else:
+        res["h_n"] = hn
+    names = list(res)
+    loss = sum((res[k] * cot[k]).sum() for k in names)
+    leaves = {"grad_input": x, "grad_h0": h}
+    if c is not None:
+        leaves["grad_c0"] = c
+    leaves.update({"grad_" + n: p for n, p in module.named_parameters()})
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    res.update({k: g for k, g in zip(leaves, grads)})
+    return {k: v.detach() for k, v in res.items()}
+
+
+def _check_like(got, ref, truth, eps, what):
+    """NaN where ref has NaN, +-Inf where ref has it; finite values within a tolerance that
+    comes from torch.nn's own error in this precision: |got - ref| <= 4 * |ref - truth| (the
+    two implementations differ in summation order and in the float32 exp and tanh, each
+    within a few ulp, as torch.nn's own rounding does against the float64 truth), plus 16
+    ulp of the tensor's largest finite value and of the smallest normal number (subnormal
+    results carry absolute, not relative, rounding)."""
+    assert torch.equal(got.isnan(), ref.isnan()), f"{what}: NaN positions differ"
+    inf = ref.isinf()
+    assert torch.equal(got.isinf(), inf), f"{what}: Inf positions differ"
+    assert torch.equal(got[inf], ref[inf]), f"{what}: Inf signs differ"
+    fin = ref.isfinite()
+    if not fin.any():
+        return
+    g, r = got[fin].double(), ref[fin].double()
+    t = truth[fin]
+    ok_t = t.isfinite()
+    ref_err = torch.where(ok_t, (r - t).abs(), torch.zeros_like(r))
+    scale = r.abs().max().item()
+    tiny = torch.finfo(ref.dtype).tiny
+    tol = 4 * ref_err + 16 * eps * scale + 16 * eps * tiny
+    bad = (g - r).abs() > tol
+    assert not bad.any(), (f"{what}: {int(bad.sum())} finite values differ, max "
+                           f"{(g - r).abs().max().item():.3g} (scale {scale:.3g})")
+
+
+@pytest.mark.parametrize("B", [3, 9])  # float32: batch >= 8 projects the input in the loop
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_nonfinite_like_torch(cell, scenario, dtype, B):
+    ours, ref = make_pair(cell, I, H, dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, B, I, generator=g, dtype=dtype)
+    h = torch.randn(1, B, H, generator=g, dtype=dtype)
+    c = torch.randn(1, B, H, generator=g, dtype=dtype) if cell == "lstm" else None
+    sd = {k: v.clone() for k, v in ref.state_dict().items()}
+    sd["_relu"] = cell == "rnn_relu"
+    SCENARIOS[scenario](x, h, c, sd)
+    del sd["_relu"]
+    ref.load_state_dict(sd)
+    ours.load_state_dict(sd)
+    cot = {"output": torch.randn(T, B, H, generator=g, dtype=dtype),
+           "h_n": torch.randn(1, B, H, generator=g, dtype=dtype),
+           "c_n": torch.randn(1, B, H, generator=g, dtype=dtype)}
+    got = _run(ours, x, h, c, cot)
+    want = _run(ref, x, h, c, cot)
+    # the float64 truth for the tolerance: torch.nn in float64 on the same values
+    ref64 = ref.to(torch.float64)
+    truth = _run(ref64, x.double(), h.double(), c.double() if c is not None else None,
+                 {k: v.double() for k, v in cot.items()})
+    eps = torch.finfo(dtype).eps
+    assert set(got) == set(want)
+    for k in want:
+        _check_like(got[k], want[k], truth[k], eps, f"{cell} {scenario} {k}")
+
+
+def test_float32_gru_huge_state_gradient():
+    """The case that a sigmoid stuck at ~4.6e-39 instead of 0 broke: a float32 GRU with a
+    huge initial state gets torch.nn's (and float64's) weight gradient, not 6e22."""
+    ours, ref = make_pair("gru", I, H, torch.float32)
+    x = torch.randn(T, 3, I)
+    h0 = torch.randn(1, 3, H) * 1e30
+    ga = torch.autograd.grad(ours(x, h0)[0].sum(), list(ours.parameters()))
+    gb = torch.autograd.grad(ref(x, h0)[0].sum(), list(ref.parameters()))
+    for a, b in zip(ga, gb):
+        assert a.isfinite().all() and a.abs().max() < 1e3
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_activations_at_the_limits(dtype):
+    """One step of each cell with pre-activations at +-Inf, NaN and the overflow edges of
+    float32's exp, read through h_n: the values torch.nn gives."""
+    vals = torch.tensor([math.nan, math.inf, -math.inf, 88.5, -88.5, 88.8, -88.8, 104.0,
+                         -104.0, 3e38, -3e38, 1e-45, -1e-45, 0.0], dtype=dtype)
+    n = vals.numel()
+    for cell in CELLS:
+        ours, ref = make_pair(cell, 1, n, dtype, bias=False)
+        G = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}[cell]
+        sd = {"weight_ih_l0": vals.repeat(G).unsqueeze(1), "weight_hh_l0": torch.zeros(G * n, n,
+                                                                                   dtype=dtype)}
+        ours.load_state_dict(sd)
+        ref.load_state_dict(sd)
+        x = torch.ones(1, 1, 1, dtype=dtype)
+        a, b = ours(x)[0], ref(x)[0]
+        assert torch.equal(a.isnan(), b.isnan()), cell
+        keep = ~b.isnan()
+        # a few ulp apart (the float32 exp and tanh against torch's, composed in the LSTM
+        # and GRU); subnormal results are as exact as their absolute spacing allows
+        torch.testing.assert_close(a[keep], b[keep], rtol=16 * torch.finfo(dtype).eps,
+                                   atol=16 * torch.finfo(dtype).tiny * torch.finfo(dtype).eps,
+                                   msg=cell)
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Bitwise the same results for 1, 2, 3 and 4 threads
+
+# H = 136 = 4 * 32 + 8: the float32 loops split it across threads (panels of 32 units)
+# and end each row with a scalar tail; B = 16 and T * B = 192 rows make every product
+# large enough to run on several threads.
+TT, BB, II, HH = 12, 16, 24, 136
+LENGTHS = [12, 3, 7, 12, 1, 9, 12, 5, 2, 11, 8, 12, 4, 6, 10, 12]
+THREADS = [1, 2, 3, 4]
+
+CONFIGS = [(cell, bidi, 0) for cell in CELLS for bidi in (False, True)] + \
+          [("lstm", False, 40), ("lstm", True, 40)]
+
+
+def _thread_run(cell, dtype, packed, bidi, proj):
+    kw = {"num_layers": 2, "bidirectional": bidi}
+    if proj:
+        kw["proj_size"] = proj
+    name, extra = CELLS[cell]
+    torch.manual_seed(0)
+    m = getattr(pyrnn, name)(II, HH, dtype=dtype, record_grad_norms=True,
+                             record_gate_stats=True, **extra, **kw)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(TT, BB, II, generator=g, dtype=dtype).requires_grad_(True)
+    D = 2 if bidi else 1
+    P = proj or HH
+    h0 = torch.randn(2 * D, BB, P, generator=g, dtype=dtype).requires_grad_(True)
+    hx = h0
+    if cell == "lstm":
+        c0 = torch.randn(2 * D, BB, HH, generator=g, dtype=dtype).requires_grad_(True)
+        hx = (h0, c0)
+    if packed:
+        inp = pack_padded_sequence(x, torch.tensor(LENGTHS), enforce_sorted=False)
+        out, hn = m(inp, hx)
+        out = pad_packed_sequence(out)[0]
+    else:
+        out, hn = m(x, hx)
+    hn = list(hn) if isinstance(hn, tuple) else [hn]
+    cots = [torch.randn(t.shape, generator=g, dtype=dtype) for t in [out] + hn]
+    loss = sum((t * c).sum() for t, c in zip([out] + hn, cots))
+    leaves = [x, h0] + ([c0] if cell == "lstm" else []) + list(m.parameters())
+    grads = torch.autograd.grad(loss, leaves)
+    res = [out, *hn, *grads, m.grad_norms.hidden, m.gate_stats.factor, m.gate_stats.saturated]
+    if cell == "lstm":
+        res.append(m.grad_norms.cell)
+    return [t.detach().clone() for t in res]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("cell,bidi,proj", CONFIGS,
+                         ids=[f"{c}-{'bi' if b else 'uni'}{'-proj' if p else ''}"
+                              for c, b, p in CONFIGS])
+def test_bitwise_equal_across_thread_counts(cell, bidi, proj, dtype, packed):
+    old = torch.get_num_threads()
+    try:
+        results = {}
+        for n in THREADS:
+            torch.set_num_threads(n)
+            results[n] = _thread_run(cell, dtype, packed, bidi, proj)
+    finally:
+        torch.set_num_threads(old)
+    base = results[THREADS[0]]
+    assert all(t.isfinite().all() for t in base)
+    for n in THREADS[1:]:
+        diff = [i for i, (a, b) in enumerate(zip(base, results[n])) if not torch.equal(a, b)]
+        assert not diff, f"{n} threads: results {diff} differ from 1 thread"
