@@ -109,6 +109,31 @@ def build(flavour, main="driver.cpp"):
     return _builds[key]
 
 
+# Broken copies of kernels.cu, which the harness must report: (flavour, old text, new text)
+MUTANTS = {
+    # the bounds guard of the forward kernel: threads past H write past the rows
+    "no_guard": ("asan", "  if (j >= H) return;\n  const int64_t r = t * B + b;\n  T* row",
+                 "  const int64_t r = t * B + b;\n  T* row"),
+    # the barrier between the warps' partial sums and their reduction by warp 0
+    "no_barrier": ("tsan", "  if (lane == 0) warp_sums[warp] = v;\n  __syncthreads();\n",
+                   "  if (lane == 0) warp_sums[warp] = v;\n"),
+}
+
+
+def mutant_build(name, root):
+    flavour, old, new = MUTANTS[name]
+    key = ("mutant", name)
+    if key not in _builds:
+        csrc = Path(root) / name / "csrc"
+        shutil.copytree(REPO / "csrc", csrc)
+        src = csrc / "cuda" / "kernels.cu"
+        text = src.read_text()
+        assert text.count(old) == 1, f"{name}: the text to remove is not in kernels.cu once"
+        src.write_text(text.replace(old, new))
+        _builds[key] = Build(flavour, csrc=csrc, name=f"mutant-{name}")
+    return _builds[key]
+
+
 def sanitizer_env():
     env = dict(os.environ)
     env["ASAN_OPTIONS"] = "detect_leaks=1:abort_on_error=0:halt_on_error=1"
@@ -426,11 +451,17 @@ class Emulated:
 
 
 @pytest.fixture(scope="module")
-def builds():
+def builds(tmp_path_factory):
     """Starts every build this module needs at once (they compile in parallel)."""
     if shutil.which(CXX) is None:
         pytest.skip(f"no C++ compiler ({CXX}) to build the CUDA emulator")
-    return {f: build(f) for f in ("plain", "asan", "tsan")}
+    b = {f: build(f) for f in ("plain", "asan", "tsan")}
+    b["selftest"] = build("plain", "selftest.cpp")
+    b["selftest-tsan"] = build("tsan", "selftest.cpp")
+    root = tmp_path_factory.mktemp("mutants")
+    for name in MUTANTS:
+        b[name] = mutant_build(name, root)
+    return b
 
 
 @pytest.fixture(scope="module")
@@ -536,3 +567,68 @@ def test_sanitized_build_same_results(builds, emulated, flavour):
             for name, v in bwd.items():
                 ref = emulated.bwd[s][name]
                 assert (v is None and ref is None) or torch.equal(v, ref), (s.id, name)
+
+
+# ---------------------------------------------------------------------------- the harness bites
+
+def _case_of(emulated, pred, op):
+    for k, s in enumerate(emulated.specs):
+        if pred(s):
+            return emulated.dir / f"{k:03d}-{op}"
+    raise AssertionError("no such spec")
+
+
+def test_removed_guard_is_reported(builds, emulated):
+    """kernels.cu without the forward's `if (j >= H) return;`: ASan reports the writes past
+    the buffers (H = 33 runs 64 threads per block)."""
+    case = _case_of(emulated, lambda s: s.H == 33 and s.dtype == torch.float32
+                    and s.mode == "rnn_tanh", "fwd")
+    r = run_driver(builds["no_guard"].wait(), [case], env=sanitizer_env())
+    assert r.returncode != 0
+    assert "AddressSanitizer: heap-buffer-overflow" in r.stderr, r.stderr[-3000:]
+    assert "forward_step_kernel" in r.stderr
+
+
+def test_removed_barrier_is_reported(builds, emulated):
+    """kernels.cu without the barrier after the warps' partial sums in block_sum: TSan
+    reports warp 0 reading what the other warps' lane 0 wrote (a recording backward with
+    H = 33: two warps)."""
+    case = _case_of(emulated, lambda s: s.H == 33 and s.dtype == torch.float32
+                    and s.mode == "gru" and s.record and not s.P, "bwd")
+    r = run_driver(builds["no_barrier"].wait(), [case], env=sanitizer_env())
+    assert r.returncode != 0
+    assert "ThreadSanitizer: data race" in r.stderr, r.stderr[-3000:]
+    assert "block_sum" in r.stderr
+
+
+def selftest(builds, name, seed=1, flavour="selftest"):
+    r = subprocess.run([str(builds[flavour].wait()), name, str(seed)], capture_output=True,
+                       text=True, env=sanitizer_env(), timeout=300)
+    return r.returncode, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_emulator_block_reduction_and_shuffles(builds, seed):
+    """__syncthreads, __shared__ and the shuffles exchange as on a GPU: a 1024-thread block
+    sum over 3 blocks, and __shfl_xor/__shfl/__shfl_up results checked lane by lane."""
+    for name in ("sum", "shuffle"):
+        rc, out = selftest(builds, name, seed)
+        assert rc == 0 and f"ok {name}" in out, out
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("early_exit", "which has exited"),
+    ("partial_warp", "names lane 16 of warp 1, which does not exist"),
+    ("divergent_barrier", "wait at different __syncthreads"),
+    ("deadlock", "deadlock: 0 threads exited, 1 wait at __syncthreads, 31 at a warp operation"),
+    ("bad_config", "invalid configuration argument"),
+])
+def test_strict_mode_reports(builds, name, expected):
+    """What a GPU leaves undefined or hangs on fails the launch with a report."""
+    rc, out = selftest(builds, name)
+    assert rc != 0 and expected in out, out
+
+
+def test_tsan_reports_a_missing_barrier(builds):
+    rc, out = selftest(builds, "missing_barrier", flavour="selftest-tsan")
+    assert rc != 0 and "ThreadSanitizer: data race" in out, out
