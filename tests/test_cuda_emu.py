@@ -89,6 +89,14 @@ class Build:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
 
+    def cancel(self):
+        """Stops a build nobody waited for (a deselected test's), leaving no files."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.communicate()
+            self.tmp.unlink(missing_ok=True)
+            self.proc = None
+
     def wait(self):
         if self.proc is not None:
             out, _ = self.proc.communicate()
@@ -461,7 +469,10 @@ def builds(tmp_path_factory):
     root = tmp_path_factory.mktemp("mutants")
     for name in MUTANTS:
         b[name] = mutant_build(name, root)
-    return b
+    yield b
+    for x in b.values():
+        x.cancel()
+    _builds.clear()
 
 
 @pytest.fixture(scope="module")
