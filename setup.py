@@ -57,9 +57,14 @@ if not libtorch_exports("sgemm_", "dgemm_"):
 if want_cuda():
     sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda_ops.cpp"]
     macros.append(("PYRNN_WITH_CUDA", None))
+    # nvcc flags in one place for setup.py, CMakeLists.txt and .ci/check_cuda.sh (torch's
+    # CUDAExtension adds the same half-conversion macros, and the architectures from
+    # TORCH_CUDA_ARCH_LIST or the visible GPUs)
+    with open(os.path.join(here, "csrc", "cuda", "nvcc.flags")) as f:
+        nvcc_flags = f.read().split()
     ext = cpp_extension.CUDAExtension(
         "pyrnn._C", sources, define_macros=macros,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=["-fopenmp"],
     )
 else:

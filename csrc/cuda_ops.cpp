@@ -1,10 +1,12 @@
 // CUDA implementations of the ops defined in ops.cpp (same schemas, same results, same
-// buffer layouts): allocation, the matrix products (ATen, on the current stream) and
-// one fused pointwise kernel per time step (cuda/kernels.h). Nothing here synchronises
-// with the device.
+// buffer layouts): argument checks, allocation, the products outside the time loop
+// (ATen) and the call of the time loop (cuda/loops.h, shared with the CPU emulator of
+// the tests), whose per-step products run through ATen (cuBLAS) here. Everything runs on the
+// current stream; nothing here synchronises with the device.
 //
 // Shapes (one layer, one direction): input [T, B, I], hx and cx [B, H],
-// weight_ih [G*H, I], weight_hh [G*H, H], biases [G*H], workspace [T, B, W].
+// weight_ih [G*H, I], weight_hh [G*H, P], biases [G*H], workspace [T, B, W], and for an
+// LSTM with a projection weight_hr [P, H] (P = H without one).
 #ifdef PYRNN_WITH_CUDA
 
 #include <ATen/ATen.h>
@@ -18,7 +20,7 @@
 #include <type_traits>
 
 #include "checks.h"
-#include "cuda/kernels.h"
+#include "cuda/loops.h"
 
 namespace pyrnn {
 namespace {
@@ -58,24 +60,48 @@ Tensor lengths_on(const OptTensor& lengths, const at::Device& device) {
 
 bool is_16bit(at::ScalarType s) { return s == at::kHalf || s == at::kBFloat16; }
 
+// The ATen dtype of a CUDA storage type (the inverse of cuda_t).
+template <typename E>
+constexpr at::ScalarType scalar_type_of() {
+  if constexpr (std::is_same_v<E, double>) return at::kDouble;
+  else if constexpr (std::is_same_v<E, __half>) return at::kHalf;
+  else if constexpr (std::is_same_v<E, __nv_bfloat16>) return at::kBFloat16;
+  else return at::kFloat;
+}
+
+// The products of the time loop (cuda/loops.h), through ATen (cuBLAS, on the current
+// stream), on views of the loop's buffers.
+struct AtenProducts {
+  at::Device device;
+  template <typename E>
+  void operator()(const cuda::Product<E>& g) const {
+    if (g.M == 0 || g.N == 0) return;
+    const auto o = at::TensorOptions().device(device).dtype(scalar_type_of<E>());
+    const Tensor a = at::from_blob(const_cast<E*>(g.a), {g.M, g.K}, {g.lda, 1}, o);
+    const Tensor b = g.b_transposed
+                         ? at::from_blob(const_cast<E*>(g.b), {g.N, g.K}, {g.ldb, 1}, o).t()
+                         : at::from_blob(const_cast<E*>(g.b), {g.K, g.N}, {g.ldb, 1}, o);
+    Tensor c = at::from_blob(g.c, {g.M, g.N}, {g.ldc, 1}, o);
+    if (g.accumulate) c.addmm_(a, b);
+    else at::mm_out(c, a, b);
+  }
+};
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
     c10::string_view mode_s, const Tensor& input_, const Tensor& hx_, const OptTensor& cx_,
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_,
     const OptTensor& w_hr_, const OptTensor& lengths_, bool reverse, bool save,
     double bptt_clip, const OptTensor& norm_out) {
   (void)bptt_clip;  // used by backward only
-  TORCH_CHECK_NOT_IMPLEMENTED(!w_hr_.has_value(),
-                              "weight_hr: LSTM projections are not supported on CUDA yet");
   const Mode m = parse_mode(std::string(mode_s));
   const Dims d = check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_,
                                     lengths_, /*allow_half=*/true);
   check_norm_out(norm_out, input_, d);
   const c10::cuda::CUDAGuard guard(input_.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H;
+  const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, P = d.P;
   const Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
-  const Tensor hx = hx_.contiguous();
-  const Tensor cx = cx_ ? cx_->contiguous() : Tensor();
+  const Tensor w_hr = w_hr_ ? w_hr_->contiguous() : Tensor();
   const Tensor b_hh = b_hh_ ? b_hh_->contiguous() : Tensor();
   const Tensor lengths = lengths_on(lengths_, input.device());
   const auto opt = input.options();
@@ -90,11 +116,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
   const Tensor x2 = input.view({T * B, d.I});
   if (b_ih_) at::addmm_out(proj, *b_ih_, x2, w_ih.t());
   else at::mm_out(proj, x2, w_ih.t());
-  Tensor output = at::empty({T, B, H}, opt);
-  Tensor h_n = hx.clone(at::MemoryFormat::Contiguous);  // running h state, then h_n
-  Tensor c_n = m == Mode::kLstm ? cx.clone(at::MemoryFormat::Contiguous) : at::empty({0}, opt);
+  Tensor output = at::empty({T, B, P}, opt);
+  Tensor h_n = hx_.clone(at::MemoryFormat::Contiguous);  // running h state, then h_n
+  Tensor c_n = m == Mode::kLstm ? cx_->clone(at::MemoryFormat::Contiguous) : at::empty({0}, opt);
   Tensor hg = at::empty({B, GH}, opt);
-  const Tensor w_hh_t = w_hh.t();  // [H, G*H]
+  Tensor scratch = w_hr.defined() ? at::empty({B, H + P}, opt) : Tensor();  // m_t, hnew
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "pyrnn_forward_cuda", [&] {
@@ -105,17 +131,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
     p.ws = ptr<scalar_t>(ws);
     p.y = ptr<scalar_t>(output);
     p.b_hh = ptr<scalar_t>(b_hh);
+    p.w_hh = ptr<scalar_t>(w_hh);
     p.hg = ptr<scalar_t>(hg);
     p.h = ptr<scalar_t>(h_n);
     p.c = m == Mode::kLstm ? ptr<scalar_t>(c_n) : nullptr;
+    if (w_hr.defined()) {
+      p.proj = P;
+      p.w_hr = ptr<scalar_t>(w_hr);
+      p.m = ptr<scalar_t>(scratch);
+      p.hnew = p.m + B * H;
+    }
     with_cell(m, [&](auto cell) {
-      using Cell = decltype(cell);
-      for (int64_t s = 0; s < T; ++s) {
-        const int64_t t = reverse ? T - 1 - s : s;
-        // hg[B, G*H] = h_{t-1}[B, H] @ W_hh^T
-        at::mm_out(hg, h_n, w_hh_t);
-        C10_CUDA_CHECK((cuda::forward_step<Cell, CT>(p, t, stream)));
-      }
+      C10_CUDA_CHECK((cuda::forward_loop<decltype(cell), CT>(p, AtenProducts{input.device()}, stream)));
     });
   });
   if (!save || saved_width(m, H) == 0) ws = at::empty({0}, opt);
@@ -128,18 +155,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias,
     bool input_grad, const OptTensor& lengths_, const Tensor& output_,
     const Tensor& workspace_, bool reverse, double bptt_clip, bool record) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!w_hr_.has_value(),
-                              "weight_hr: LSTM projections are not supported on CUDA yet");
   const Mode m = parse_mode(std::string(mode_s));
   const Dims d = check_backward_args(m, grad_output_, grad_h_n, grad_c_n, input_, hx_, cx_,
                                      w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_,
                                      bptt_clip, /*allow_half=*/true);
-  const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, W = saved_width(m, H);
+  const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, W = saved_width(m, H), P = d.P;
 
   const c10::cuda::CUDAGuard guard(input_.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Tensor input = input_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor w_ih = input_grad ? w_ih_.contiguous() : w_ih_;  // read only for dX
+  const Tensor w_hr = w_hr_ ? w_hr_->contiguous() : Tensor();
   const Tensor hx = hx_.contiguous(), dy = grad_output_.contiguous();
   const Tensor y = output_.contiguous(), ws = workspace_.contiguous();
   const Tensor cx = cx_ ? cx_->contiguous() : Tensor();
@@ -148,22 +174,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 
   Tensor gx = at::empty({T, B, GH}, opt);
   Tensor gh = m == Mode::kGru ? at::empty({T, B, GH}, opt) : gx;
-  Tensor hprev = at::empty({T, B, H}, opt);
-  Tensor dh0 = at::empty({B, H}, opt);
+  Tensor hprev = at::empty({T, B, P}, opt);
+  Tensor dh0 = at::empty({B, P}, opt);
   Tensor dc0 = m == Mode::kLstm ? at::empty({B, H}, opt) : at::empty({0}, opt);
   Tensor norms = record ? at::zeros({2, T, B}, opt) : at::empty({0}, opt);
 
-  // The running dLoss/dh [B, H] and dLoss/dc [B, H] live in the arithmetic type: float
+  // The running dLoss/dh [B, P] and dLoss/dc [B, H] live in the arithmetic type: float
   // for float16/bfloat16, so that dh += gh_t @ W_hh accumulates over the steps without
   // rounding to 16 bits (that product then runs in float32, on gh_acc [B, G*H], the
   // kernel's float copy of gh_t, and a float32 copy of W_hh). For float32/float64 they
   // are dh0 and dc0 themselves.
   const bool f16 = is_16bit(input.scalar_type());
   const auto acc_opt = opt.dtype(f16 ? at::kFloat : input.scalar_type());
-  Tensor dh = f16 ? at::empty({B, H}, acc_opt) : dh0;
+  Tensor dh = f16 ? at::empty({B, P}, acc_opt) : dh0;
   Tensor dc = m != Mode::kLstm ? Tensor() : f16 ? at::empty({B, H}, acc_opt) : dc0;
   Tensor gh_acc = f16 ? at::empty({B, GH}, acc_opt) : Tensor();
-  const Tensor w_rec = f16 ? w_hh.to(at::kFloat) : w_hh;  // [G*H, H]
+  const Tensor w_hh_acc = f16 ? w_hh.to(at::kFloat) : Tensor();  // [G*H, P]
+  const Tensor w_hr_acc = f16 && w_hr.defined() ? w_hr.to(at::kFloat) : Tensor();  // [P, H]
+  // projection: dLoss/dm [B, H], dLoss/dh_t of every step [T, B, P] (in A), m_t [T, B, H]
+  Tensor dm, dhtot, mall;
+  if (w_hr.defined()) {
+    dm = at::empty({B, H}, acc_opt);
+    dhtot = at::empty({T, B, P}, acc_opt);
+    mall = at::empty({T, B, H}, opt);
+  }
   if (grad_h_n) dh.copy_(*grad_h_n);
   else dh.zero_();
   if (dc.defined()) {
@@ -182,6 +216,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     p.y = ptr<scalar_t>(y);
     p.h0 = ptr<scalar_t>(hx);
     p.c0 = ptr<scalar_t>(cx);
+    p.w_hh = ptr<scalar_t>(w_hh);
     p.dy = ptr<scalar_t>(dy);
     p.gx = ptr<scalar_t>(gx);
     p.gh = ptr<scalar_t>(gh);
@@ -189,17 +224,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     p.dh = dh.data_ptr<A>();
     p.dc = dc.defined() ? dc.data_ptr<A>() : nullptr;
     p.gh_acc = gh_acc.defined() ? gh_acc.data_ptr<A>() : nullptr;
+    p.w_hh_acc = w_hh_acc.defined() ? w_hh_acc.data_ptr<A>() : nullptr;
     p.clip = bptt_clip;
     p.norm_h = record ? ptr<scalar_t>(norms) : nullptr;
     p.norm_c = record && m == Mode::kLstm ? ptr<scalar_t>(norms) + T * B : nullptr;
+    if (w_hr.defined()) {
+      p.proj = P;
+      p.w_hr = ptr<scalar_t>(w_hr);
+      p.w_hr_acc = w_hr_acc.defined() ? w_hr_acc.data_ptr<A>() : nullptr;
+      p.dm = dm.data_ptr<A>();
+      p.dhtot = dhtot.data_ptr<A>();
+      p.mall = ptr<scalar_t>(mall);
+    }
     with_cell(m, [&](auto cell) {
-      using Cell = decltype(cell);
-      for (int64_t s = 0; s < T; ++s) {
-        const int64_t t = reverse ? s : T - 1 - s;  // the forward order, reversed
-        C10_CUDA_CHECK((cuda::backward_step<Cell, CT>(p, t, stream)));
-        // dh_{t-1} += gh_t[B, G*H] @ W_hh[G*H, H]   (inactive rows of gh_t are zero)
-        dh.addmm_(f16 ? gh_acc : gh.select(0, t), w_rec);
-      }
+      C10_CUDA_CHECK((cuda::backward_loop<decltype(cell), CT>(p, AtenProducts{input.device()}, stream)));
     });
   });
   if (f16) {
@@ -211,10 +249,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const Tensor gx2 = gx.view({T * B, GH}), gh2 = gh.view({T * B, GH});
   Tensor dx = input_grad ? at::mm(gx2, w_ih).view({T, B, d.I}) : at::empty({0}, opt);
   Tensor dw_ih = at::mm(gx2.t(), input.view({T * B, d.I}));
-  Tensor dw_hh = at::mm(gh2.t(), hprev.view({T * B, H}));
+  Tensor dw_hh = at::mm(gh2.t(), hprev.view({T * B, P}));
+  Tensor dw_hr = at::empty({0}, opt);
+  if (w_hr.defined())  // dW_hr[P, H] = dhtot^T @ m, in A
+    dw_hr = at::mm(dhtot.view({T * B, P}).t(), mall.view({T * B, H}).to(acc_opt.dtype()))
+                .to(input.scalar_type());
   Tensor db_ih = has_bias ? gx2.sum(0) : at::empty({0}, opt);
   Tensor db_hh = has_bias ? gh2.sum(0) : at::empty({0}, opt);
-  return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, at::empty({0}, input.options()), norms};
+  return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms};
 }
 
 }  // namespace

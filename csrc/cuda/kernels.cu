@@ -1,10 +1,18 @@
 // Fused pointwise kernels of one time step; see kernels.h for the buffer layouts.
 //
-// Launch shape, both kernels: grid (B, ceil(H / threads)), one thread per hidden unit j
-// of sample b = blockIdx.x. When the backward records norms it runs one block per
-// sample (grid (B, 1), up to 1024 threads looping over j), so that the sums of squares
-// over j are a block reduction: deterministic, no atomics, no second pass.
+// Launch shape, every kernel: grid (B, ceil(H / threads)), one thread per hidden unit j
+// of sample b = blockIdx.x (P instead of H for the projection's own kernels). When the
+// backward records norms it runs one block per sample (grid (B, 1), up to 1024 threads
+// looping over j), so that the sums of squares over j are a block reduction:
+// deterministic, no atomics, no second pass.
 #include "kernels.h"
+
+// Every launch is written PYRNN_LAUNCH(grid, block, smem, stream, kernel)(args...), which
+// is nvcc's kernel<<<grid, block, smem, stream>>>(args...). The CPU emulator of the tests
+// (tests/cuda_emu) defines it in its cuda_runtime.h to run the grid itself.
+#ifndef PYRNN_LAUNCH
+#define PYRNN_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
 
 #include "../cells/gru.h"
 #include "../cells/lstm.h"
@@ -59,22 +67,41 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (j >= H) return;
   const int64_t r = t * B + b;
-  T* yrow = p.y + r * H;
-  if (!active(p, t, b)) {
-    yrow[j] = store<T>(A(0));
+  T* row = p.ws + r * W;
+  // The cell's output: h_t, or m_t with a projection (project_step makes h_t and y).
+  T* out = p.proj ? p.m + b * H : p.h + b * H;
+  if (!active(p, t, b)) {  // state unchanged; zero output and workspace row, as on the CPU
+    for (int64_t k = 0; k < W / H; ++k) row[k * H + j] = store<T>(A(0));
+    if (p.proj) out[j] = store<T>(A(0));
+    else p.y[r * H + j] = store<T>(A(0));
     return;
   }
-  T* row = p.ws + r * W;
-  T* h = p.h + b * H;
   T* c = Cell::kHasCell ? p.c + b * H : nullptr;
   T* saved = Cell::kSaved ? row + GH : nullptr;
   // h and c are both the previous state and the new one: thread j reads and writes
-  // only entry j of each.
-  Cell::template forward<T, A>(j, H, row, p.hg + b * GH, p.b_hh, h, c, h, c, saved);
-  yrow[j] = h[j];
+  // only entry j of each (with a projection the cell reads no previous h).
+  Cell::template forward<T, A>(j, H, row, p.hg + b * GH, p.b_hh, out, c, out, c, saved);
+  if (!p.proj) p.y[r * H + j] = out[j];
   if constexpr (Cell::kHasCell) {
     if (W >= (kCellOffset<Cell> + 1) * H) row[kCellOffset<Cell> * H + j] = c[j];
   }
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kMaxThreads)
+    project_step_kernel(const StepArgs<T> p, const int64_t t) {
+  const int64_t B = p.batch, P = p.proj;
+  const int64_t b = blockIdx.x;
+  const int64_t j = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (j >= P) return;
+  T* y = p.y + (t * B + b) * P;
+  if (!active(p, t, b)) {
+    y[j] = store<T>(A(0));
+    return;
+  }
+  const T v = p.hnew[b * P + j];
+  p.h[b * P + j] = v;
+  y[j] = v;
 }
 
 template <class Cell, typename T, typename A>
@@ -149,10 +176,99 @@ __global__ void __launch_bounds__(kMaxReduceThreads)
   }
 }
 
+template <typename T, typename A>
+__global__ void __launch_bounds__(kMaxReduceThreads)
+    project_grad_step_kernel(const StepArgs<T> p, const int64_t t) {
+  const int64_t B = p.batch, P = p.proj;
+  const int64_t b = blockIdx.x, r = t * B + b;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t dj = static_cast<int64_t>(gridDim.y) * blockDim.x;
+  A* d = p.dhtot + r * P;
+  A* dh = p.dh + b * P;
+  const T* dy = p.dy + r * P;
+  A sum = 0;
+  if (active(p, t, b)) {
+    for (int64_t j = j0; j < P; j += dj) {
+      const A v = load<A>(dy[j]) + dh[j];
+      d[j] = v;
+      dh[j] = A(0);  // no path to h_{t-1} but through W_hh (the loop adds it)
+      sum += v * v;
+    }
+  } else {
+    for (int64_t j = j0; j < P; j += dj) d[j] = A(0);
+  }
+  if (p.norm_h) {  // uniform over the launch; then gridDim.y == 1
+    sum = block_sum(sum);
+    if (threadIdx.x == 0) p.norm_h[r] = store<T>(sqrt(sum));
+  }
+}
+
+// The LSTM cell's backward with a projection: dLoss/dh of the cell is dm (computed by
+// the loop from dhtot), h_{t-1} is P wide, and m_t is kept for dW_hr.
+template <typename T, typename A>
+__global__ void __launch_bounds__(kMaxReduceThreads)
+    backward_proj_step_kernel(const StepArgs<T> p, const int64_t t) {
+  using Cell = LstmCell;
+  const int64_t B = p.batch, H = p.hidden, P = p.proj, W = p.width, GH = 4 * H;
+  const int64_t b = blockIdx.x, r = t * B + b;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t dj = static_cast<int64_t>(gridDim.y) * blockDim.x;
+  T* gx = p.gx + r * GH;
+  T* hprev = p.hprev + r * P;
+  T* mrow = p.mall + r * H;
+  A* gh_acc = p.gh_acc ? p.gh_acc + b * GH : nullptr;
+  A sum_c = 0;
+  if (!active(p, t, b)) {
+    for (int64_t j = j0; j < H; j += dj) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        gx[k * H + j] = store<T>(A(0));
+        if (gh_acc) gh_acc[k * H + j] = A(0);
+      }
+      mrow[j] = store<T>(A(0));
+    }
+    for (int64_t j = j0; j < P; j += dj) hprev[j] = store<T>(A(0));
+  } else {
+    const int64_t q = prev_step(p, t, b);
+    const T* row = p.ws + r * W;
+    const T* c = row + kCellOffset<Cell> * H;
+    const T* cp = q >= 0 ? p.ws + (q * B + b) * W + kCellOffset<Cell> * H : p.c0 + b * H;
+    const T* hp = q >= 0 ? p.y + (q * B + b) * P : p.h0 + b * P;
+    for (int64_t j = j0; j < P; j += dj) hprev[j] = hp[j];
+    const A* dm = p.dm + b * H;
+    A* dc_state = p.dc + b * H;
+    const A clip = A(p.clip);
+    for (int64_t j = j0; j < H; j += dj) {
+      A dc = dc_state[j], direct = 0;
+      Cell::template backward<T, A>(j, H, dm[j], &dc, row, nullptr, nullptr, nullptr, c, cp,
+                                    gx, gx, &direct, clip);
+      sum_c += dc * dc;
+      dc_state[j] = Cell::template carry<T, A>(j, H, dc, row);
+      mrow[j] = store<T>(load<A>(row[3 * H + j]) * math_tanh(load<A>(c[j])));
+      if (gh_acc) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) gh_acc[k * H + j] = load<A>(gx[k * H + j]);
+      }
+    }
+  }
+  if (p.norm_c) {  // uniform over the launch; then gridDim.y == 1
+    sum_c = block_sum(sum_c);
+    if (threadIdx.x == 0) p.norm_c[r] = store<T>(sqrt(sum_c));
+  }
+}
+
 // Threads per block for H units, capped at cap: a multiple of 32 (block_sum needs it).
 inline int threads_for(int64_t H, int cap) {
   const int64_t n = (H + 31) / 32 * 32;
   return static_cast<int>(n < cap ? n : cap);
+}
+
+// One block row per sample, ceil(n / threads) blocks of threads over n units; with
+// reduce, one block per sample of up to 1024 threads (the kernels loop over the units).
+inline void shape_for(int64_t B, int64_t n, bool reduce, dim3& grid, int& threads) {
+  threads = threads_for(n, reduce ? kMaxReduceThreads : kMaxThreads);
+  grid = dim3(static_cast<unsigned>(B),
+              reduce ? 1u : static_cast<unsigned>((n + threads - 1) / threads));
 }
 
 }  // namespace
@@ -160,21 +276,51 @@ inline int threads_for(int64_t H, int cap) {
 template <class Cell, typename T>
 cudaError_t forward_step(const StepArgs<T>& p, int64_t t, cudaStream_t stream) {
   if (p.batch == 0 || p.hidden == 0) return cudaSuccess;
-  const int threads = threads_for(p.hidden, kMaxThreads);
-  const dim3 grid(static_cast<unsigned>(p.batch),
-                  static_cast<unsigned>((p.hidden + threads - 1) / threads));
-  forward_step_kernel<Cell, T, acc_t<T>><<<grid, threads, 0, stream>>>(p, t);
+  if (p.proj && !std::is_same_v<Cell, LstmCell>) return cudaErrorInvalidValue;
+  dim3 grid;
+  int threads;
+  shape_for(p.batch, p.hidden, false, grid, threads);
+  PYRNN_LAUNCH(grid, threads, 0, stream, forward_step_kernel<Cell, T, acc_t<T>>)(p, t);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t project_step(const StepArgs<T>& p, int64_t t, cudaStream_t stream) {
+  if (p.batch == 0 || p.proj == 0) return cudaSuccess;
+  dim3 grid;
+  int threads;
+  shape_for(p.batch, p.proj, false, grid, threads);
+  PYRNN_LAUNCH(grid, threads, 0, stream, project_step_kernel<T, acc_t<T>>)(p, t);
   return cudaGetLastError();
 }
 
 template <class Cell, typename T>
 cudaError_t backward_step(const StepArgs<T>& p, int64_t t, cudaStream_t stream) {
   if (p.batch == 0 || p.hidden == 0) return cudaSuccess;
-  const bool reduce = p.norm_h != nullptr || p.norm_c != nullptr;
-  const int threads = threads_for(p.hidden, reduce ? kMaxReduceThreads : kMaxThreads);
-  const dim3 grid(static_cast<unsigned>(p.batch),
-                  reduce ? 1u : static_cast<unsigned>((p.hidden + threads - 1) / threads));
-  backward_step_kernel<Cell, T, acc_t<T>><<<grid, threads, 0, stream>>>(p, t);
+  dim3 grid;
+  int threads;
+  if constexpr (std::is_same_v<Cell, LstmCell>) {
+    if (p.proj) {
+      const int64_t n = p.hidden > p.proj ? p.hidden : p.proj;
+      shape_for(p.batch, n, p.norm_c != nullptr, grid, threads);
+      PYRNN_LAUNCH(grid, threads, 0, stream, backward_proj_step_kernel<T, acc_t<T>>)(p, t);
+      return cudaGetLastError();
+    }
+  } else {
+    if (p.proj) return cudaErrorInvalidValue;
+  }
+  shape_for(p.batch, p.hidden, p.norm_h != nullptr || p.norm_c != nullptr, grid, threads);
+  PYRNN_LAUNCH(grid, threads, 0, stream, backward_step_kernel<Cell, T, acc_t<T>>)(p, t);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t project_grad_step(const StepArgs<T>& p, int64_t t, cudaStream_t stream) {
+  if (p.batch == 0 || p.proj == 0) return cudaSuccess;
+  dim3 grid;
+  int threads;
+  shape_for(p.batch, p.proj, p.norm_h != nullptr, grid, threads);
+  PYRNN_LAUNCH(grid, threads, 0, stream, project_grad_step_kernel<T, acc_t<T>>)(p, t);
   return cudaGetLastError();
 }
 
@@ -182,11 +328,13 @@ cudaError_t backward_step(const StepArgs<T>& p, int64_t t, cudaStream_t stream) 
   template cudaError_t forward_step<Cell, T>(const StepArgs<T>&, int64_t, cudaStream_t); \
   template cudaError_t backward_step<Cell, T>(const StepArgs<T>&, int64_t, cudaStream_t);
 
-#define PYRNN_INSTANTIATE_CELLS(T)          \
-  PYRNN_INSTANTIATE(RnnCell<Act::kTanh>, T) \
-  PYRNN_INSTANTIATE(RnnCell<Act::kRelu>, T) \
-  PYRNN_INSTANTIATE(LstmCell, T)            \
-  PYRNN_INSTANTIATE(GruCell, T)
+#define PYRNN_INSTANTIATE_CELLS(T)                                                   \
+  PYRNN_INSTANTIATE(RnnCell<Act::kTanh>, T)                                          \
+  PYRNN_INSTANTIATE(RnnCell<Act::kRelu>, T)                                          \
+  PYRNN_INSTANTIATE(LstmCell, T)                                                     \
+  PYRNN_INSTANTIATE(GruCell, T)                                                      \
+  template cudaError_t project_step<T>(const StepArgs<T>&, int64_t, cudaStream_t); \
+  template cudaError_t project_grad_step<T>(const StepArgs<T>&, int64_t, cudaStream_t);
 
 PYRNN_INSTANTIATE_CELLS(float)
 PYRNN_INSTANTIATE_CELLS(double)
