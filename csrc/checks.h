@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 
@@ -144,6 +145,36 @@ inline void check_norm_out(const std::optional<at::Tensor>& norm_out, const at::
   TORCH_CHECK_VALUE(norm_out->device() == input.device(), "norm_out: expected device ",
                     input.device(), " (the input's), got ", norm_out->device());
   check_shape(*norm_out, "norm_out", {2, d.T, d.B});
+}
+
+// The vanishing-gradient regulariser (vanishing_penalty) exists for the Elman cells; its
+// outputs, when given, are a [T, B] ratio and a one-element omega. d.T == 0 skips the
+// shape checks (the backward, which has no outputs to check).
+inline void check_penalty_args(Mode m, double penalty,
+                               const std::optional<at::Tensor>& ratio_out,
+                               const std::optional<at::Tensor>& omega_out,
+                               const at::Tensor& input, const Dims& d) {
+  TORCH_CHECK_VALUE(std::isfinite(penalty), "vanishing_penalty: expected a finite number, got ",
+                    penalty);
+  TORCH_CHECK_VALUE(penalty == 0.0 || m == Mode::kRnnTanh || m == Mode::kRnnRelu,
+                    "vanishing_penalty: the vanishing-gradient regulariser is defined for "
+                    "the Elman cells (rnn_tanh, rnn_relu) only, got a nonzero penalty (",
+                    penalty, ") for an LSTM or GRU");
+  if (d.T == 0) return;
+  if (ratio_out) {
+    TORCH_CHECK_VALUE(ratio_out->device() == input.device() &&
+                          ratio_out->scalar_type() == input.scalar_type(),
+                      "ratio_out: expected the input's dtype and device, got ",
+                      ratio_out->scalar_type(), " on ", ratio_out->device());
+    check_shape(*ratio_out, "ratio_out", {d.T, d.B});
+  }
+  if (omega_out) {
+    TORCH_CHECK_VALUE(omega_out->numel() == 1 && omega_out->device() == input.device() &&
+                          omega_out->scalar_type() == input.scalar_type(),
+                      "omega_out: expected one element of the input's dtype and device, got ",
+                      omega_out->sizes(), " ", omega_out->scalar_type(), " on ",
+                      omega_out->device());
+  }
 }
 
 // Checks the arguments of a backward call (those of its forward, then what the forward

@@ -62,8 +62,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
     c10::string_view mode_s, const Tensor& input_, const Tensor& hx_, const OptTensor& cx_,
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_,
     const OptTensor& w_hr_, const OptTensor& lengths_, bool reverse, bool save,
-    double bptt_clip, const OptTensor& norm_out) {
+    double bptt_clip, const OptTensor& norm_out, double vanishing_penalty,
+    const OptTensor& ratio_out, const OptTensor& omega_out) {
   (void)bptt_clip;  // used by backward only
+  (void)ratio_out;
+  (void)omega_out;
+  TORCH_CHECK_NOT_IMPLEMENTED(vanishing_penalty == 0.0,
+                              "vanishing_penalty: the vanishing-gradient regulariser runs on "
+                              "the CPU only; got ", vanishing_penalty, " for a CUDA input");
   TORCH_CHECK_NOT_IMPLEMENTED(!w_hr_.has_value(),
                               "weight_hr: LSTM projections are not supported on CUDA yet");
   const Mode m = parse_mode(std::string(mode_s));
@@ -122,12 +128,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
   return {output, h_n, c_n, ws};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+           Tensor>
+backward_cuda(
     c10::string_view mode_s, const Tensor& grad_output_, const OptTensor& grad_h_n,
     const OptTensor& grad_c_n, const Tensor& input_, const Tensor& hx_, const OptTensor& cx_,
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias,
     bool input_grad, const OptTensor& lengths_, const Tensor& output_,
-    const Tensor& workspace_, bool reverse, double bptt_clip, bool record) {
+    const Tensor& workspace_, bool reverse, double bptt_clip, bool record,
+    double vanishing_penalty) {
+  TORCH_CHECK_NOT_IMPLEMENTED(vanishing_penalty == 0.0,
+                              "vanishing_penalty: the vanishing-gradient regulariser runs on "
+                              "the CPU only; got ", vanishing_penalty, " for a CUDA input");
   TORCH_CHECK_NOT_IMPLEMENTED(!w_hr_.has_value(),
                               "weight_hr: LSTM projections are not supported on CUDA yet");
   const Mode m = parse_mode(std::string(mode_s));
@@ -214,7 +226,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   Tensor dw_hh = at::mm(gh2.t(), hprev.view({T * B, H}));
   Tensor db_ih = has_bias ? gx2.sum(0) : at::empty({0}, opt);
   Tensor db_hh = has_bias ? gh2.sum(0) : at::empty({0}, opt);
-  return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, at::empty({0}, input.options()), norms};
+  return {dx,    dh0,   dc0,   dw_ih, dw_hh, db_ih, db_hh, at::empty({0}, input.options()),
+          norms, at::empty({0}, input.options()), at::empty({0}, input.options())};
 }
 
 }  // namespace
