@@ -178,3 +178,21 @@ def test_module_without_recording_keeps_omega_only():
     m2 = pyrnn.RNN(2, 4, record_grad_norms=True)
     m2(torch.randn(5, 3, 2))[0].sum().backward()
     assert m2.grad_norms.ratio is None and m2.vanishing_omega is None
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_opcheck_with_penalty(reverse):
+    x, hx, _, w_ih, w_hh, b_ih, b_hh = make_layer_args("rnn_tanh", 4, 3, 2, 5)
+    lengths = torch.tensor([4, 1, 3])
+    ratio, omega = torch.zeros(4, 3, dtype=DT), torch.zeros(1, dtype=DT)
+    fwd = ("rnn_tanh", x, hx, None, w_ih, w_hh, b_ih, b_hh, None, lengths, reverse, True, 0.0,
+           None, 0.5, ratio, omega)
+    torch.library.opcheck(torch.ops.pyrnn.forward.default, fwd)
+    out = torch.ops.pyrnn.forward(*fwd)
+    d = [t.detach() for t in (x, hx, w_ih, w_hh)]
+    res = torch.library.opcheck(
+        torch.ops.pyrnn.backward.default,
+        ("rnn_tanh", torch.randn_like(out[0]), None, None, d[0], d[1], None, d[2], d[3], None,
+         True, True, lengths, out[0].detach(), out[3].detach(), reverse, 0.0, False, 0.5),
+        test_utils=("test_schema", "test_faketensor"))
+    assert all(v == "SUCCESS" for v in res.values()), res
