@@ -52,9 +52,10 @@ inline std::string shape_str(at::IntArrayRef s) {
   return out + "]";
 }
 
+// A tensor on another device than input: RuntimeError, as ATen's RNN kernels raise.
 inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& input) {
-  TORCH_CHECK_VALUE(t.device() == input.device(), name, ": expected device ", input.device(),
-                    " (the device of input), got ", t.device());
+  TORCH_CHECK(t.device() == input.device(), name, ": expected device ", input.device(),
+              " (the device of input), got ", t.device());
   TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), name, ": expected dtype ",
                    input.scalar_type(), " (the dtype of input), got ", t.scalar_type());
 }
@@ -91,8 +92,7 @@ inline Dims check_forward_args(Mode m, const at::Tensor& input, const at::Tensor
   TORCH_CHECK_VALUE(w_hh.size(0) % G == 0, "weight_hh: expected ", G,
                     " * hidden_size rows, got ", w_hh.size(0));
   Dims d{input.size(0), input.size(1), input.size(2), w_hh.size(0) / G, G, w_hh.size(1)};
-  TORCH_CHECK_VALUE(d.H > 0 && d.P > 0, "weight_hh: expected a hidden size > 0, got shape ",
-                    shape_str(w_hh.sizes()));
+  // A hidden size of 0 is valid (torch.nn's cells accept it and return empty states).
   check_same(w_ih, "weight_ih", input);
   check_same(w_hh, "weight_hh", input);
   check_same(hx, "hx", input);
@@ -123,8 +123,8 @@ inline Dims check_forward_args(Mode m, const at::Tensor& input, const at::Tensor
   if (lengths) {
     TORCH_CHECK_TYPE(lengths->scalar_type() == at::kLong, "lengths: expected dtype int64, got ",
                      lengths->scalar_type());
-    TORCH_CHECK_VALUE(lengths->device().is_cpu(), "lengths: expected a CPU tensor, got device ",
-                      lengths->device());
+    TORCH_CHECK(lengths->device().is_cpu(), "lengths: expected a CPU tensor, got device ",
+                lengths->device());
     check_shape(*lengths, "lengths", {d.B});
     if (d.B > 0) {
       const int64_t lo = lengths->min().item<int64_t>(), hi = lengths->max().item<int64_t>();
@@ -135,6 +135,12 @@ inline Dims check_forward_args(Mode m, const at::Tensor& input, const at::Tensor
   return d;
 }
 
+// bptt_clip: a number >= 0 (0 = off); NaN is rejected.
+inline void check_clip(double bptt_clip) {
+  TORCH_CHECK_VALUE(bptt_clip >= 0, "bptt_clip: expected a number >= 0 (0 = off), got ",
+                    bptt_clip);
+}
+
 // norm_out, where given, receives the per-step gradient norms in backward: [2, T, B],
 // floating point, on the input's device.
 inline void check_norm_out(const std::optional<at::Tensor>& norm_out, const at::Tensor& input,
@@ -142,8 +148,8 @@ inline void check_norm_out(const std::optional<at::Tensor>& norm_out, const at::
   if (!norm_out) return;
   TORCH_CHECK_TYPE(norm_out->is_floating_point(),
                    "norm_out: expected a floating-point tensor, got ", norm_out->scalar_type());
-  TORCH_CHECK_VALUE(norm_out->device() == input.device(), "norm_out: expected device ",
-                    input.device(), " (the input's), got ", norm_out->device());
+  TORCH_CHECK(norm_out->device() == input.device(), "norm_out: expected device ",
+              input.device(), " (the input's), got ", norm_out->device());
   check_shape(*norm_out, "norm_out", {2, d.T, d.B});
 }
 
@@ -196,9 +202,16 @@ inline Dims check_backward_args(Mode m, const at::Tensor& grad_output,
   check_same(output, "output", input);
   check_shape(output, "output", {d.T, d.B, d.P});
   check_shape(workspace, "workspace", W ? at::IntArrayRef{d.T, d.B, W} : at::IntArrayRef{0});
-  if (grad_h_n) check_shape(*grad_h_n, "grad_h_n", {d.B, d.P});
-  if (grad_c_n) check_shape(*grad_c_n, "grad_c_n", {d.B, d.H});
-  TORCH_CHECK_VALUE(bptt_clip >= 0, "bptt_clip: expected a value >= 0 (0 = off), got ", bptt_clip);
+  check_same(workspace, "workspace", input);
+  if (grad_h_n) {
+    check_same(*grad_h_n, "grad_h_n", input);
+    check_shape(*grad_h_n, "grad_h_n", {d.B, d.P});
+  }
+  if (grad_c_n) {
+    check_same(*grad_c_n, "grad_c_n", input);
+    check_shape(*grad_c_n, "grad_c_n", {d.B, d.H});
+  }
+  check_clip(bptt_clip);
   return d;
 }
 

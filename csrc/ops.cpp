@@ -32,13 +32,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     const OptTensor& w_hr_, const OptTensor& lengths_, bool reverse, bool save, double bptt_clip,
     const OptTensor& norm_out, double vanishing_penalty, const OptTensor& ratio_out,
     const OptTensor& omega_out) {
-  (void)bptt_clip;  // used by backward only
   const Mode m = parse_mode(std::string(mode_s));
   const Dims d =
       check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, lengths_);
   check_norm_out(norm_out, input_, d);
   check_penalty_args(m, vanishing_penalty, ratio_out, omega_out, input_, d);
+  check_clip(bptt_clip);  // used by backward; rejected here, where the mistake is made
   const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, P = d.P;
+  if (H == 0) {  // no hidden units: empty states and outputs, nothing to run
+    const auto o = input_.options();
+    const Tensor c_n = m == Mode::kLstm ? at::empty({B, 0}, o) : at::empty({0}, o);
+    return {at::empty({T, B, P}, o), at::empty({B, P}, o), c_n, at::empty({0}, o)};
+  }
   const Tensor w_hr = w_hr_ ? w_hr_->contiguous() : Tensor();
   const Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor hx = hx_.contiguous();
@@ -177,6 +182,15 @@ backward_cpu(
                                      w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_,
                                      bptt_clip);
   const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, W = saved_width(m, H), P = d.P;
+  if (H == 0) {  // no hidden units: the outputs do not depend on any input
+    const auto o = input_.options();
+    return {input_grad ? at::zeros({T, B, d.I}, o) : at::empty({0}, o), at::empty({B, P}, o),
+            m == Mode::kLstm ? at::empty({B, 0}, o) : at::empty({0}, o),
+            at::empty({0, d.I}, o), at::empty({0, P}, o), at::empty({0}, o), at::empty({0}, o),
+            at::empty({0}, o), record ? at::zeros({2, T, B}, o) : at::empty({0}, o),
+            vanishing_penalty != 0.0 ? at::zeros({T, B}, o) : at::empty({0}, o),
+            vanishing_penalty != 0.0 ? at::zeros({}, o) : at::empty({0}, o)};
+  }
 
   const Tensor input = input_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor w_ih = input_grad ? w_ih_.contiguous() : w_ih_;  // read only for dX

@@ -18,6 +18,7 @@ from . import ops, reference
 from ._C import has_cuda as _has_cuda
 from . import gradflow, init
 from .modules import GRU, LSTM, RNN, GateStats, GradNorms, GRUCell, LSTMCell, RNNCell, convert
+from .export import to_torch
 
 __version__ = "0.1.0"
 
@@ -27,5 +28,5 @@ def backends():
     return ["cpu"] + (["cuda"] if _has_cuda() else [])
 
 
-__all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "convert", "ops",
+__all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "convert", "to_torch", "ops",
            "reference", "gradflow", "init", "backends", "GradNorms", "GateStats"]

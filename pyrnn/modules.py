@@ -5,8 +5,6 @@ shapes, initialisation and state_dict layout are torch.nn's own; only forward di
 (They derive from RNNBase rather than from torch.nn.LSTM etc. so that torch.compile
 traces them instead of breaking the graph.)
 """
-import math
-import warnings
 from typing import Optional
 
 import torch
@@ -14,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from . import export as _export
 from . import ops
 
 _MODES = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
@@ -73,13 +72,63 @@ def _unpack(seq: PackedSequence):
     return flat.view(T, B, -1), lengths, rows
 
 
+# Dtypes that the modules accept and run in float32, returning results in their own dtype.
+_UPCAST = (torch.float16, torch.bfloat16)
+
+
+def _type_name(t: Tensor) -> str:
+    """ATen's name of a tensor's dtype (Float, Double, ...), as in ATen's own messages."""
+    return t.new_empty(0, device="cpu").type().rsplit(".", 1)[-1].replace("Tensor", "")
+
+
+def _check_clip(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"bptt_clip: expected a number >= 0 (0 = off), got {value!r}")
+    return float(value)
+
+
+def _permute(hx, permutation):
+    if permutation is None:
+        return hx
+    if isinstance(hx, (tuple, list)):
+        return tuple(h.index_select(1, permutation) for h in hx)
+    return hx.index_select(1, permutation)
+
+
+def _check_packed(seq: PackedSequence) -> None:
+    """A PackedSequence built by hand can be malformed; torch.nn then returns garbage or
+    fails deep inside. Raise a clear error instead."""
+    bs, data = seq.batch_sizes, seq.data
+    if not isinstance(bs, Tensor) or bs.dim() != 1 or bs.dtype != torch.int64 or bs.is_floating_point():
+        raise RuntimeError("input (PackedSequence): batch_sizes must be a 1-D int64 tensor, got "
+                           f"{bs.dtype if isinstance(bs, Tensor) else type(bs).__name__} of "
+                           f"shape {tuple(bs.shape) if isinstance(bs, Tensor) else ()}")
+    if bs.device.type != "cpu":
+        raise RuntimeError(f"input (PackedSequence): batch_sizes must be on the CPU, got {bs.device}")
+    if bs.numel() == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    if bool((bs <= 0).any()):
+        raise RuntimeError(f"input (PackedSequence): batch_sizes must be positive, got {bs.tolist()}")
+    if bool((bs[1:] > bs[:-1]).any()):
+        raise RuntimeError("input (PackedSequence): batch_sizes must be non-increasing (sequences "
+                           f"sorted by decreasing length), got {bs.tolist()}")
+    if data.dim() >= 1 and int(bs.sum()) != data.shape[0]:
+        raise RuntimeError(f"input (PackedSequence): batch_sizes sum to {int(bs.sum())} but data "
+                           f"has {data.shape[0]} rows")
+    for name in ("sorted_indices", "unsorted_indices"):
+        idx = getattr(seq, name)
+        if idx is not None and tuple(idx.shape) != (int(bs[0]),):
+            raise RuntimeError(f"input (PackedSequence): {name} must have shape "
+                               f"({int(bs[0])},) (the batch size), got {tuple(idx.shape)}")
+
+
 class _Base(nn.RNNBase):
     """Shared forward of pyrnn.RNN, LSTM and GRU."""
 
     def __init__(self, mode, *args, bptt_clip: float = 0.0, record_grad_norms: bool = False,
                  record_gate_stats: bool = False, vanishing_penalty: float = 0.0, **kwargs):
         super().__init__(mode, *args, **kwargs)
-        self.bptt_clip = float(bptt_clip)
+        self.bptt_clip = bptt_clip
         self.vanishing_penalty = float(vanishing_penalty)
         self._check_penalty()
         self._vanishing_omega = None  # [L * D] of the last backward with the penalty on
@@ -96,6 +145,15 @@ class _Base(nn.RNNBase):
         self._norm_shape = None
         self._norm_order = None
 
+    @property
+    def bptt_clip(self) -> float:
+        """Clamp for the gate pre-activation gradients inside BPTT ([-c, c]; 0 = off)."""
+        return self._bptt_clip
+
+    @bptt_clip.setter
+    def bptt_clip(self, value) -> None:
+        self._bptt_clip = _check_clip(value)
+
     def flatten_parameters(self) -> None:
         """No-op: pyrnn's kernels read the parameters where they are."""
 
@@ -105,7 +163,9 @@ class _Base(nn.RNNBase):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.__dict__.setdefault("bptt_clip", 0.0)
+        if "bptt_clip" in self.__dict__:
+            self.__dict__["_bptt_clip"] = self.__dict__.pop("bptt_clip")
+        self.__dict__.setdefault("_bptt_clip", 0.0)
         self.__dict__.setdefault("vanishing_penalty", 0.0)
         self.__dict__.setdefault("_vanishing_omega", None)
         self.__dict__.setdefault("_ratio_store", None)
@@ -191,96 +251,141 @@ class _Base(nn.RNNBase):
         w.append(getattr(self, "weight_hr" + sfx) if self.proj_size > 0 else None)
         return w
 
-    def _check_input(self, x: Tensor, packed: bool):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"input: expected a Tensor or PackedSequence, got {type(x).__name__}")
-        if not (x.is_floating_point()):
-            raise TypeError(f"input: expected a floating-point tensor (float32 or float64), got {x.dtype}")
-        if not packed and x.dim() not in (2, 3):
-            raise ValueError(f"input: expected a 2-D (unbatched) or 3-D (batched) tensor, got "
-                             f"{x.dim()}-D of shape {tuple(x.shape)}")
-        if x.shape[-1] != self.input_size:
-            raise ValueError(f"input: expected input_size {self.input_size} in the last "
-                             f"dimension, got {x.shape[-1]} (shape {tuple(x.shape)})")
-        w = self.weight_ih_l0
-        if x.device != w.device:
-            raise ValueError(f"input: expected device {w.device} (the parameters' device), got {x.device}")
-        if x.dtype != w.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"input: expected dtype {w.dtype} (the parameters' dtype), got {x.dtype}")
+    # The checks below follow torch.nn's own, in its order, with its exception types and
+    # messages (torch/nn/modules/rnn.py and ATen's RNN.cpp), so that code written against
+    # torch.nn sees the same errors; pyrnn adds detail after torch.nn's wording only.
 
-    def _check_state(self, name, h, B, unbatched, x, size):
-        D = 2 if self.bidirectional else 1
-        expected = (self.num_layers * D, size) if unbatched else (self.num_layers * D, B, size)
-        if not isinstance(h, Tensor):
-            raise TypeError(f"{name}: expected a Tensor, got {type(h).__name__}")
-        if tuple(h.shape) != expected:
-            what = "proj_size" if size != self.hidden_size else "hidden_size"
-            raise ValueError(f"{name}: expected shape {expected} (num_layers * num_directions, "
-                             f"{'' if unbatched else 'batch, '}{what}), got {tuple(h.shape)}")
-        if h.device != x.device:
-            raise ValueError(f"{name}: expected device {x.device} (the input's), got {h.device}")
-        if h.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"{name}: expected dtype {x.dtype} (the input's), got {h.dtype}")
+    def _check_input(self, input: Tensor, batch_sizes) -> None:
+        w = self.weight_ih_l0
+        if input.dtype != w.dtype and not torch._C._is_any_autocast_enabled():
+            raise ValueError(
+                f"RNN input dtype ({input.dtype}) does not match weight dtype ({w.dtype}). "
+                f"Convert input: input.to({w.dtype}), or convert model: model.to({input.dtype})")
+        expected_dim = 2 if batch_sizes is not None else 3
+        if input.dim() != expected_dim:
+            raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
+        if self.input_size != input.size(-1):
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
+                               f"{self.input_size}, got {input.size(-1)}")
+
+    def _expected_hidden(self, input: Tensor, batch_sizes, size: int):
+        if batch_sizes is not None:
+            batch = int(batch_sizes[0])
+        else:
+            batch = input.size(0) if self.batch_first else input.size(1)
+        return (self.num_layers * (2 if self.bidirectional else 1), batch, size)
+
+    def _check_forward_args(self, input: Tensor, hx, batch_sizes) -> None:
+        self._check_input(input, batch_sizes)
+        P = self.proj_size if self.proj_size > 0 else self.hidden_size
+        if self.mode == "LSTM":
+            checks = [(hx[0], P, "Expected hidden[0] size {}, got {}"),
+                      (hx[1], self.hidden_size, "Expected hidden[1] size {}, got {}")]
+        else:
+            checks = [(hx, self.hidden_size, "Expected hidden size {}, got {}")]
+        for h, size, msg in checks:
+            expected = self._expected_hidden(input, batch_sizes, size)
+            if h.size() != expected:
+                raise RuntimeError(msg.format(expected, list(h.size())))
+
+    def _check_attributes(self, input: Tensor, states) -> None:
+        """ATen's checks that torch.nn runs inside its kernels: devices, hidden dtypes and a
+        non-empty sequence."""
+        for name, tensors in (("hidden", states), ("parameter", self._flat_weights)):
+            for t in tensors:
+                if t is not None and t.device != input.device:
+                    raise RuntimeError(
+                        f"Input and {name} tensors are not at the same device, found input "
+                        f"tensor at {input.device} and {name} tensor at {t.device}")
+        w = self.weight_hh_l0
+        for h in states:
+            if h.dtype != w.dtype and not torch._C._is_any_autocast_enabled():
+                raise RuntimeError(
+                    f"mat1 and mat2 must have the same dtype, but got {_type_name(h)} and "
+                    f"{_type_name(w)} (hx: expected the parameters' dtype {w.dtype}, got {h.dtype})")
+
+    def _prepare(self, input, hx):
+        """torch.nn's forward preamble: (input as [T, B, I] or packed data, batch_sizes,
+        sorted and unsorted indices, whether batched, hx as a list of [L*D, B, *] states
+        or None), after torch.nn's checks."""
+        is_lstm = self.mode == "LSTM"
+        name = "RNN" if self.mode.startswith("RNN") else self.mode
+        if isinstance(input, PackedSequence):
+            data, batch_sizes, sorted_idx, unsorted_idx = input
+            _check_packed(input)
+            if hx is not None:
+                hx = _permute(hx, sorted_idx)
+            states = None if hx is None else (list(hx) if is_lstm else [hx])
+            if states is not None:
+                self._check_forward_args(data, states if is_lstm else states[0], batch_sizes)
+            else:
+                self._check_input(data, batch_sizes)
+            return data, batch_sizes, sorted_idx, unsorted_idx, True, states
+        if input.dim() not in (2, 3):
+            tail = " tensor instead" if name == "RNN" else " instead"
+            raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D{tail}")
+        batched = input.dim() == 3
+        if not batched:
+            input = input.unsqueeze(0 if self.batch_first else 1)
+        if hx is not None:
+            if is_lstm:
+                want = 3 if batched else 2
+                if hx[0].dim() != want or hx[1].dim() != want:
+                    form = "batched 3-D" if batched else "unbatched 2-D"
+                    raise RuntimeError(
+                        f"For {form} input, hx and cx should also be {want}-D but got "
+                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                hx = (hx[0], hx[1]) if batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+            else:
+                if not batched and hx.dim() != 2:
+                    raise RuntimeError("For unbatched 2-D input, hx should also be 2-D but got "
+                                       f"{hx.dim()}-D tensor")
+                if batched and hx.dim() != 3:
+                    raise RuntimeError("For batched 3-D input, hx should also be 3-D but got "
+                                       f"{hx.dim()}-D tensor")
+                hx = hx if batched else hx.unsqueeze(1)
+            self._check_forward_args(input, hx, None)
+        else:
+            self._check_input(input, None)
+        states = None if hx is None else (list(hx) if is_lstm else [hx])
+        x = input.transpose(0, 1) if self.batch_first else input
+        return x, None, None, None, batched, states
 
     def forward(self, input, hx=None):
+        if _export.exporting():
+            return _export.module_forward(self, input, hx)
         mode = _MODES[self.mode]
         is_lstm = mode == "lstm"
         packed = isinstance(input, PackedSequence)
-        unbatched = False
-        lengths = None
-        sorted_idx = unsorted_idx = None
+        x, batch_sizes, sorted_idx, unsorted_idx, batched, states = self._prepare(input, hx)
+        self._check_attributes(x, states or [])
+        lengths = rows = None
         if packed:
-            self._check_input(input.data, True)
-            sorted_idx, unsorted_idx = input.sorted_indices, input.unsorted_indices
             # Padded [T, B, I] in the packed (sorted) order, as torch.nn runs it: one
             # scatter of the packed rows, and one gather back for the output.
             x, lengths, rows = _unpack(input)
-        else:
-            self._check_input(input, False)
-            if input.dim() == 2:
-                unbatched = True
-                x = input.unsqueeze(1)
-            else:
-                x = input.transpose(0, 1) if self.batch_first else input
         T, B = x.shape[0], x.shape[1]
         if T == 0:
-            raise ValueError("input: expected at least one time step, got an empty sequence")
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         D = 2 if self.bidirectional else 1
         LD = self.num_layers * D
         H = self.hidden_size
         P = self.proj_size if self.proj_size > 0 else H  # width of h
 
-        dtype = x.dtype
+        out_dtype = dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             # The fused kernels run in float32 under autocast (see README, "Precision").
+            out_dtype = dtype = torch.float32
+        elif dtype in _UPCAST:
+            # float16 and bfloat16 run in float32 and return in their own dtype.
             dtype = torch.float32
-            x = x.to(dtype)
-
-        if hx is None:
+        x = x.to(dtype)
+        if states is None:
             h0 = x.new_zeros(LD, B, P)
             c0 = x.new_zeros(LD, B, H) if is_lstm else None
         else:
-            if is_lstm:
-                if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-                    raise TypeError("hx: expected a tuple (h_0, c_0) for LSTM, got "
-                                    f"{type(hx).__name__}")
-                h0, c0 = hx
-                ref = input.data if packed else input
-                self._check_state("hx[0] (h_0)", h0, B, unbatched, ref, P)
-                self._check_state("hx[1] (c_0)", c0, B, unbatched, ref, H)
-            else:
-                if isinstance(hx, (tuple, list)):
-                    raise TypeError(f"hx: expected a Tensor for {self.mode}, got a {type(hx).__name__}")
-                h0, c0 = hx, None
-                self._check_state("hx", h0, B, unbatched, input.data if packed else input, H)
-            if unbatched:
-                h0 = h0.unsqueeze(1)
-                c0 = c0.unsqueeze(1) if c0 is not None else None
-            if packed and sorted_idx is not None:
-                h0 = h0.index_select(1, sorted_idx)
-                c0 = c0.index_select(1, sorted_idx) if c0 is not None else None
-            h0 = h0.to(dtype)
-            c0 = c0.to(dtype) if c0 is not None else None
+            h0 = states[0].to(dtype)
+            c0 = states[1].to(dtype) if is_lstm else None
 
         store = None
         if self.record_grad_norms and torch.is_grad_enabled():
@@ -337,13 +442,16 @@ class _Base(nn.RNNBase):
         h_n = torch.stack(h_n)
         c_n = torch.stack(c_n) if is_lstm else None
 
+        if out_dtype != dtype:
+            output, h_n = output.to(out_dtype), h_n.to(out_dtype)
+            c_n = c_n.to(out_dtype) if c_n is not None else None
         if packed:
             data = output.reshape(T * B, output.shape[2]).index_select(0, rows)
-            output = PackedSequence(data, input.batch_sizes, sorted_idx, unsorted_idx)
+            output = PackedSequence(data, batch_sizes, sorted_idx, unsorted_idx)
             if unsorted_idx is not None:
                 h_n = h_n.index_select(1, unsorted_idx)
                 c_n = c_n.index_select(1, unsorted_idx) if c_n is not None else None
-        elif unbatched:
+        elif not batched:
             output = output.squeeze(1)
             h_n = h_n.squeeze(1)
             c_n = c_n.squeeze(1) if c_n is not None else None
@@ -364,8 +472,11 @@ class RNN(_Base):
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None,
                  **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {nonlinearity!r}")
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or "
+                             "'relu'.")
         self.nonlinearity = nonlinearity
         super().__init__("RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU", input_size,
                          hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
@@ -387,52 +498,86 @@ class GRU(_Base):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, device=None, dtype=None, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, device=device, dtype=dtype, **kwargs)
 
 
 class _CellMixin:
-    """One fused step of the cell: the layer op with T = 1 (the same kernels and cell math)."""
+    """One fused step of the cell: the layer op with T = 1 (the same kernels and cell math).
+    The checks are torch.nn's (the module's, then those ATen runs inside its cell kernels),
+    with the same exception types and messages."""
 
     _mode = None
+    _name = None
 
-    def _step(self, input, hx, cx):
-        if not isinstance(input, Tensor) or not input.is_floating_point():
-            raise TypeError(f"input: expected a floating-point tensor, got "
-                            f"{input.dtype if isinstance(input, Tensor) else type(input).__name__}")
+    def _step(self, input, hx):
+        """input [B, I] or [I]; hx None, a tensor, or (h, c) for the LSTM cell."""
+        if _export.exporting():
+            return _export.cell_step(self, input, hx)
+        is_lstm = self._mode == "lstm"
         if input.dim() not in (1, 2):
-            raise ValueError(f"input: expected a 1-D (unbatched) or 2-D tensor [B, input_size], "
-                             f"got {input.dim()}-D of shape {tuple(input.shape)}")
-        if input.shape[-1] != self.input_size:
-            raise ValueError(f"input: expected input_size {self.input_size} in the last "
-                             f"dimension, got {input.shape[-1]}")
-        unbatched = input.dim() == 1
-        x = input.unsqueeze(0) if unbatched else input
+            raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got "
+                             f"{input.dim()}D instead")
+        if hx is not None:
+            for idx, h in enumerate(hx if is_lstm else [hx]):
+                if h.dim() not in (1, 2):
+                    what = f"hx[{idx}]" if is_lstm else "hidden"
+                    raise ValueError(f"{self._name}: Expected {what} to be 1D or 2D, got "
+                                     f"{h.dim()}D instead")
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
         B, H = x.shape[0], self.hidden_size
-        dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
-        x = x.to(dtype)
-        states = []
-        for name, s in (("hx", hx), ("cx", cx)):
-            if s is None:
-                states.append(x.new_zeros(B, H) if (name == "hx" or self._mode == "lstm") else None)
-                continue
-            expected = (H,) if unbatched else (B, H)
-            if tuple(s.shape) != expected:
-                raise ValueError(f"{name}: expected shape {expected}, got {tuple(s.shape)}")
-            states.append((s.unsqueeze(0) if unbatched else s).to(dtype))
-        h0, c0 = states
+        if hx is None:
+            zeros = torch.zeros(B, H, dtype=x.dtype, device=x.device)
+            states = [zeros, zeros] if is_lstm else [zeros]
+        else:
+            states = [h if batched else h.unsqueeze(0) for h in (hx if is_lstm else [hx])]
+        if x.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {x.size(1)} expected "
+                               f"{self.input_size}")
+        for k, h in enumerate(states):
+            if x.size(0) != h.size(0):
+                raise RuntimeError(f"Input batch size {x.size(0)} doesn't match hidden{k} "
+                                   f"batch size {h.size(0)}")
+            if h.size(1) != H:
+                raise RuntimeError(f"hidden{k} has inconsistent hidden_size: got {h.size(1)}, "
+                                   f"expected {H}")
+        params = [p for p in (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+                  if p is not None]
+        for t in [x] + states + params:
+            if t.device != self.weight_ih.device:
+                raise RuntimeError(f"Tensor on device {self.weight_ih.device} is not on the "
+                                   f"expected device {t.device}!")
+        w = self.weight_ih
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast:
+            for t in [x] + states[:1]:
+                if t.dtype != w.dtype:
+                    raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got "
+                                       f"{_type_name(t)} and {_type_name(w)}")
+        out_dtype = dtype = x.dtype
+        if autocast:
+            out_dtype = dtype = torch.float32
+        elif dtype in _UPCAST:
+            dtype = torch.float32  # float16 and bfloat16 run in float32
+        h0 = states[0].to(dtype)
+        c0 = states[1].to(dtype) if is_lstm else None
         b_ih = self.bias_ih.to(dtype) if self.bias else None
         b_hh = self.bias_hh.to(dtype) if self.bias else None
-        _, h, c = ops.layer(self._mode, x.unsqueeze(0), h0, c0, self.weight_ih.to(dtype),
-                            self.weight_hh.to(dtype), b_ih, b_hh)
-        if unbatched:
-            h = h.squeeze(0)
-            c = c.squeeze(0) if c is not None else None
+        _, h, c = ops.layer(self._mode, x.to(dtype).unsqueeze(0), h0, c0,
+                            self.weight_ih.to(dtype), self.weight_hh.to(dtype), b_ih, b_hh)
+        h = h.to(out_dtype) if batched else h.squeeze(0).to(out_dtype)
+        if c is not None:
+            c = c.to(out_dtype) if batched else c.squeeze(0).to(out_dtype)
         return h, c
 
 
 class RNNCell(_CellMixin, nn.RNNCell):
     """Elman RNN cell, a drop-in for torch.nn.RNNCell."""
+
+    _name = "RNNCell"
 
     @property
     def _mode(self):
@@ -440,27 +585,28 @@ class RNNCell(_CellMixin, nn.RNNCell):
 
     def forward(self, input, hx=None):
         if self.nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"nonlinearity: expected 'tanh' or 'relu', got {self.nonlinearity!r}")
-        return self._step(input, hx, None)[0]
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        return self._step(input, hx)[0]
 
 
 class LSTMCell(_CellMixin, nn.LSTMCell):
     """LSTM cell, a drop-in for torch.nn.LSTMCell."""
 
     _mode = "lstm"
+    _name = "LSTMCell"
 
     def forward(self, input, hx=None):
-        h0, c0 = (None, None) if hx is None else hx
-        return self._step(input, h0, c0)
+        return self._step(input, hx)
 
 
 class GRUCell(_CellMixin, nn.GRUCell):
     """GRU cell, a drop-in for torch.nn.GRUCell."""
 
     _mode = "gru"
+    _name = "GRUCell"
 
     def forward(self, input, hx=None):
-        return self._step(input, hx, None)[0]
+        return self._step(input, hx)[0]
 
 
 _REPLACEMENTS = {nn.RNN: RNN, nn.LSTM: LSTM, nn.GRU: GRU,

@@ -25,10 +25,23 @@ GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 _SAVED = {"lstm": 5, "gru": 4}  # workspace row width in units of H (see csrc/ops.cpp)
 
 
+def _check_devices(input, lengths, **tensors):
+    """The device checks of the compiled ops (csrc/checks.h), for the fake kernel: a tensor
+    on the meta device selects it, and must not pass for a call the real kernels reject."""
+    for name, t in tensors.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"{name}: expected device {input.device} (the device of input), "
+                               f"got {t.device}")
+    if lengths is not None and lengths.device.type != "cpu":
+        raise RuntimeError(f"lengths: expected a CPU tensor, got device {lengths.device}")
+
+
 @torch.library.register_fake("pyrnn::forward")
 def _forward_fake(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                   lengths, reverse, save, bptt_clip, norm_out, vanishing_penalty=0.0,
                   ratio_out=None, omega_out=None):
+    _check_devices(input, lengths, hx=hx, cx=cx, weight_ih=weight_ih, weight_hh=weight_hh,
+                   bias_ih=bias_ih, bias_hh=bias_hh, weight_hr=weight_hr, norm_out=norm_out)
     T, B = input.shape[0], input.shape[1]
     H, P = weight_hh.shape[0] // GATES[mode], weight_hh.shape[1]
     output = input.new_empty(T, B, P)
@@ -43,6 +56,9 @@ def _forward_fake(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, w
 def _backward_fake(mode, grad_output, grad_h_n, grad_c_n, input, hx, cx, weight_ih, weight_hh,
                    weight_hr, has_bias, input_grad, lengths, output, workspace, reverse,
                    bptt_clip, record, vanishing_penalty=0.0):
+    _check_devices(input, lengths, grad_output=grad_output, grad_h_n=grad_h_n,
+                   grad_c_n=grad_c_n, hx=hx, cx=cx, weight_ih=weight_ih, weight_hh=weight_hh,
+                   weight_hr=weight_hr, output=output, workspace=workspace)
     T, B = input.shape[0], input.shape[1]
     GH, P = weight_hh.shape
     H = GH // GATES[mode]

@@ -219,9 +219,15 @@ def test_empty_batch_and_input_size_zero(mode):
         assert args[3].grad.shape == args[3].shape  # weight_ih
 
 
-def test_hidden_size_zero_rejected():
-    with pytest.raises(ValueError, match="weight_hh: expected a hidden size > 0"):
-        ops.gru(torch.randn(3, 2, 4), torch.zeros(2, 0), torch.randn(0, 4), torch.randn(0, 0))
+@pytest.mark.parametrize("mode", MODES)
+def test_hidden_size_zero(mode):
+    # torch.nn's cells accept a hidden size of 0 and return empty states
+    args = make_layer_args(mode, 3, 2, 4, 0)
+    out, h, c = call_op(ops, mode, *args)
+    assert out.shape == (3, 2, 0) and h.shape == (2, 0)
+    assert c is None or c.shape == (2, 0)
+    out.sum().backward()
+    torch.testing.assert_close(args[0].grad, torch.zeros(3, 2, 4, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("mode", MODES)
