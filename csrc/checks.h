@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 
@@ -150,6 +151,54 @@ inline void check_norm_out(const std::optional<at::Tensor>& norm_out, const at::
   TORCH_CHECK(norm_out->device() == input.device(), "norm_out: expected device ",
               input.device(), " (the input's), got ", norm_out->device());
   check_shape(*norm_out, "norm_out", {2, d.T, d.B});
+}
+
+// The vanishing-gradient regulariser (vanishing_penalty) exists for the Elman cells; its
+// outputs, when given, are a [T, B] ratio and a one-element omega. d.T == 0 skips the
+// shape checks (the backward, which has no outputs to check).
+inline void check_penalty_args(Mode m, double penalty,
+                               const std::optional<at::Tensor>& ratio_out,
+                               const std::optional<at::Tensor>& omega_out,
+                               const at::Tensor& input, const Dims& d) {
+  TORCH_CHECK_VALUE(std::isfinite(penalty), "vanishing_penalty: expected a finite number, got ",
+                    penalty);
+  TORCH_CHECK_VALUE(penalty == 0.0 || m == Mode::kRnnTanh || m == Mode::kRnnRelu,
+                    "vanishing_penalty: the vanishing-gradient regulariser is defined for "
+                    "the Elman cells (rnn_tanh, rnn_relu) only, got a nonzero penalty (",
+                    penalty, ") for an LSTM or GRU");
+  if (d.T == 0) return;
+  if (ratio_out) {
+    TORCH_CHECK_VALUE(ratio_out->device() == input.device() &&
+                          ratio_out->scalar_type() == input.scalar_type(),
+                      "ratio_out: expected the input's dtype and device, got ",
+                      ratio_out->scalar_type(), " on ", ratio_out->device());
+    check_shape(*ratio_out, "ratio_out", {d.T, d.B});
+  }
+  if (omega_out) {
+    TORCH_CHECK_VALUE(omega_out->numel() == 1 && omega_out->device() == input.device() &&
+                          omega_out->scalar_type() == input.scalar_type(),
+                      "omega_out: expected one element of the input's dtype and device, got ",
+                      omega_out->sizes(), " ", omega_out->scalar_type(), " on ",
+                      omega_out->device());
+  }
+}
+
+// The results of a call with no hidden units (H = 0, which torch.nn's cells accept):
+// empty states and outputs, and a zero input gradient; there is nothing to run.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_forward(
+    Mode m, const Dims& d, const at::TensorOptions& o) {
+  const at::Tensor c_n = m == Mode::kLstm ? at::empty({d.B, 0}, o) : at::empty({0}, o);
+  return {at::empty({d.T, d.B, d.P}, o), at::empty({d.B, d.P}, o), c_n, at::empty({0}, o)};
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                  at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+empty_backward(Mode m, const Dims& d, bool input_grad, bool record, const at::TensorOptions& o) {
+  const at::Tensor none = at::empty({0}, o);
+  return {input_grad ? at::zeros({d.T, d.B, d.I}, o) : none, at::empty({d.B, d.P}, o),
+          m == Mode::kLstm ? at::empty({d.B, 0}, o) : none, at::empty({0, d.I}, o),
+          at::empty({0, d.P}, o), none, none, none,
+          record ? at::zeros({2, d.T, d.B}, o) : none, none, none};
 }
 
 // Checks the arguments of a backward call (those of its forward, then what the forward

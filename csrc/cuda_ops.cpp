@@ -91,12 +91,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
     c10::string_view mode_s, const Tensor& input_, const Tensor& hx_, const OptTensor& cx_,
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_,
     const OptTensor& w_hr_, const OptTensor& lengths_, bool reverse, bool save,
-    double bptt_clip, const OptTensor& norm_out) {
-  (void)bptt_clip;  // used by backward only
+    double bptt_clip, const OptTensor& norm_out, double vanishing_penalty,
+    const OptTensor& ratio_out, const OptTensor& omega_out) {
+  (void)ratio_out;
+  (void)omega_out;
+  TORCH_CHECK_NOT_IMPLEMENTED(vanishing_penalty == 0.0,
+                              "vanishing_penalty: the vanishing-gradient regulariser runs on "
+                              "the CPU only; got ", vanishing_penalty, " for a CUDA input");
   const Mode m = parse_mode(std::string(mode_s));
   const Dims d = check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_,
                                     lengths_, /*allow_half=*/true);
   check_norm_out(norm_out, input_, d);
+  check_clip(bptt_clip);  // used by backward; rejected here, where the mistake is made
+  if (d.H == 0) return empty_forward(m, d, input_.options());
   const c10::cuda::CUDAGuard guard(input_.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, P = d.P;
@@ -149,17 +156,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
   return {output, h_n, c_n, ws};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+           Tensor>
+backward_cuda(
     c10::string_view mode_s, const Tensor& grad_output_, const OptTensor& grad_h_n,
     const OptTensor& grad_c_n, const Tensor& input_, const Tensor& hx_, const OptTensor& cx_,
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias,
     bool input_grad, const OptTensor& lengths_, const Tensor& output_,
-    const Tensor& workspace_, bool reverse, double bptt_clip, bool record) {
+    const Tensor& workspace_, bool reverse, double bptt_clip, bool record,
+    double vanishing_penalty) {
+  TORCH_CHECK_NOT_IMPLEMENTED(vanishing_penalty == 0.0,
+                              "vanishing_penalty: the vanishing-gradient regulariser runs on "
+                              "the CPU only; got ", vanishing_penalty, " for a CUDA input");
   const Mode m = parse_mode(std::string(mode_s));
   const Dims d = check_backward_args(m, grad_output_, grad_h_n, grad_c_n, input_, hx_, cx_,
                                      w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_,
                                      bptt_clip, /*allow_half=*/true);
   const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, W = saved_width(m, H), P = d.P;
+  if (H == 0) return empty_backward(m, d, input_grad, record, input_.options());
 
   const c10::cuda::CUDAGuard guard(input_.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -256,7 +270,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
                 .to(input.scalar_type());
   Tensor db_ih = has_bias ? gx2.sum(0) : at::empty({0}, opt);
   Tensor db_hh = has_bias ? gh2.sum(0) : at::empty({0}, opt);
-  return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms};
+  return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms, at::empty({0}, opt),
+          at::empty({0}, opt)};
 }
 
 }  // namespace

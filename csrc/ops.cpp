@@ -4,7 +4,8 @@
 // Ops (one layer, one direction):
 //   pyrnn::forward  -> (output [T, B, P], h_n [B, P], c_n [B, H] or [0], workspace)
 //   pyrnn::backward -> (grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh,
-//                       grad_bias_ih, grad_bias_hh, grad_weight_hr, grad_norms [2, T, B])
+//                       grad_bias_ih, grad_bias_hh, grad_weight_hr, grad_norms [2, T, B],
+//                       vanishing ratio [T, B], vanishing omega [])
 // mode is one of "rnn_tanh", "rnn_relu", "lstm", "gru"; P = H unless an LSTM has a
 // projection weight_hr [P, H]. Absent results are empty [0] tensors.
 #include <ATen/ATen.h>
@@ -29,18 +30,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     c10::string_view mode_s, const Tensor& input_, const Tensor& hx_, const OptTensor& cx_,
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_,
     const OptTensor& w_hr_, const OptTensor& lengths_, bool reverse, bool save, double bptt_clip,
-    const OptTensor& norm_out) {
+    const OptTensor& norm_out, double vanishing_penalty, const OptTensor& ratio_out,
+    const OptTensor& omega_out) {
   const Mode m = parse_mode(std::string(mode_s));
   const Dims d =
       check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, lengths_);
   check_norm_out(norm_out, input_, d);
+  check_penalty_args(m, vanishing_penalty, ratio_out, omega_out, input_, d);
   check_clip(bptt_clip);  // used by backward; rejected here, where the mistake is made
   const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, P = d.P;
-  if (H == 0) {  // no hidden units: empty states and outputs, nothing to run
-    const auto o = input_.options();
-    const Tensor c_n = m == Mode::kLstm ? at::empty({B, 0}, o) : at::empty({0}, o);
-    return {at::empty({T, B, P}, o), at::empty({B, P}, o), c_n, at::empty({0}, o)};
-  }
+  if (H == 0) return empty_forward(m, d, input_.options());
   const Tensor w_hr = w_hr_ ? w_hr_->contiguous() : Tensor();
   const Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor hx = hx_.contiguous();
@@ -109,24 +108,77 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   return {output, h_n, c_n, ws};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_cpu(
+// The vanishing-gradient regulariser of Pascanu, Mikolov and Bengio (2013) for the Elman
+// cells, from what BPTT left behind: gx[s] = dLoss/da_s (after the clamp, when bptt_clip
+// is on) at every step. For a step k whose successor s (k + 1, or k - 1 when reversed)
+// lies within its sequence: u = gx[s] W_hh, the part of dLoss/dh_k that flows through s,
+// and v = dLoss/dh_s = dy[s] + (the same product from s's own successor) + dh_n at the
+// sequence's last step. ratio_k = |u| / |v| (0 where |v| = 0), omega = (1/B) sum
+// (ratio - 1)^2, and, holding v and gx constant, d omega / dW_hh = (1/B) sum
+// 2 (ratio - 1) / (|v| |u|) gx[s] (x) u: two products over all T*B rows and pointwise work.
+// Adds penalty * d omega / dW_hh to dw_hh; returns (ratio [T, B] by step k, omega []).
+std::pair<Tensor, Tensor> vanishing_penalty_cpu(const Tensor& gx, const Tensor& dy,
+                                                const Tensor& dhT, const Tensor& lengths,
+                                                const Tensor& w_hh, bool reverse,
+                                                double penalty, Tensor& dw_hh) {
+  const int64_t T = gx.size(0), B = gx.size(1);
+  const auto opt = gx.options();
+  Tensor U = at::matmul(gx, w_hh);  // [T, B, H]; zero at inactive steps
+  Tensor steps = at::arange(T, lengths.defined() ? lengths.options() : opt.dtype(at::kLong));
+  Tensor len = lengths.defined() ? lengths : at::full({B}, T, steps.options());
+  Tensor valid = (steps.unsqueeze(1) < len.unsqueeze(0));  // [T, B]
+  Tensor V = dy.clone();
+  Tensor pair = at::zeros({T, B}, valid.options());  // s has a predecessor k in its sequence
+  if (T > 1) {
+    if (!reverse) {
+      V.narrow(0, 0, T - 1).add_(U.narrow(0, 1, T - 1));
+      pair.narrow(0, 1, T - 1).copy_(valid.narrow(0, 1, T - 1));
+    } else {
+      V.narrow(0, 1, T - 1).add_(U.narrow(0, 0, T - 1));
+      pair.narrow(0, 0, T - 1).copy_(valid.narrow(0, 1, T - 1));
+    }
+  }
+  V.mul_(valid.unsqueeze(2).to(V.scalar_type()));
+  if (dhT.defined()) {  // dh_n joins dLoss/dh at each sequence's last step
+    Tensor last = reverse ? at::zeros_like(len) : (len - 1).clamp_min(0);
+    Tensor has = (len > 0).to(V.scalar_type()).unsqueeze(1);
+    Tensor rows = last * B + at::arange(B, len.options());
+    V.view({T * B, -1}).index_add_(0, rows, dhT * has);
+  }
+  Tensor nu = U.norm(2, {2}), nv = V.norm(2, {2});  // [T, B]
+  Tensor pf = pair.to(V.scalar_type());
+  Tensor r = at::where(nv > 0, nu / nv, at::zeros_like(nu)) * pf;
+  Tensor omega = ((r - 1).pow(2) * pf).sum() / static_cast<double>(B);
+  Tensor coef = at::where((nv > 0) & (nu > 0), 2.0 * (r - 1) / (nv * nu), at::zeros_like(nu)) *
+                pf * (penalty / static_cast<double>(B));
+  // dW_hh[G*H, H] += (coef * gx)^T @ U over all T*B rows
+  dw_hh.add_(at::mm((gx * coef.unsqueeze(2)).view({T * B, -1}).t(), U.view({T * B, -1})));
+  Tensor ratio = at::zeros({T, B}, opt);  // by the step k whose gradient u is
+  if (T > 1) {
+    if (!reverse)
+      ratio.narrow(0, 0, T - 1).copy_(r.narrow(0, 1, T - 1));
+    else
+      ratio.narrow(0, 1, T - 1).copy_(r.narrow(0, 0, T - 1));
+  }
+  return {ratio, omega};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+           Tensor>
+backward_cpu(
     c10::string_view mode_s, const Tensor& grad_output_, const OptTensor& grad_h_n,
     const OptTensor& grad_c_n, const Tensor& input_, const Tensor& hx_, const OptTensor& cx_,
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias,
     bool input_grad, const OptTensor& lengths_, const Tensor& output_,
-    const Tensor& workspace_, bool reverse, double bptt_clip, bool record) {
+    const Tensor& workspace_, bool reverse, double bptt_clip, bool record,
+    double vanishing_penalty) {
   const Mode m = parse_mode(std::string(mode_s));
+  check_penalty_args(m, vanishing_penalty, std::nullopt, std::nullopt, input_, Dims{});
   const Dims d = check_backward_args(m, grad_output_, grad_h_n, grad_c_n, input_, hx_, cx_,
                                      w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_,
                                      bptt_clip);
   const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, W = saved_width(m, H), P = d.P;
-  if (H == 0) {  // no hidden units: the outputs do not depend on any input
-    const auto o = input_.options();
-    return {input_grad ? at::zeros({T, B, d.I}, o) : at::empty({0}, o), at::empty({B, P}, o),
-            m == Mode::kLstm ? at::empty({B, 0}, o) : at::empty({0}, o),
-            at::empty({0, d.I}, o), at::empty({0, P}, o), at::empty({0}, o), at::empty({0}, o),
-            at::empty({0}, o), record ? at::zeros({2, T, B}, o) : at::empty({0}, o)};
-  }
+  if (H == 0) return empty_backward(m, d, input_grad, record, input_.options());
 
   const Tensor input = input_.contiguous(), w_hh = w_hh_.contiguous();
   const Tensor w_ih = input_grad ? w_ih_.contiguous() : w_ih_;  // read only for dX
@@ -221,7 +273,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
         db_hh.copy_(db_ih);
     });
   }
-  return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms};
+  Tensor ratio = at::empty({0}, opt), omega = at::empty({0}, opt);
+  if (vanishing_penalty != 0.0)
+    std::tie(ratio, omega) = vanishing_penalty_cpu(gx, dy, dhT, lengths, w_hh, reverse,
+                                                   vanishing_penalty, dw_hh);
+  return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms, ratio, omega};
 }
 
 }  // namespace
@@ -232,13 +288,16 @@ TORCH_LIBRARY(pyrnn, m) {
       "forward(str mode, Tensor input, Tensor hx, Tensor? cx, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, "
       "Tensor? lengths, bool reverse, "
-      "bool save, float bptt_clip, Tensor? norm_out) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool save, float bptt_clip, Tensor? norm_out, float vanishing_penalty=0., "
+      "Tensor? ratio_out=None, Tensor? omega_out=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "backward(str mode, Tensor grad_output, Tensor? grad_h_n, Tensor? grad_c_n, "
       "Tensor input, Tensor hx, Tensor? cx, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? weight_hr, bool has_bias, bool input_grad, Tensor? lengths, Tensor output, "
-      "Tensor workspace, bool reverse, float bptt_clip, bool record) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor workspace, bool reverse, float bptt_clip, bool record, "
+      "float vanishing_penalty=0.) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pyrnn, CPU, m) {

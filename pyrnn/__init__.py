@@ -16,7 +16,7 @@ except ImportError as e:  # pragma: no cover - depends on how the package was in
 
 from . import ops, reference
 from ._C import has_cuda as _has_cuda
-from . import gradflow
+from . import gradflow, init
 from .modules import GRU, LSTM, RNN, GateStats, GradNorms, GRUCell, LSTMCell, RNNCell, convert
 from .export import to_torch
 
@@ -29,4 +29,4 @@ def backends():
 
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "convert", "to_torch", "ops",
-           "reference", "gradflow", "backends", "GradNorms", "GateStats"]
+           "reference", "gradflow", "init", "backends", "GradNorms", "GateStats"]

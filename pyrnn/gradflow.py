@@ -12,7 +12,7 @@ factor with every step it travels back (vanishing), > 1 means it grows (explodin
 """
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Optional, Union
 
 import torch
 from torch import Tensor
@@ -148,3 +148,31 @@ def plot(records: Union[Tensor, Dict[str, Tensor]], path: Optional[str] = None, 
             fig.savefig(path, dpi=100)
             plt.close(fig)
     return fig if fig is not None else ax.figure
+
+
+# The bound gamma of the activation's derivative on the path back through one step of an
+# Elman RNN, h_t = phi(W_hh h_{t-1} + ...): |phi'| <= 1 for tanh and ReLU, 1/4 for the
+# sigmoid. Pascanu, Mikolov and Bengio (2013): a largest singular value of W_hh below
+# 1 / gamma is sufficient for the gradient to vanish (each step multiplies its norm by at
+# most sigma_max * gamma < 1), and above it necessary for it to explode.
+GAMMA = {"tanh": 1.0, "relu": 1.0, "sigmoid": 0.25}
+
+
+def activation_gamma(module) -> Optional[float]:
+    """gamma of an Elman module's activation (None for LSTM and GRU, whose gradient also
+    travels on the gated paths the bound does not cover)."""
+    mode = getattr(module, "mode", None)
+    if mode in ("RNN_TANH", "RNN_RELU"):
+        return GAMMA[mode[4:].lower()]
+    nl = getattr(module, "nonlinearity", None)
+    if mode is None and nl in GAMMA and not hasattr(module, "num_layers"):
+        return GAMMA[nl]
+    return None
+
+
+def largest_singular_value(weight_hh: Tensor, gates: int = 1) -> float:
+    """The largest singular value over W_hh's gate blocks ([G * H, P] -> G blocks)."""
+    w = weight_hh.detach().double()
+    H = w.shape[0] // gates
+    return max(float(torch.linalg.matrix_norm(w[g * H:(g + 1) * H], ord=2))
+               for g in range(gates))

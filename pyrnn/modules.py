@@ -24,11 +24,15 @@ class GradNorms:
     hidden: [L * D, T, B], ||dLoss/dh_t|| over hidden units, indexed by input position t
             for both directions; zero at padded steps.
     cell:   same shape, ||dLoss/dc_t|| (LSTM only, else None).
+    ratio:  same shape, with vanishing_penalty on (Elman cells): ||u|| / ||v|| of the
+            regulariser, for each step k whose successor lies within its sequence (zero
+            elsewhere); see pyrnn.ops.rnn_tanh. None otherwise.
     """
 
-    def __init__(self, hidden: Tensor, cell: Optional[Tensor]):
+    def __init__(self, hidden: Tensor, cell: Optional[Tensor], ratio: Optional[Tensor] = None):
         self.hidden = hidden
         self.cell = cell
+        self.ratio = ratio
 
     def __repr__(self):
         return f"GradNorms(hidden={tuple(self.hidden.shape)}, cell={None if self.cell is None else tuple(self.cell.shape)})"
@@ -122,9 +126,13 @@ class _Base(nn.RNNBase):
     """Shared forward of pyrnn.RNN, LSTM and GRU."""
 
     def __init__(self, mode, *args, bptt_clip: float = 0.0, record_grad_norms: bool = False,
-                 record_gate_stats: bool = False, **kwargs):
+                 record_gate_stats: bool = False, vanishing_penalty: float = 0.0, **kwargs):
         super().__init__(mode, *args, **kwargs)
         self.bptt_clip = bptt_clip
+        self.vanishing_penalty = float(vanishing_penalty)
+        self._check_penalty()
+        self._vanishing_omega = None  # [L * D] of the last backward with the penalty on
+        self._ratio_store = None      # [L * D, T, B] likewise, while recording
         self.record_grad_norms = bool(record_grad_norms)
         self.record_gate_stats = bool(record_gate_stats)
         self._gate_stats = None  # [L * D, 2, T, B] of the last recording forward
@@ -158,6 +166,9 @@ class _Base(nn.RNNBase):
         if "bptt_clip" in self.__dict__:
             self.__dict__["_bptt_clip"] = self.__dict__.pop("bptt_clip")
         self.__dict__.setdefault("_bptt_clip", 0.0)
+        self.__dict__.setdefault("vanishing_penalty", 0.0)
+        self.__dict__.setdefault("_vanishing_omega", None)
+        self.__dict__.setdefault("_ratio_store", None)
         self.__dict__.setdefault("record_grad_norms", False)
         self.__dict__.setdefault("_norm_shape", None)
         self.__dict__.setdefault("record_gate_stats", False)
@@ -165,6 +176,18 @@ class _Base(nn.RNNBase):
         self.__dict__.setdefault("_gate_order", None)
         self.__dict__.setdefault("_norm_order", None)
         self.__dict__.setdefault("_grad_norm_store", torch.zeros(0))
+
+    def _check_penalty(self):
+        if self.vanishing_penalty and self.mode not in ("RNN_TANH", "RNN_RELU"):
+            raise ValueError(f"vanishing_penalty: the vanishing-gradient regulariser is defined "
+                             f"for the Elman RNN (tanh, relu) only, got "
+                             f"{self.vanishing_penalty} for {self.mode}")
+
+    @property
+    def vanishing_omega(self) -> Optional[Tensor]:
+        """Omega of the regulariser per layer and direction ([L * D]), as computed by the last
+        backward through a forward with vanishing_penalty on (None before any)."""
+        return None if self._vanishing_omega is None else self._vanishing_omega.clone()
 
     @property
     def grad_norms(self) -> Optional[GradNorms]:
@@ -179,9 +202,12 @@ class _Base(nn.RNNBase):
         if not bool((g >= 0).any()):
             return None
         g = g.clamp_min(0)
+        ratio = self._ratio_store
         if self._norm_order is not None:
             g = g.index_select(3, self._norm_order)
-        return GradNorms(g[:, 0], g[:, 1] if self.mode == "LSTM" else None)
+            ratio = None if ratio is None else ratio.index_select(2, self._norm_order)
+        return GradNorms(g[:, 0], g[:, 1] if self.mode == "LSTM" else None,
+                         None if ratio is None else ratio.clone())
 
     @property
     def gate_stats(self) -> Optional[GateStats]:
@@ -373,6 +399,17 @@ class _Base(nn.RNNBase):
             self._norm_shape = (T, B)
             self._norm_order = unsorted_idx if packed else None
 
+        omega = ratios = None
+        if self.vanishing_penalty:
+            self._check_penalty()
+            if torch.is_grad_enabled():
+                omega = x.new_zeros(LD)
+                self._vanishing_omega = omega
+                ratios = x.new_zeros(LD, T, B) if store is not None else None
+                self._ratio_store = ratios
+        elif store is not None:
+            self._ratio_store = None
+
         stats = None
         if self.record_gate_stats:
             stats = x.new_zeros(LD, 2, T, B)
@@ -390,7 +427,10 @@ class _Base(nn.RNNBase):
                 out, h, c = ops.layer(
                     mode, layer_input, h0[k], c0[k] if is_lstm else None, w_ih, w_hh, b_ih,
                     b_hh, lengths, d == 1, self.bptt_clip, None if store is None else store[k],
-                    w_hr, None if stats is None else stats[k])
+                    w_hr, None if stats is None else stats[k],
+                    vanishing_penalty=self.vanishing_penalty if omega is not None else 0.0,
+                    ratio_out=None if ratios is None else ratios[k],
+                    omega_out=None if omega is None else omega[k:k + 1])
                 outs.append(out)
                 h_n.append(h)
                 if is_lstm:
@@ -424,8 +464,9 @@ class RNN(_Base):
     """Elman RNN, a drop-in for torch.nn.RNN (same arguments, parameters and results).
 
     Extra keyword arguments: bptt_clip (clamp gate pre-activation gradients inside BPTT
-    to [-c, c]; 0 = off), record_grad_norms (see grad_norms) and record_gate_stats (see
-    gate_stats).
+    to [-c, c]; 0 = off), record_grad_norms (see grad_norms), record_gate_stats (see
+    gate_stats) and vanishing_penalty (the vanishing-gradient regulariser of Pascanu et al.
+    2013, see pyrnn.ops.rnn_tanh; Omega per layer in vanishing_omega; Elman cells only).
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,

@@ -38,7 +38,8 @@ def _check_devices(input, lengths, **tensors):
 
 @torch.library.register_fake("pyrnn::forward")
 def _forward_fake(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                  lengths, reverse, save, bptt_clip, norm_out):
+                  lengths, reverse, save, bptt_clip, norm_out, vanishing_penalty=0.0,
+                  ratio_out=None, omega_out=None):
     _check_devices(input, lengths, hx=hx, cx=cx, weight_ih=weight_ih, weight_hh=weight_hh,
                    bias_ih=bias_ih, bias_hh=bias_hh, weight_hr=weight_hr, norm_out=norm_out)
     T, B = input.shape[0], input.shape[1]
@@ -54,7 +55,7 @@ def _forward_fake(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, w
 @torch.library.register_fake("pyrnn::backward")
 def _backward_fake(mode, grad_output, grad_h_n, grad_c_n, input, hx, cx, weight_ih, weight_hh,
                    weight_hr, has_bias, input_grad, lengths, output, workspace, reverse,
-                   bptt_clip, record):
+                   bptt_clip, record, vanishing_penalty=0.0):
     _check_devices(input, lengths, grad_output=grad_output, grad_h_n=grad_h_n,
                    grad_c_n=grad_c_n, hx=hx, cx=cx, weight_ih=weight_ih, weight_hh=weight_hh,
                    weight_hr=weight_hr, output=output, workspace=workspace)
@@ -71,12 +72,14 @@ def _backward_fake(mode, grad_output, grad_h_n, grad_c_n, input, hx, cx, weight_
         input.new_empty(GH) if has_bias else input.new_empty(0),
         input.new_empty(weight_hr.shape) if weight_hr is not None else input.new_empty(0),
         input.new_empty(2, T, B) if record else input.new_empty(0),
+        input.new_empty(T, B) if vanishing_penalty else input.new_empty(0),
+        input.new_empty(()) if vanishing_penalty else input.new_empty(0),
     )
 
 
 def _setup_context(ctx, inputs, output):
     (mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse,
-     save, bptt_clip, norm_out) = inputs
+     save, bptt_clip, norm_out, vanishing_penalty, ratio_out, omega_out) = inputs
     out, _, _, workspace = output
     ctx.mode, ctx.reverse, ctx.bptt_clip = mode, reverse, bptt_clip
     ctx.has_bias = bias_ih is not None
@@ -84,6 +87,7 @@ def _setup_context(ctx, inputs, output):
     # Held as a plain attribute, not saved: the backward writes into it, and several
     # layers write into views of one store.
     ctx.norm_out = norm_out
+    ctx.penalty, ctx.ratio_out, ctx.omega_out = vanishing_penalty, ratio_out, omega_out
     ctx.saved = save
     if not input.requires_grad:
         # weight_ih only serves dX: keep a one-element stand-in with its shape instead
@@ -98,17 +102,22 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
     input, hx, cx, weight_ih, weight_hh, weight_hr, lengths, out, workspace = ctx.saved_tensors
     if grad_output is None:
         grad_output = torch.zeros_like(out)
-    dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms = torch.ops.pyrnn.backward(
+    dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms, ratio, omega = torch.ops.pyrnn.backward(
         ctx.mode, grad_output, grad_h_n, grad_c_n if ctx.mode == "lstm" else None, input, hx,
         cx, weight_ih, weight_hh, weight_hr, ctx.has_bias, ctx.needs_input_grad[1], lengths,
-        out, workspace, ctx.reverse, ctx.bptt_clip, ctx.record)
+        out, workspace, ctx.reverse, ctx.bptt_clip, ctx.record, ctx.penalty)
     if ctx.record:
         ctx.norm_out.copy_(norms)
+    if ctx.penalty:
+        if ctx.ratio_out is not None:
+            ctx.ratio_out.copy_(ratio)
+        if ctx.omega_out is not None:
+            ctx.omega_out.copy_(omega.view(ctx.omega_out.shape))
     return (None, dx if ctx.needs_input_grad[1] else None, dh,
             dc if ctx.mode == "lstm" else None, dw_ih, dw_hh,
             db_ih if ctx.has_bias else None, db_hh if ctx.has_bias else None,
             dw_hr if weight_hr is not None else None,
-            None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("pyrnn::forward", _backward, setup_context=_setup_context)
@@ -167,16 +176,20 @@ def layer(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], weight_ih:
           weight_hh: Tensor, bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
           lengths: Optional[Tensor] = None, reverse: bool = False, bptt_clip: float = 0.0,
           norm_out: Optional[Tensor] = None, weight_hr: Optional[Tensor] = None,
-          gate_stats_out: Optional[Tensor] = None):
+          gate_stats_out: Optional[Tensor] = None, vanishing_penalty: float = 0.0,
+          ratio_out: Optional[Tensor] = None, omega_out: Optional[Tensor] = None):
     """One layer in one direction. Returns (output, h_n, c_n); c_n is None unless LSTM.
     weight_hr [P, H] (LSTM only) projects h_t = W_hr (o_t * tanh(c_t)); hx is then [B, P].
     gate_stats_out, a [2, T, B] tensor, receives the forward's gate statistics (see
-    _gate_stats); the gated cells then keep their activated gates even without grad."""
+    _gate_stats); the gated cells then keep their activated gates even without grad.
+    vanishing_penalty (Elman cells): see rnn_tanh; ratio_out [T, B] and omega_out (one
+    element) receive the ratios and omega when the backward runs."""
     save = _needs_save(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
     keep = save or (gate_stats_out is not None and mode in _SAVED)
     out, h_n, c_n, workspace = torch.ops.pyrnn.forward(
         mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
-        reverse, keep, float(bptt_clip), norm_out)
+        reverse, keep, float(bptt_clip), norm_out, float(vanishing_penalty), ratio_out,
+        omega_out)
     if gate_stats_out is not None:
         with torch.no_grad():
             gate_stats_out.copy_(_gate_stats(mode, out, workspace, weight_hh.shape[0] //
@@ -185,18 +198,31 @@ def layer(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], weight_ih:
 
 
 def rnn_tanh(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,
-             reverse=False, bptt_clip=0.0, norm_out=None):
-    """Elman RNN with tanh: h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh). -> (output, h_n)"""
+             reverse=False, bptt_clip=0.0, norm_out=None, vanishing_penalty=0.0,
+             ratio_out=None, omega_out=None):
+    """Elman RNN with tanh: h_t = tanh(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh). -> (output, h_n)
+
+    vanishing_penalty=lambda adds, in the backward, lambda * dOmega/dW_hh to W_hh's
+    gradient, where Omega is the regulariser of Pascanu, Mikolov and Bengio (2013): for
+    each sequence b and step k whose successor s (k + 1; k - 1 with reverse) lies within
+    the sequence, v = dLoss/dh_s, u = W_hh^T (v * phi'(a_s)) (the part of dLoss/dh_k that
+    flows through s; with bptt_clip, the clamped gate gradient), ratio = |u| / |v| (0 where
+    |v| = 0) and Omega = (1/B) sum_b sum_k (ratio - 1)^2, differentiated with v and phi'
+    held constant. ratio_out [T, B] (indexed by k, zero where k has no successor) and
+    omega_out (one element) receive them when the backward runs."""
     out, h, _ = layer("rnn_tanh", input, hx, None, weight_ih, weight_hh, bias_ih, bias_hh,
-                      lengths, reverse, bptt_clip, norm_out)
+                      lengths, reverse, bptt_clip, norm_out, vanishing_penalty=vanishing_penalty,
+                      ratio_out=ratio_out, omega_out=omega_out)
     return out, h
 
 
 def rnn_relu(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,
-             reverse=False, bptt_clip=0.0, norm_out=None):
-    """Elman RNN with ReLU. -> (output, h_n)"""
+             reverse=False, bptt_clip=0.0, norm_out=None, vanishing_penalty=0.0,
+             ratio_out=None, omega_out=None):
+    """Elman RNN with ReLU. -> (output, h_n). vanishing_penalty etc. as for rnn_tanh."""
     out, h, _ = layer("rnn_relu", input, hx, None, weight_ih, weight_hh, bias_ih, bias_hh,
-                      lengths, reverse, bptt_clip, norm_out)
+                      lengths, reverse, bptt_clip, norm_out, vanishing_penalty=vanishing_penalty,
+                      ratio_out=ratio_out, omega_out=omega_out)
     return out, h
 
 

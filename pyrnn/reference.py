@@ -99,3 +99,34 @@ def gru(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=Non
     out, h, _ = _run("gru", input, hx, None, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
                      reverse, bptt_clip, steps)
     return out, h
+
+
+def vanishing_penalty(mode, steps, weight_hh, bptt_clip=0.0):
+    """The regulariser of Pascanu, Mikolov and Bengio (2013) for one Elman layer and
+    direction, by autograd, from the ``steps`` record of a run whose loss has been
+    back-propagated (so that each step's h holds v = dLoss/dh_t in .grad).
+
+    For each step k whose successor s (the next step that ran) lies within the sequence:
+    g = v_s * phi'(a_s) (clamped to [-bptt_clip, bptt_clip] when on), u = g @ W_hh,
+    ratio = |u| / |v_s| (0 where |v_s| = 0). Returns (omega, ratio): omega =
+    (1/B) sum (ratio - 1)^2, differentiable in ``weight_hh`` with v and phi' constant, and
+    ratio [T, B] indexed by k (zero where k has no successor)."""
+    T = len(steps) and max(s["t"] for s in steps) + 1
+    B = steps[0]["h"].shape[0]
+    ratio = weight_hh.new_zeros(T, B)
+    omega = weight_hh.new_zeros(())
+    for prev, cur in zip(steps[:-1], steps[1:]):
+        h = cur["h"].detach()
+        v = cur["h"].grad if cur["h"].grad is not None else torch.zeros_like(h)
+        d = 1 - h * h if mode == "rnn_tanh" else (h > 0).to(h.dtype)
+        g = v * d
+        if bptt_clip:
+            g = g.clamp(-bptt_clip, bptt_clip)
+        u = g @ weight_hh
+        nu, nv = u.norm(dim=1), v.norm(dim=1)
+        pair = (cur["mask"] & prev["mask"]).to(h.dtype)
+        r = torch.where(nv > 0, nu / torch.where(nv > 0, nv, torch.ones_like(nv)),
+                        torch.zeros_like(nu)) * pair
+        omega = omega + ((r - 1) ** 2 * pair).sum() / B
+        ratio[prev["t"]] = r.detach()
+    return omega, ratio

@@ -1,4 +1,4 @@
-"""The command line: python -m pyrnn {info, gradflow, adding}, with tiny settings."""
+"""The command line: python -m pyrnn {info, gradflow, task, adding}, with tiny settings."""
 import subprocess
 import sys
 
@@ -38,8 +38,49 @@ def test_adding_runs_and_plots(tmp_path, capsys):
                  "--hidden", "8", "--eval-every", "10", "--bptt-clip", "1.0",
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "final test MSE" in out and "baseline MSE" in out
-    assert _is_png(tmp_path / "adding_gru_T10.png")
+    assert "adding (T 10)" in out and "adam" in out and "result:" in out
+    assert _is_png(tmp_path / "adding_gru_T10_s0.png")
+
+
+@pytest.mark.parametrize("name", ["adding", "multiplication", "temporal-order",
+                                  "temporal-order-3bit", "permutation", "memorisation"])
+def test_task_runs_and_plots(name, tmp_path, capsys):
+    assert main(["task", name, "--T", "12", "--steps", "6", "--batch", "4", "--hidden", "8",
+                 "--eval-every", "3", "--test-size", "16", "--clip", "1.0",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = [l for l in out.splitlines() if l.startswith("step ")]
+    assert len(lines) == 2, out  # evaluations at updates 3 and 6
+    assert "result:" in out and "sgd lr 0.01 momentum 0.9" in out
+    assert _is_png(tmp_path / f"{name}_rnn_tanh_T12_s0.png")
+
+
+def test_task_seed_fixes_the_run(capsys):
+    argv = ["task", "temporal-order", "--T", "10", "--steps", "4", "--batch", "4",
+            "--hidden", "6", "--eval-every", "2", "--test-size", "8", "--out", ""]
+    runs = []
+    for seed in ("3", "3", "4"):
+        main(argv + ["--seed", seed])
+        runs.append([l for l in capsys.readouterr().out.splitlines() if l.startswith("step ")])
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def _options(parser):
+    import argparse
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from ((f"{name} {o}", h) for o, h in _options(sub))
+        elif not isinstance(action, argparse._HelpAction):
+            yield "/".join(action.option_strings) or action.dest, action.help
+
+
+def test_every_option_has_help():
+    from pyrnn.__main__ import build_parser
+    opts = list(_options(build_parser()))
+    assert len(opts) > 30
+    missing = [o for o, h in opts if not h]
+    assert not missing, missing
 
 
 def test_module_entry_point(tmp_path):

@@ -248,3 +248,40 @@ def test_gate_stats_match_reference(cls, kw, grad):
     torch.testing.assert_close(rec.saturated, expected[:, 1], rtol=0, atol=1e-12)
     assert rec.saturated.max() > 0 and rec.factor.max() > 0
     assert torch.all(rec.factor[:, 1:, 2] == 0)  # padded steps of the length-1 sequence
+
+
+def test_activation_gamma_and_singular_value():
+    from pyrnn import gradflow as gf
+    assert gf.activation_gamma(pyrnn.RNN(2, 3)) == 1.0
+    assert gf.activation_gamma(torch.nn.RNN(2, 3, nonlinearity="relu")) == 1.0
+    assert gf.activation_gamma(pyrnn.LSTM(2, 3)) is None
+    w = torch.diag(torch.tensor([3.0, -5.0, 1.0]))
+    assert gf.largest_singular_value(w) == pytest.approx(5.0, abs=1e-12)
+    # two blocks: the larger one counts
+    assert gf.largest_singular_value(torch.cat([w, 2 * w]), gates=2) == pytest.approx(10.0)
+
+
+def test_sweep_vanishes_below_the_bound_and_explodes_far_above(capsys):
+    from pyrnn.__main__ import main
+    # orthogonal W_hh scaled to rho has sigma_max = rho: below 1/gamma = 1 the tanh RNN's
+    # gradient must shrink at least by rho per step (Pascanu et al. 2013)
+    assert main(["gradflow", "--cells", "rnn_tanh", "--T", "30", "--batch", "4",
+                 "--hidden", "16", "--input-size", "3", "--init", "orthogonal",
+                 "--sweep", "0.5,4"]) == 0
+    rows = [l.split() for l in capsys.readouterr().out.splitlines() if l.startswith("rnn_tanh")]
+    assert len(rows) == 2
+    (_, _, s0, bound, d0, *_), (_, _, s1, _, d1, *_) = rows
+    assert float(s0) == pytest.approx(0.5, abs=1e-3) and bound == "1"
+    assert float(d0) <= 0.5 + 1e-3 and rows[0][-1] == "vanishing"
+    assert float(d1) > 1.0 and rows[1][-1] == "exploding"
+
+
+def test_lstm_vs_rnn_runs_and_matches_torch(capsys):
+    from pyrnn.__main__ import main
+    assert main(["gradflow", "--lstm-vs-rnn"]) == 0
+    rows = [l.split() for l in capsys.readouterr().out.splitlines()
+            if l.split() and l.split()[0] == "0"]
+    assert [int(r[1]) for r in rows] == [10, 50, 100, 200]
+    for r in rows:
+        assert float(r[4]) == pytest.approx(float(r[3]) / float(r[2]), rel=1e-3)
+        assert float(r[-1]) < 1e-5  # torch.nn's gradient norm on the same weights
