@@ -25,7 +25,6 @@ def _pre(a, clip):
 def _run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse,
          bptt_clip, steps, weight_hr=None):
     T, B = input.shape[0], input.shape[1]
-    H = weight_hh.shape[1]
     h, c = hx, cx
     outputs = [None] * T
     if lengths is None:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-import pyrnn
+import pyrnn  # noqa: F401  (loads the compiled ops)
 
 MODES = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}

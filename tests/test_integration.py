@@ -124,7 +124,7 @@ def test_ddp_gloo_matches_single_process(tmp_path):
         torch.testing.assert_close(ddp_grads[n], p.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_autocast_bfloat16_close_to_float32():
+def test_autocast_bfloat16_equals_float32():
     torch.manual_seed(0)
     m = pyrnn.LSTM(8, 16, num_layers=2)
     x = torch.randn(10, 4, 8)

@@ -5,7 +5,6 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-import pyrnn
 from pyrnn import ops, reference
 from conftest import MODES, call_op, make_layer_args
 
