@@ -8,6 +8,11 @@ Graves (2013): the hook clamps dLoss/da to [-c, c] before autograd carries it fu
 ``steps``, if a list, receives one dict per step that ran ({"t", "h", "c", "gate",
 "mask"}), holding the step's h_t and c_t with retain_grad() set, so that a test can read
 dLoss/dh_t, and the forget gate f_t (LSTM) or update gate z_t (GRU; None otherwise).
+
+``layer_grads`` is the differentiable backward of one layer: the gradients of the loop
+above, taken by autograd with the graph kept, so that they can be differentiated again.
+pyrnn.ops calls it for double backward (create_graph=True), where the fused BPTT kernel,
+whose backward is not differentiable, cannot serve.
 """
 import torch
 
@@ -99,3 +104,56 @@ def gru(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=Non
     out, h, _ = _run("gru", input, hx, None, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
                      reverse, bptt_clip, steps)
     return out, h
+
+
+def layer_grads(mode, inputs, grads, lengths=None, reverse=False, bptt_clip=0.0, needs=None,
+                record=False):
+    """Differentiable gradients of one layer.
+
+    inputs: (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr), None where
+            absent; they keep their autograd history, which the returned gradients join.
+    grads:  (grad_output [T, B, P], grad_h_n [B, P], grad_c_n [B, H]), None where zero.
+    needs:  eight flags, which of ``inputs`` to differentiate (default: those present).
+    record: also return the per-step norms [2, T, B] of dLoss/dh_t (row 0) and, for the
+            LSTM, dLoss/dc_t (row 1), as the backward kernel records them (detached).
+    Returns (eight gradients, None where not needed or absent; norms or None). The
+    gradients are computed with create_graph=True, so they are differentiable in the
+    inputs and in ``grads``. bptt_clip clamps the gate gradients as the forward's hooks do;
+    a clamp is differentiable (slope 1 inside, 0 where it clips).
+    """
+    if needs is None:
+        needs = [t is not None for t in inputs]
+    with torch.enable_grad():
+        # One alias per argument, so that a tensor passed twice (tied weights) gets each
+        # argument's own share of the gradient, as the fused backward returns it.
+        alias = [None if t is None else t.view_as(t) for t in inputs]
+        x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr = alias
+        steps = [] if record else None
+        outs = _run(mode, x, hx, cx if mode == "lstm" else None, w_ih, w_hh, b_ih, b_hh,
+                    lengths, reverse, bptt_clip, steps, w_hr)
+        pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None]
+        wrt = [alias[k] for k in range(8) if needs[k] and alias[k] is not None]
+        tracked = []
+        if record:
+            tracked = [s["h"] for s in steps] + [s["c"] for s in steps if s["c"] is not None]
+        if pairs:
+            got = torch.autograd.grad([o for o, _ in pairs], wrt + tracked,
+                                      [g for _, g in pairs], create_graph=True,
+                                      allow_unused=True, materialize_grads=True)
+        else:
+            got = [torch.zeros_like(t) for t in wrt + tracked]
+    it = iter(got[:len(wrt)])
+    result = [next(it) if (needs[k] and alias[k] is not None) else None for k in range(8)]
+    norms = None
+    if record:
+        T, B = x.shape[0], x.shape[1]
+        norms = x.new_zeros(2, T, B)
+        dh = got[len(wrt):len(wrt) + len(steps)]
+        dc = got[len(wrt) + len(steps):]
+        with torch.no_grad():
+            for k, s in enumerate(steps):
+                m = s["mask"].to(x.dtype)
+                norms[0, s["t"]] = torch.linalg.vector_norm(dh[k], dim=1) * m
+                if dc:
+                    norms[1, s["t"]] = torch.linalg.vector_norm(dc[k], dim=1) * m
+    return result, norms
