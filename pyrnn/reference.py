@@ -21,16 +21,18 @@ def _clip_hook(c):
     return lambda g: g.clamp(-c, c)
 
 
-def _pre(a, clip):
+def _pre(a, clip, handles=None):
     if clip and a.requires_grad:
-        a.register_hook(_clip_hook(clip))
+        handle = a.register_hook(_clip_hook(clip))
+        if handles is not None:
+            handles.append(handle)
     return a
 
 
 def _run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse,
-         bptt_clip, steps, weight_hr=None):
+         bptt_clip, steps, weight_hr=None, handles=None):
+    """``handles``, if a list, receives the clipping hooks' handles (see layer_grads)."""
     T, B = input.shape[0], input.shape[1]
-    H = weight_hh.shape[1]
     h, c = hx, cx
     outputs = [None] * T
     if lengths is None:
@@ -45,10 +47,10 @@ def _run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, r
             hg = hg + bias_hh
         c_new = gate = None
         if mode in ("rnn_tanh", "rnn_relu"):
-            a = _pre(xg + hg, bptt_clip)
+            a = _pre(xg + hg, bptt_clip, handles)
             h_new = torch.tanh(a) if mode == "rnn_tanh" else torch.relu(a)
         elif mode == "lstm":
-            ai, af, ag, ao = (_pre(x, bptt_clip) for x in (xg + hg).chunk(4, 1))
+            ai, af, ag, ao = (_pre(x, bptt_clip, handles) for x in (xg + hg).chunk(4, 1))
             i, f, g, o = torch.sigmoid(ai), torch.sigmoid(af), torch.tanh(ag), torch.sigmoid(ao)
             c_new = f * c + i * g
             gate = f
@@ -58,9 +60,9 @@ def _run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, r
         elif mode == "gru":
             xr, xz, xn = xg.chunk(3, 1)
             hr, hz, hn = hg.chunk(3, 1)
-            r = torch.sigmoid(_pre(xr + hr, bptt_clip))
-            z = torch.sigmoid(_pre(xz + hz, bptt_clip))
-            n = torch.tanh(_pre(xn + r * hn, bptt_clip))
+            r = torch.sigmoid(_pre(xr + hr, bptt_clip, handles))
+            z = torch.sigmoid(_pre(xz + hz, bptt_clip, handles))
+            n = torch.tanh(_pre(xn + r * hn, bptt_clip, handles))
             h_new = (1 - z) * n + z * h
             gate = z
         else:
@@ -118,8 +120,9 @@ def layer_grads(mode, inputs, grads, lengths=None, reverse=False, bptt_clip=0.0,
             LSTM, dLoss/dc_t (row 1), as the backward kernel records them (detached).
     Returns (eight gradients, None where not needed or absent; norms or None). The
     gradients are computed with create_graph=True, so they are differentiable in the
-    inputs and in ``grads``. bptt_clip clamps the gate gradients as the forward's hooks do;
-    a clamp is differentiable (slope 1 inside, 0 where it clips).
+    inputs and in ``grads``. bptt_clip clamps the gate gradients of this (first-order)
+    backward as the forward's hooks do; a clamp is differentiable (slope 1 inside, 0 where
+    it clips), and gradients of the returned gradients are not clamped.
     """
     if needs is None:
         needs = [t is not None for t in inputs]
@@ -129,8 +132,9 @@ def layer_grads(mode, inputs, grads, lengths=None, reverse=False, bptt_clip=0.0,
         alias = [None if t is None else t.view_as(t) for t in inputs]
         x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr = alias
         steps = [] if record else None
+        handles = []
         outs = _run(mode, x, hx, cx if mode == "lstm" else None, w_ih, w_hh, b_ih, b_hh,
-                    lengths, reverse, bptt_clip, steps, w_hr)
+                    lengths, reverse, bptt_clip, steps, w_hr, handles)
         pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None]
         wrt = [alias[k] for k in range(8) if needs[k] and alias[k] is not None]
         tracked = []
@@ -142,6 +146,11 @@ def layer_grads(mode, inputs, grads, lengths=None, reverse=False, bptt_clip=0.0,
                                       allow_unused=True, materialize_grads=True)
         else:
             got = [torch.zeros_like(t) for t in wrt + tracked]
+        # The clamps are now part of the gradients' graph. A hook stays on its tensor and
+        # would clamp every later gradient through it too, the second-order ones included,
+        # where the fused kernel's clip does not reach: remove them.
+        for handle in handles:
+            handle.remove()
     it = iter(got[:len(wrt)])
     result = [next(it) if (needs[k] and alias[k] is not None) else None for k in range(8)]
     norms = None
