@@ -35,16 +35,18 @@ def _run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, r
     T, B = input.shape[0], input.shape[1]
     h, c = hx, cx
     outputs = [None] * T
-    if lengths is None:
-        lengths = torch.full((B,), T, dtype=torch.long)
+    # The input projection does not depend on the state: one product for all T * B rows.
+    xg_all = torch.matmul(input, weight_ih.t())  # [T, B, G*H]
+    if bias_ih is not None:
+        xg_all = xg_all + bias_ih
+    masks = None  # [T, B, 1]: step t runs for sequence b while t < lengths[b]
+    if lengths is not None:
+        masks = (torch.arange(T).unsqueeze(1) < lengths.unsqueeze(0)).to(input.device)
+        masks = masks.unsqueeze(2)
     order = range(T - 1, -1, -1) if reverse else range(T)
     for t in order:
-        mask = (t < lengths).to(input.device).unsqueeze(1)  # [B, 1]
-        xg = input[t] @ weight_ih.t()
-        hg = h @ weight_hh.t()
-        if bias_ih is not None:
-            xg = xg + bias_ih
-            hg = hg + bias_hh
+        xg = xg_all[t]
+        hg = h @ weight_hh.t() if bias_hh is None else torch.addmm(bias_hh, h, weight_hh.t())
         c_new = gate = None
         if mode in ("rnn_tanh", "rnn_relu"):
             a = _pre(xg + hg, bptt_clip, handles)
@@ -72,12 +74,16 @@ def _run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, r
                 h_new.retain_grad()
             if c_new is not None and c_new.requires_grad:
                 c_new.retain_grad()
-            steps.append({"t": t, "h": h_new, "c": c_new, "gate": gate,
-                          "mask": mask.squeeze(1)})
-        h = torch.where(mask, h_new, h)
-        if c_new is not None:
-            c = torch.where(mask, c_new, c)
-        outputs[t] = torch.where(mask, h_new, torch.zeros_like(h_new))
+            mask = (masks[t, :, 0] if masks is not None
+                    else torch.ones(B, dtype=torch.bool, device=input.device))
+            steps.append({"t": t, "h": h_new, "c": c_new, "gate": gate, "mask": mask})
+        if masks is None:
+            h, c, outputs[t] = h_new, (c if c_new is None else c_new), h_new
+        else:
+            h = torch.where(masks[t], h_new, h)
+            if c_new is not None:
+                c = torch.where(masks[t], c_new, c)
+            outputs[t] = torch.where(masks[t], h_new, torch.zeros_like(h_new))
     return torch.stack(outputs), h, c
 
 
