@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library that registers torch.ops.pyrnn)
+from . import reference
 
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 _SAVED = {"lstm": 5, "gru": 4}  # workspace row width in units of H (see csrc/ops.cpp)
@@ -89,21 +90,41 @@ def _setup_context(ctx, inputs, output):
     ctx.norm_out = norm_out
     ctx.penalty, ctx.ratio_out, ctx.omega_out = vanishing_penalty, ratio_out, omega_out
     ctx.saved = save
-    if not input.requires_grad:
-        # weight_ih only serves dX: keep a one-element stand-in with its shape instead
-        weight_ih = weight_ih.new_empty(()).expand(weight_ih.shape)
-    ctx.save_for_backward(input, hx, cx, weight_ih, weight_hh, weight_hr, lengths, out, workspace)
+    # Every argument is kept (references, no copies): the fused backward needs neither
+    # weight_ih when the input needs no gradient nor the biases, but double backward
+    # recomputes the layer from all of them.
+    ctx.save_for_backward(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+                          lengths, out, workspace)
 
 
 def _backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
+    (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, out,
+     workspace) = ctx.saved_tensors
+    is_lstm = ctx.mode == "lstm"
+    if torch.is_grad_enabled():
+        # Double backward (create_graph=True): the fused kernel's gradients are not
+        # differentiable, so take them from the reference formulation instead, recomputed
+        # from the saved arguments with the graph kept.
+        if ctx.penalty:
+            raise NotImplementedError(
+                "vanishing_penalty: the regulariser runs in the fused backward only, which "
+                "cannot be differentiated again; set vanishing_penalty=0 for double backward "
+                "(create_graph=True)")
+        grads, norms = reference.layer_grads(
+            ctx.mode, (input, hx, cx if is_lstm else None, weight_ih, weight_hh, bias_ih,
+                       bias_hh, weight_hr),
+            (grad_output, grad_h_n, grad_c_n if is_lstm else None), lengths, ctx.reverse,
+            ctx.bptt_clip, ctx.needs_input_grad[1:9], ctx.record)
+        if ctx.record:
+            ctx.norm_out.copy_(norms)
+        return (None, *grads, None, None, None, None, None, None, None, None)
     if not ctx.saved:
         raise RuntimeError("pyrnn: this forward ran with save=False, so it cannot be "
                            "differentiated; call it with save=True")
-    input, hx, cx, weight_ih, weight_hh, weight_hr, lengths, out, workspace = ctx.saved_tensors
     if grad_output is None:
         grad_output = torch.zeros_like(out)
     dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms, ratio, omega = torch.ops.pyrnn.backward(
-        ctx.mode, grad_output, grad_h_n, grad_c_n if ctx.mode == "lstm" else None, input, hx,
+        ctx.mode, grad_output, grad_h_n, grad_c_n if is_lstm else None, input, hx,
         cx, weight_ih, weight_hh, weight_hr, ctx.has_bias, ctx.needs_input_grad[1], lengths,
         out, workspace, ctx.reverse, ctx.bptt_clip, ctx.record, ctx.penalty)
     if ctx.record:
@@ -114,7 +135,7 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
         if ctx.omega_out is not None:
             ctx.omega_out.copy_(omega.view(ctx.omega_out.shape))
     return (None, dx if ctx.needs_input_grad[1] else None, dh,
-            dc if ctx.mode == "lstm" else None, dw_ih, dw_hh,
+            dc if is_lstm else None, dw_ih, dw_hh,
             db_ih if ctx.has_bias else None, db_hh if ctx.has_bias else None,
             dw_hr if weight_hr is not None else None,
             None, None, None, None, None, None, None, None)
@@ -124,8 +145,11 @@ torch.library.register_autograd("pyrnn::forward", _backward, setup_context=_setu
 
 
 def _no_double_backward(ctx, *grads):
-    raise RuntimeError("pyrnn: double backward (differentiating a gradient, e.g. with "
-                       "create_graph=True) is not supported by the fused BPTT kernel")
+    # pyrnn::forward's own backward never differentiates this op: with create_graph=True it
+    # takes its gradients from pyrnn.reference.layer_grads instead.
+    raise RuntimeError("pyrnn: torch.ops.pyrnn.backward is not differentiable; for double "
+                       "backward differentiate through pyrnn.ops (or the modules), whose "
+                       "backward with create_graph=True is differentiable")
 
 
 def _backward_setup(ctx, inputs, output):

@@ -196,3 +196,10 @@ def test_opcheck_with_penalty(reverse):
          True, True, lengths, out[0].detach(), out[3].detach(), reverse, 0.0, False, 0.5),
         test_utils=("test_schema", "test_faketensor"))
     assert all(v == "SUCCESS" for v in res.values()), res
+
+
+def test_penalty_with_double_backward_raises():
+    m = pyrnn.RNN(3, 4, vanishing_penalty=0.1, dtype=torch.float64)
+    out, _ = m(torch.randn(5, 2, 3, dtype=torch.float64))
+    with pytest.raises(NotImplementedError, match="vanishing_penalty"):
+        torch.autograd.grad(out.sum(), m.weight_hh_l0, create_graph=True)
