@@ -90,18 +90,22 @@ def _same_error(ref_exc, our_exc):
         assert ref_msg in our_msg, f"{our_msg!r} does not contain torch.nn's {ref_msg!r}"
 
 
+def _check_case(make, call):
+    """call(torch.nn's module) must raise; call(its pyrnn conversion) must raise the same."""
+    ref = make()
+    ours = pyrnn.convert(make())
+    ref_exc, _ = _outcome(lambda: call(ref))
+    assert ref_exc is not None, "the case is meant to be rejected by torch.nn"
+    our_exc, _ = _outcome(lambda: call(ours))
+    _same_error(ref_exc, our_exc)
+
+
 _MODULE_CASES = [(k, n) for k in MODULES for n, _ in _module_cases(k)]
 
 
 @pytest.mark.parametrize("kind,case", _MODULE_CASES, ids=[f"{k}-{n}" for k, n in _MODULE_CASES])
 def test_module_errors_match_torch_nn(kind, case):
-    call = dict(_module_cases(kind))[case]
-    ref = MODULES[kind]()
-    ours = pyrnn.convert(MODULES[kind]())
-    ref_exc, _ = _outcome(lambda: call(ref))
-    assert ref_exc is not None, "the case is meant to be rejected by torch.nn"
-    our_exc, _ = _outcome(lambda: call(ours))
-    _same_error(ref_exc, our_exc)
+    _check_case(MODULES[kind], dict(_module_cases(kind))[case])
 
 
 def _cell_cases(kind):
@@ -137,13 +141,7 @@ _CELL_CASES = [(k, n) for k in CELLS for n, _ in _cell_cases(k)]
 
 @pytest.mark.parametrize("kind,case", _CELL_CASES, ids=[f"{k}-{n}" for k, n in _CELL_CASES])
 def test_cell_errors_match_torch_nn(kind, case):
-    call = dict(_cell_cases(kind))[case]
-    ref = CELLS[kind]()
-    ours = pyrnn.convert(CELLS[kind]())
-    ref_exc, _ = _outcome(lambda: call(ref))
-    assert ref_exc is not None, "the case is meant to be rejected by torch.nn"
-    our_exc, _ = _outcome(lambda: call(ours))
-    _same_error(ref_exc, our_exc)
+    _check_case(CELLS[kind], dict(_cell_cases(kind))[case])
 
 
 def test_cell_unknown_nonlinearity_at_forward():
