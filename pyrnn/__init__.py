@@ -17,8 +17,8 @@ except ImportError as e:  # pragma: no cover - depends on how the package was in
 from . import ops, reference
 from ._C import has_cuda as _has_cuda
 from . import gradflow, init
-from .modules import GRU, LSTM, RNN, GateStats, GradNorms, GRUCell, LSTMCell, RNNCell, convert
-from .export import to_torch
+from .modules import (GRU, LSTM, RNN, GateStats, GradNorms, GRUCell, LSTMCell, RNNCell, convert,
+                      to_torch)
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""ONNX export of pyrnn modules, and the way back to torch.nn (to_torch).
+"""ONNX export of pyrnn modules.
 
 While ``torch.onnx.export`` runs (either exporter), pyrnn's modules run torch.nn's own
 forward on their own parameters, so the exporters see exactly what they see for torch.nn's
@@ -59,52 +59,3 @@ def cell_step(cell: nn.RNNCellBase, input: Tensor, hx):
         return nn.LSTMCell.forward(cell, input, hx)
     base = nn.GRUCell if isinstance(cell, nn.GRUCell) else nn.RNNCell
     return base.forward(cell, input, hx), None
-
-
-def _torch_of() -> dict:
-    from . import modules  # not at the top: pyrnn.modules imports this module
-
-    return {modules.RNN: nn.RNN, modules.LSTM: nn.LSTM, modules.GRU: nn.GRU,
-            modules.RNNCell: nn.RNNCell, modules.LSTMCell: nn.LSTMCell,
-            modules.GRUCell: nn.GRUCell}
-
-
-def _to_torch_one(m: nn.Module) -> nn.Module:
-    cls = _torch_of()[type(m)]
-    if isinstance(m, nn.RNNCellBase):
-        w = m.weight_ih
-        kw = dict(bias=m.bias, device=w.device, dtype=w.dtype)
-        if cls is nn.RNNCell:
-            kw["nonlinearity"] = m.nonlinearity
-    else:
-        w = m.weight_ih_l0
-        kw = dict(num_layers=m.num_layers, bias=m.bias, batch_first=m.batch_first,
-                  dropout=m.dropout, bidirectional=m.bidirectional, device=w.device,
-                  dtype=w.dtype)
-        if cls is nn.RNN:
-            kw["nonlinearity"] = m.nonlinearity
-        if cls is nn.LSTM:
-            kw["proj_size"] = m.proj_size
-    new = cls(m.input_size, m.hidden_size, **kw)
-    new.load_state_dict(m.state_dict())
-    for (_, p_new), (_, p_old) in zip(new.named_parameters(), m.named_parameters()):
-        p_new.requires_grad_(p_old.requires_grad)
-    new.train(m.training)
-    return new
-
-
-def to_torch(module: nn.Module) -> nn.Module:
-    """The inverse of pyrnn.convert: replace every pyrnn.RNN, LSTM, GRU and cell inside
-    ``module`` (in place) by its torch.nn equivalent with the same weights, device, dtype,
-    requires_grad and training mode. Returns the module (a bare pyrnn module passed in
-    directly is returned converted). pyrnn's own settings (bptt_clip, record_grad_norms,
-    record_gate_stats) have no torch.nn counterpart and are dropped."""
-    classes = _torch_of()
-    if type(module) in classes:
-        return _to_torch_one(module)
-    for name, child in list(module.named_children()):
-        if type(child) in classes:
-            setattr(module, name, _to_torch_one(child))
-        else:
-            to_torch(child)
-    return module

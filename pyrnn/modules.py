@@ -99,7 +99,7 @@ def _check_packed(seq: PackedSequence) -> None:
     """A PackedSequence built by hand can be malformed; torch.nn then returns garbage or
     fails deep inside. Raise a clear error instead."""
     bs, data = seq.batch_sizes, seq.data
-    if not isinstance(bs, Tensor) or bs.dim() != 1 or bs.dtype != torch.int64 or bs.is_floating_point():
+    if not isinstance(bs, Tensor) or bs.dim() != 1 or bs.dtype != torch.int64:
         raise RuntimeError("input (PackedSequence): batch_sizes must be a 1-D int64 tensor, got "
                            f"{bs.dtype if isinstance(bs, Tensor) else type(bs).__name__} of "
                            f"shape {tuple(bs.shape) if isinstance(bs, Tensor) else ()}")
@@ -611,10 +611,27 @@ class GRUCell(_CellMixin, nn.GRUCell):
 
 _REPLACEMENTS = {nn.RNN: RNN, nn.LSTM: LSTM, nn.GRU: GRU,
                  nn.RNNCell: RNNCell, nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell}
+_TORCH_NN = {ours: theirs for theirs, ours in _REPLACEMENTS.items()}
 
 
-def _convert_one(m: nn.Module) -> nn.Module:
-    new = _build_like(m)
+def _rebuild(m: nn.Module, cls) -> nn.Module:
+    """A cls module with m's arguments, weights, device, dtype, requires_grad and training
+    mode (m and cls: a torch.nn recurrent module or cell and its pyrnn twin, either way)."""
+    if isinstance(m, nn.RNNCellBase):
+        w = m.weight_ih
+        kw = dict(bias=m.bias, device=w.device, dtype=w.dtype)
+        if isinstance(m, nn.RNNCell):
+            kw["nonlinearity"] = m.nonlinearity
+    else:
+        w = m.weight_ih_l0
+        kw = dict(num_layers=m.num_layers, bias=m.bias, batch_first=m.batch_first,
+                  dropout=m.dropout, bidirectional=m.bidirectional, device=w.device,
+                  dtype=w.dtype)
+        if m.mode in ("RNN_TANH", "RNN_RELU"):
+            kw["nonlinearity"] = m.nonlinearity
+        if m.mode == "LSTM":
+            kw["proj_size"] = m.proj_size
+    new = cls(m.input_size, m.hidden_size, **kw)
     new.load_state_dict(m.state_dict())
     for (_, p_new), (_, p_old) in zip(new.named_parameters(), m.named_parameters()):
         p_new.requires_grad_(p_old.requires_grad)
@@ -622,33 +639,30 @@ def _convert_one(m: nn.Module) -> nn.Module:
     return new
 
 
-def _build_like(m: nn.Module) -> nn.Module:
-    cls = _REPLACEMENTS[type(m)]
-    if isinstance(m, nn.RNNCellBase):
-        w = m.weight_ih
-        kw = dict(bias=m.bias, device=w.device, dtype=w.dtype)
-        if isinstance(m, nn.RNNCell):
-            kw["nonlinearity"] = m.nonlinearity
-        return cls(m.input_size, m.hidden_size, **kw)
-    w = m.weight_ih_l0
-    kw = dict(num_layers=m.num_layers, bias=m.bias, batch_first=m.batch_first,
-              dropout=m.dropout, bidirectional=m.bidirectional, device=w.device, dtype=w.dtype)
-    if isinstance(m, nn.RNN):
-        kw["nonlinearity"] = m.nonlinearity
-    if isinstance(m, nn.LSTM):
-        kw["proj_size"] = m.proj_size
-    return cls(m.input_size, m.hidden_size, **kw)
+def _swap(module: nn.Module, classes: dict) -> nn.Module:
+    """Replace, in place, every submodule whose type is a key of classes by its rebuild as
+    the value; a bare module of such a type is returned rebuilt."""
+    if type(module) in classes:
+        return _rebuild(module, classes[type(module)])
+    for name, child in list(module.named_children()):
+        if type(child) in classes:
+            setattr(module, name, _rebuild(child, classes[type(child)]))
+        else:
+            _swap(child, classes)
+    return module
 
 
 def convert(module: nn.Module) -> nn.Module:
     """Replace every torch.nn.RNN, LSTM, GRU and their cells inside ``module`` (in place) by its pyrnn
     equivalent with the same weights, device, dtype and training mode. Returns the module
     (a bare torch.nn.LSTM passed in directly is returned converted)."""
-    if type(module) in _REPLACEMENTS:
-        return _convert_one(module)
-    for name, child in list(module.named_children()):
-        if type(child) in _REPLACEMENTS:
-            setattr(module, name, _convert_one(child))
-        else:
-            convert(child)
-    return module
+    return _swap(module, _REPLACEMENTS)
+
+
+def to_torch(module: nn.Module) -> nn.Module:
+    """The inverse of convert: replace every pyrnn.RNN, LSTM, GRU and cell inside
+    ``module`` (in place) by its torch.nn equivalent with the same weights, device, dtype,
+    requires_grad and training mode. Returns the module (a bare pyrnn module passed in
+    directly is returned converted). pyrnn's own settings (bptt_clip, record_grad_norms,
+    record_gate_stats, vanishing_penalty) have no torch.nn counterpart and are dropped."""
+    return _swap(module, _TORCH_NN)
