@@ -4,22 +4,28 @@
 // panels of kNR columns ([N / kNR][K][kNR], zero-padded), and each step runs a register-
 // blocked kernel (kMR rows x kNR columns of C in registers) over the panels. M is the
 // batch (small), which is the shape a general-purpose BLAS handles worst.
-// Torch-free; the loops that inline it are compiled for AVX-512, AVX2 and baseline x86.
+// Torch-free. The vectors have the width of the target's registers (kSimdLanes of
+// simd.h), so that the kMR x kV accumulators, the kV vectors of a panel row and a
+// broadcast stay in registers: a vector type wider than the registers is split by the
+// compiler into halves that live on the stack.
 #pragma once
 #include <cstdint>
 #include <cstring>
 #include <memory>
 
+#include "simd.h"
+
 namespace pyrnn::cpu {
 
-typedef float v16f __attribute__((vector_size(64)));
+typedef float vgf __attribute__((vector_size(4 * kSimdLanes)));
 
 class PackedGemm {
  public:
-  // 8 x 32 blocks (16 accumulators) measured faster here than 6 x 64 on AVX-512.
-  static constexpr int64_t kNR = 32;  // columns per panel: kV 16-lane vectors
-  static constexpr int64_t kV = kNR / 16;
-  static constexpr int64_t kMR = 8;   // rows per block: kMR * kV accumulators
+  static constexpr int64_t kV = 2;                    // vectors per panel row
+  static constexpr int64_t kNR = kV * kSimdLanes;     // columns per panel
+  // rows per block: 8 x 2 = 16 of AVX-512's 32 registers (measured faster than 6 x 4);
+  // 6 x 2 = 12 of AVX2's and SSE's 16, leaving room for the panel row and a broadcast.
+  static constexpr int64_t kMR = kSimdLanes == 16 ? 8 : 6;
 
   // block: the columns form N / block blocks of that width (the gate blocks of a
   // recurrent matrix); panels never straddle two blocks, so a thread can own a slice of
@@ -28,7 +34,7 @@ class PackedGemm {
              int64_t block = 0)
       : M_(M), N_(N), K_(K), block_(block > 0 ? block : (N > 0 ? N : 1)),
         per_block_((block_ + kNR - 1) / kNR), panels_(N / block_ * per_block_) {
-    packed_.reset(new v16f[panels_ * K * kV + 1]);
+    packed_.reset(new vgf[panels_ * K * kV + 1]);
     float* dst = reinterpret_cast<float*>(packed_.get());
     for (int64_t p = 0; p < panels_; ++p) {
       const int64_t n0 = first_column(p), cols = columns(p);
@@ -47,7 +53,7 @@ class PackedGemm {
   void run_panels(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc,
                   bool accumulate, int64_t p0, int64_t p1, const float* bias = nullptr) const {
     for (int64_t p = p0; p < p1; ++p) {
-      const v16f* panel = packed_.get() + p * K_ * kV;
+      const vgf* panel = packed_.get() + p * K_ * kV;
       const int64_t n0 = first_column(p), cols = columns(p);
       const float* bp = bias ? bias + n0 : nullptr;
       int64_t i = 0;
@@ -86,7 +92,7 @@ class PackedGemm {
           const int64_t rows = M - m0 < kChunk ? M - m0 : kChunk;
           const float* Ac = A + m0 * ars + k0 * aks;
           float* Cc = C + m0 * ldc;
-          const v16f* panel = packed_.get() + p * K_ * kV + k0 * kV;
+          const vgf* panel = packed_.get() + p * K_ * kV + k0 * kV;
           const int64_t n0 = first_column(p), cols = columns(p);
           const float* bp = bias0 ? bias0 + n0 : nullptr;
           int64_t i = 0;
@@ -106,7 +112,7 @@ class PackedGemm {
     return left < kNR ? left : kNR;
   }
 
-  void tail(int64_t rows, const float* A, int64_t lda, int64_t aks, const v16f* panel, float* C,
+  void tail(int64_t rows, const float* A, int64_t lda, int64_t aks, const vgf* panel, float* C,
             int64_t ldc, int64_t cols, bool accumulate, const float* bias = nullptr,
             int64_t kn = -1) const {
     switch (rows) {
@@ -123,10 +129,10 @@ class PackedGemm {
 
   template <int R>
   // kn: the depth of this pass (K by default); panel and A point at its first k.
-  void block(const float* A, int64_t lda, int64_t aks, const v16f* panel, float* C, int64_t ldc,
+  void block(const float* A, int64_t lda, int64_t aks, const vgf* panel, float* C, int64_t ldc,
              int64_t cols, bool accumulate, const float* bias = nullptr, int64_t kn = -1) const {
     if (kn < 0) kn = K_;
-    v16f acc[R][kV], init[kV] = {};
+    vgf acc[R][kV], init[kV] = {};
     if (bias) {
       float tmp[kNR] = {};
       std::memcpy(tmp, bias, sizeof(float) * cols);
@@ -135,7 +141,7 @@ class PackedGemm {
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < kV; ++v) acc[r][v] = init[v];
     for (int64_t k = 0; k < kn; ++k) {
-      v16f w[kV];
+      vgf w[kV];
       for (int v = 0; v < kV; ++v) w[v] = panel[kV * k + v];
       for (int r = 0; r < R; ++r) {
         const float a = A[r * lda + k * aks];
@@ -146,7 +152,7 @@ class PackedGemm {
       float* c = C + r * ldc;
       if (cols == kNR) {
         if (accumulate) {
-          v16f old[kV];
+          vgf old[kV];
           std::memcpy(old, c, sizeof old);
           for (int v = 0; v < kV; ++v) acc[r][v] += old[v];
         }
@@ -160,7 +166,7 @@ class PackedGemm {
   }
 
   int64_t M_, N_, K_, block_, per_block_, panels_;
-  std::unique_ptr<v16f[]> packed_;
+  std::unique_ptr<vgf[]> packed_;
 };
 
 }  // namespace pyrnn::cpu

@@ -1,5 +1,5 @@
 // A float32 SIMD type for the CPU time loops, built on GCC/Clang vector extensions
-// (16 lanes when compiled for AVX-512, else 8). It supplies exactly what the cells use: arithmetic, comparisons,
+// (the width of the target's registers). It supplies exactly what the cells use: arithmetic, comparisons,
 // where(), ld/st (through Mem) and the helpers of poly_exp and poly_tanh.
 #pragma once
 #include <cstdint>
@@ -16,11 +16,14 @@
 
 namespace pyrnn {
 
-// 16 lanes where the build targets AVX-512, else 8 (AVX2 registers, or SSE pairs).
+// The width of the target's vector registers: 16 lanes with AVX-512, 8 with AVX, else 4
+// (SSE). A wider vector type would be split by the compiler through the stack.
 #if defined(__AVX512F__)
 constexpr int kSimdLanes = 16;
-#else
+#elif defined(__AVX__)
 constexpr int kSimdLanes = 8;
+#else
+constexpr int kSimdLanes = 4;
 #endif
 typedef float v8f __attribute__((vector_size(4 * kSimdLanes)));
 typedef int32_t v8i __attribute__((vector_size(4 * kSimdLanes)));
