@@ -41,14 +41,16 @@ def libtorch_exports(*names):
 
 
 def march_flags():
-    """-march for the compiled loops: the building machine's CPU by default; PYRNN_MARCH
-    picks another (e.g. x86-64-v3 for a portable AVX2 build), PYRNN_MARCH=none adds none."""
-    march = os.environ.get("PYRNN_MARCH", "native").strip()
+    """-march for the whole build: none by default (the compiler's baseline, x86-64), as
+    the loops are compiled once more for each instruction set they dispatch to at run
+    time; PYRNN_MARCH=native (or any -march value) raises the baseline."""
+    march = os.environ.get("PYRNN_MARCH", "").strip()
     return [] if march.lower() in ("", "none") else [f"-march={march}"]
 
 
 here = os.path.dirname(os.path.abspath(__file__))
-sources = ["csrc/ops.cpp", "csrc/cpu/kernels.cpp"]
+with open(os.path.join(here, "csrc", "sources.txt")) as f:
+    sources = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
 cxx_flags = ["-O3", "-Wno-psabi", "-fopenmp"] + march_flags()
 macros = []
 if not libtorch_exports("sgemm_", "dgemm_"):

@@ -325,4 +325,18 @@ PYBIND11_MODULE(_C, module) {
     return std::string("libtorch sgemm_/dgemm_");
 #endif
   }, "which BLAS entry the CPU time loops call");
+  module.def("cpu_capability", [] { return std::string(pyrnn::cpu::cpu_capability()); },
+             "the instruction set of the CPU loops in use (default, avx2, avx512)");
+  module.def("compiled_capabilities", [] { return std::string(pyrnn::cpu::compiled_capabilities()); },
+             "the instruction sets the CPU loops are compiled for, comma-separated");
+  module.def("supported_capabilities",
+             [] { return std::string(pyrnn::cpu::supported_capabilities()); },
+             "those of the compiled instruction sets this CPU runs, best last");
+  module.def("cpu_capability_error", [] { return std::string(pyrnn::cpu::cpu_capability_error()); },
+             "why PYRNN_CPU_CAPABILITY was not followed, or ''");
+  module.def("set_cpu_capability", [](const std::string& name) {
+    TORCH_CHECK(pyrnn::cpu::set_cpu_capability(name.c_str()),
+                "set_cpu_capability: expected one of ", pyrnn::cpu::supported_capabilities(),
+                " (the capabilities this CPU runs), got '", name, "'");
+  }, "use the CPU loops compiled for this instruction set (for tests and benchmarks)");
 }

@@ -14,6 +14,10 @@ except ImportError as e:  # pragma: no cover - depends on how the package was in
         "(or use the `pyrnn` command); otherwise build it with "
         "`pip install --no-build-isolation -e .`") from e
 
+if _C.cpu_capability_error():  # PYRNN_CPU_CAPABILITY names a copy this CPU can't run
+    import warnings
+    warnings.warn(_C.cpu_capability_error(), RuntimeWarning, stacklevel=2)
+
 from . import ops, reference
 from ._C import has_cuda as _has_cuda
 from . import gradflow, init

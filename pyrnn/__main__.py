@@ -50,6 +50,8 @@ def cmd_info(args):
     print(f"pyrnn {pyrnn.__version__}  torch {torch.__version__}")
     print(f"backends: {', '.join(pyrnn.backends())}")
     print(f"CPU products: {_C.blas()}")
+    print(f"CPU loops: {_C.cpu_capability()} (compiled: {_C.compiled_capabilities()}; "
+          f"this CPU runs: {_C.supported_capabilities()}; PYRNN_CPU_CAPABILITY chooses)")
     return 0
 
 

@@ -1,7 +1,7 @@
 // CPU time loops: the fused forward and BPTT of one layer in one direction, for each
 // cell of csrc/cells/ and T in {float, double}. Raw pointers only; every buffer is
-// allocated by the caller, so the loops allocate nothing, dispatch nothing and never
-// touch Python. Defined in loops_impl.h, compiled in kernels.cpp.
+// allocated by the caller, and they never touch Python. Defined in loops_impl.h, compiled
+// once per CPU capability by kernels_<isa>.cpp (see kernels_impl.h).
 //
 // Shapes (one layer, one direction):
 //   ws:     [T, B, W]  per-step workspace row; its first G*H entries hold the input
@@ -65,7 +65,38 @@ struct LoopArgs {
   T* mall = nullptr;         // [T, B, H] o * tanh(c) of every step (backward)
 };
 
-// Defined (for every cell, T = A = float and T = A = double) in kernels.cpp.
+// The entry points of one compiled copy of the loops (kernels_impl.h), for one T; the
+// loops are indexed by cell: rnn_tanh, rnn_relu, lstm, gru.
+template <typename T>
+struct KernelsOf {
+  void (*forward[4])(const LoopArgs<T>&);
+  void (*backward[4])(const LoopArgs<T>&);
+  void (*forward_proj)(const LoopArgs<T>&);
+  void (*backward_proj)(const LoopArgs<T>&);
+  void (*matmul)(const T*, int64_t, int64_t, const T*, int64_t, bool, T*, int64_t, const T*);
+  void (*matmul_tn)(const T*, int64_t, int64_t, const T*, int64_t, T*);
+  void (*column_sums)(const T*, int64_t, int64_t, T*);
+};
+struct Kernels {
+  KernelsOf<float> f32;
+  KernelsOf<double> f64;
+};
+
+// The CPU capabilities (instruction sets) the loops are compiled for, and the one in use:
+// the best this CPU supports, or the one the environment variable PYRNN_CPU_CAPABILITY
+// names, or the last set_cpu_capability. Names: "default" (the build's baseline),
+// "avx2" (x86-64-v3: AVX2, FMA), "avx512" (x86-64-v4: AVX-512 F, BW, DQ, VL).
+// compiled_capabilities: those in this build; supported_capabilities: those of them this
+// CPU can run (best last). set_cpu_capability returns false for a name not in the latter.
+const char* compiled_capabilities();   // comma-separated
+const char* supported_capabilities();  // comma-separated
+const char* cpu_capability();
+bool set_cpu_capability(const char* name);
+// Why PYRNN_CPU_CAPABILITY was not followed ("" if it was, or is unset).
+const char* cpu_capability_error();
+
+// Defined (for every cell, T = A = float and T = A = double) in dispatch.cpp, which calls
+// the copy of the capability in use.
 template <class Cell, typename T, typename A>
 void forward_loop(const LoopArgs<T>& p);
 template <class Cell, typename T, typename A>

@@ -4,10 +4,6 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__AVX__)
-#include <immintrin.h>
-#endif
-
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"  // 32-byte vectors passed by value, internal only
 #endif
@@ -18,13 +14,18 @@ namespace pyrnn {
 
 // The width of the target's vector registers: 16 lanes with AVX-512, 8 with AVX, else 4
 // (SSE). A wider vector type would be split by the compiler through the stack.
+// A copy compiled under a GCC target pragma (kernels_impl.h) states its width in
+// PYRNN_SIMD_LANES, since the pragma does not define the __AVX*__ macros.
+#if !defined(PYRNN_SIMD_LANES)
 #if defined(__AVX512F__)
-constexpr int kSimdLanes = 16;
+#define PYRNN_SIMD_LANES 16
 #elif defined(__AVX__)
-constexpr int kSimdLanes = 8;
+#define PYRNN_SIMD_LANES 8
 #else
-constexpr int kSimdLanes = 4;
+#define PYRNN_SIMD_LANES 4
 #endif
+#endif
+constexpr int kSimdLanes = PYRNN_SIMD_LANES;
 typedef float v8f __attribute__((vector_size(4 * kSimdLanes)));
 typedef int32_t v8i __attribute__((vector_size(4 * kSimdLanes)));
 
@@ -51,24 +52,8 @@ inline MaskF operator<=(VecF a, VecF b) { return {a.v <= b.v}; }
 inline VecF where(MaskF c, VecF a, VecF b) { return c.m ? a.v : b.v; }
 
 // fmin_(a, b), fmax_(a, b): b when either is NaN, like the scalar ones in common.h.
-inline VecF fmin_(VecF a, VecF b) {
-#if defined(__AVX512F__)
-  return (v8f)_mm512_min_ps((__m512)a.v, (__m512)b.v);
-#elif defined(__AVX__)
-  return (v8f)_mm256_min_ps((__m256)a.v, (__m256)b.v);
-#else
-  return where(a < b, a, b);
-#endif
-}
-inline VecF fmax_(VecF a, VecF b) {
-#if defined(__AVX512F__)
-  return (v8f)_mm512_max_ps((__m512)a.v, (__m512)b.v);
-#elif defined(__AVX__)
-  return (v8f)_mm256_max_ps((__m256)a.v, (__m256)b.v);
-#else
-  return where(a > b, a, b);
-#endif
-}
+inline VecF fmin_(VecF a, VecF b) { return where(a < b, a, b); }  // vminps
+inline VecF fmax_(VecF a, VecF b) { return where(a > b, a, b); }  // vmaxps
 inline VecF abs_(VecF a) { return (v8f)((v8i)a.v & 0x7fffffff); }
 inline VecF copysign_(VecF mag, VecF sign) {
   return (v8f)(((v8i)mag.v & 0x7fffffff) | ((v8i)sign.v & int32_t(0x80000000u)));

@@ -1,7 +1,48 @@
-// The CPU time loops, compiled once per cell and dtype. This translation unit includes
-// no torch header, so it compiles in seconds. setup.py compiles it for the building
-// machine's CPU (-march=native unless PYRNN_MARCH says otherwise), so that the SIMD
-// types of simd.h and gemm.h map onto its widest vectors, threads included.
+// The CPU time loops and products, compiled once per CPU capability: kernels_<isa>.cpp
+// define PYRNN_ISA (the namespace of that copy, which must not collide with another) and,
+// for an instruction set above the build's baseline, PYRNN_TARGET (a GCC target, e.g.
+// "arch=x86-64-v3") and PYRNN_SIMD_LANES (its vector width in floats), then include this
+// file. Everything this file defines or instantiates lives in namespace PYRNN_ISA (the
+// name `pyrnn` is redefined to it below), so that no inline function or template compiled
+// for one instruction set can be merged by the linker with another's; the standard and
+// OpenMP headers come first, outside the target, and so are shared, compiled for the
+// baseline. The copy ends with a table of its entry points, kernels_<isa>, which
+// dispatch.cpp chooses from when the library loads. No torch header is included (except
+// ATen for the fallback products of a build without BLAS), so a copy compiles in seconds.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <type_traits>
+
+#include <omp.h>
+#ifdef PYRNN_NO_BLAS
+#include <ATen/ATen.h>
+#endif
+
+#include "loops.h"
+
+#ifndef PYRNN_ISA
+#error "define PYRNN_ISA (the namespace of this copy) before including kernels_impl.h"
+#endif
+#define PYRNN_CAT2(a, b) a##b
+#define PYRNN_CAT(a, b) PYRNN_CAT2(a, b)
+#define PYRNN_TABLE PYRNN_CAT(kernels_, PYRNN_ISA)
+
+namespace PYRNN_ISA::cpu {
+using ::pyrnn::cpu::KernelsOf;
+using ::pyrnn::cpu::LoopArgs;
+}
+
+#ifdef PYRNN_TARGET
+#define PYRNN_PRAGMA2(x) _Pragma(#x)
+#define PYRNN_PRAGMA_TARGET(t) PYRNN_PRAGMA2(GCC target(t))
+#pragma GCC push_options
+PYRNN_PRAGMA_TARGET(PYRNN_TARGET)
+#endif
+#define pyrnn PYRNN_ISA
+
 #include "../cells/gru.h"
 #include "../cells/lstm.h"
 #include "../cells/rnn.h"
@@ -11,36 +52,22 @@
 
 namespace pyrnn::cpu {
 
-#define PYRNN_DEFINE_LOOPS(CELL, T)                                     \
-  template <>                                                           \
-  PYRNN_FLAT void forward_loop<CELL, T, T>(const LoopArgs<T>& p) {    \
-    forward_steps<CELL, T>(p);                                       \
-  }                                                                     \
-  template <>                                                           \
-  PYRNN_FLAT void backward_loop<CELL, T, T>(const LoopArgs<T>& p) {   \
-    backward_steps<CELL, T>(p);                                      \
-  }
-
-using RnnTanh = RnnCell<Act::kTanh>;
-using RnnRelu = RnnCell<Act::kRelu>;
-
-PYRNN_DEFINE_LOOPS(RnnTanh, float)
-PYRNN_DEFINE_LOOPS(RnnTanh, double)
-PYRNN_DEFINE_LOOPS(RnnRelu, float)
-PYRNN_DEFINE_LOOPS(RnnRelu, double)
-PYRNN_DEFINE_LOOPS(LstmCell, float)
-PYRNN_DEFINE_LOOPS(LstmCell, double)
-PYRNN_DEFINE_LOOPS(GruCell, float)
-PYRNN_DEFINE_LOOPS(GruCell, double)
-
-template <>
-PYRNN_FLAT void forward_proj_loop<float>(const LoopArgs<float>& p) { forward_proj_steps(p); }
-template <>
-PYRNN_FLAT void forward_proj_loop<double>(const LoopArgs<double>& p) { forward_proj_steps(p); }
-template <>
-PYRNN_FLAT void backward_proj_loop<float>(const LoopArgs<float>& p) { backward_proj_steps(p); }
-template <>
-PYRNN_FLAT void backward_proj_loop<double>(const LoopArgs<double>& p) { backward_proj_steps(p); }
+template <class Cell, typename T>
+PYRNN_FLAT void forward_loop(const LoopArgs<T>& p) {
+  forward_steps<Cell, T>(p);
+}
+template <class Cell, typename T>
+PYRNN_FLAT void backward_loop(const LoopArgs<T>& p) {
+  backward_steps<Cell, T>(p);
+}
+template <typename T>
+PYRNN_FLAT void forward_proj_loop(const LoopArgs<T>& p) {
+  forward_proj_steps(p);
+}
+template <typename T>
+PYRNN_FLAT void backward_proj_loop(const LoopArgs<T>& p) {
+  backward_proj_steps(p);
+}
 
 PYRNN_FLAT void matmul(const float* A, int64_t M, int64_t K, const float* Wm, int64_t N,
                        bool transposed, float* C, int64_t ldc, const float* bias) {
@@ -114,4 +141,29 @@ void column_sums(const double* A, int64_t M, int64_t N, double* out) {
   column_sums_impl(A, M, N, out);
 }
 
+template <typename T>
+constexpr KernelsOf<T> table() {
+  using RnnTanh = RnnCell<Act::kTanh>;
+  using RnnRelu = RnnCell<Act::kRelu>;
+  return {{&forward_loop<RnnTanh, T>, &forward_loop<RnnRelu, T>, &forward_loop<LstmCell, T>,
+           &forward_loop<GruCell, T>},
+          {&backward_loop<RnnTanh, T>, &backward_loop<RnnRelu, T>, &backward_loop<LstmCell, T>,
+           &backward_loop<GruCell, T>},
+          &forward_proj_loop<T>, &backward_proj_loop<T>,
+          static_cast<void (*)(const T*, int64_t, int64_t, const T*, int64_t, bool, T*, int64_t,
+                               const T*)>(&matmul),
+          static_cast<void (*)(const T*, int64_t, int64_t, const T*, int64_t, T*)>(&matmul_tn),
+          static_cast<void (*)(const T*, int64_t, int64_t, T*)>(&column_sums)};
+}
+
+}  // namespace pyrnn::cpu
+
+#undef pyrnn
+#ifdef PYRNN_TARGET
+#pragma GCC pop_options
+#endif
+
+namespace pyrnn::cpu {
+extern const Kernels PYRNN_TABLE;
+const Kernels PYRNN_TABLE = {PYRNN_ISA::cpu::table<float>(), PYRNN_ISA::cpu::table<double>()};
 }  // namespace pyrnn::cpu

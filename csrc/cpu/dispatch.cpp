@@ -1,0 +1,175 @@
+// Runtime dispatch of the CPU loops by instruction set, as ATen's CPU capability
+// dispatch: kernels_<isa>.cpp each compile the loops for one capability into a table of
+// entry points; this file picks, when first asked, the best table this CPU can run
+// (or the one PYRNN_CPU_CAPABILITY names), and forwards the entry points of loops.h to it.
+// Compiled for the baseline, like the rest of the library outside the loops.
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "../cells/gru.h"
+#include "../cells/lstm.h"
+#include "../cells/rnn.h"
+#include "loops.h"
+
+namespace pyrnn::cpu {
+
+extern const Kernels kernels_pyrnn_isa_default;
+#if defined(__x86_64__)
+extern const Kernels kernels_pyrnn_isa_avx2;
+extern const Kernels kernels_pyrnn_isa_avx512;
+#endif
+
+namespace {
+
+struct Capability {
+  const char* name;
+  const Kernels* table;
+  bool (*supported)();
+};
+
+// Worst first. __builtin_cpu_supports checks the CPU's flags and that the OS saves the
+// registers (XCR0).
+const Capability kCapabilities[] = {
+    {"default", &kernels_pyrnn_isa_default, [] { return true; }},
+#if defined(__x86_64__)
+    {"avx2", &kernels_pyrnn_isa_avx2, [] { return __builtin_cpu_supports("x86-64-v3") > 0; }},
+    {"avx512", &kernels_pyrnn_isa_avx512,
+     [] { return __builtin_cpu_supports("x86-64-v4") > 0; }},
+#endif
+};
+constexpr int kCount = sizeof(kCapabilities) / sizeof(kCapabilities[0]);
+
+std::string join(bool supported_only) {
+  std::string s;
+  for (const Capability& c : kCapabilities)
+    if (!supported_only || c.supported()) s += (s.empty() ? "" : ",") + std::string(c.name);
+  return s;
+}
+
+int find(const char* name) {
+  for (int i = 0; i < kCount; ++i)
+    if (std::strcmp(kCapabilities[i].name, name) == 0 && kCapabilities[i].supported()) return i;
+  return -1;
+}
+
+// The capability in use; -1 until first asked. An unknown or unsupported
+// PYRNN_CPU_CAPABILITY leaves the best one in use (cpu_capability_error says why).
+std::atomic<int> g_current{-1};
+std::string g_env_error;
+
+int current() {
+  int i = g_current.load(std::memory_order_acquire);
+  if (i >= 0) return i;
+  int best = 0;
+  for (int k = 0; k < kCount; ++k)
+    if (kCapabilities[k].supported()) best = k;
+  const char* env = std::getenv("PYRNN_CPU_CAPABILITY");
+  if (env && *env) {
+    const int want = find(env);
+    if (want >= 0)
+      best = want;
+    else
+      g_env_error = std::string("PYRNN_CPU_CAPABILITY: expected one of ") + join(true) +
+                    " (the capabilities this CPU runs), got '" + env + "'";
+  }
+  int expected = -1;
+  g_current.compare_exchange_strong(expected, best, std::memory_order_acq_rel);
+  return g_current.load(std::memory_order_acquire);
+}
+
+const Kernels& table() { return *kCapabilities[current()].table; }
+template <typename T>
+const KernelsOf<T>& of();
+template <>
+const KernelsOf<float>& of<float>() { return table().f32; }
+template <>
+const KernelsOf<double>& of<double>() { return table().f64; }
+
+template <class Cell>
+constexpr int cell_index();
+template <>
+constexpr int cell_index<RnnCell<Act::kTanh>>() { return 0; }
+template <>
+constexpr int cell_index<RnnCell<Act::kRelu>>() { return 1; }
+template <>
+constexpr int cell_index<LstmCell>() { return 2; }
+template <>
+constexpr int cell_index<GruCell>() { return 3; }
+
+}  // namespace
+
+const char* compiled_capabilities() {
+  static const std::string s = join(false);
+  return s.c_str();
+}
+const char* supported_capabilities() {
+  static const std::string s = join(true);
+  return s.c_str();
+}
+const char* cpu_capability() { return kCapabilities[current()].name; }
+const char* cpu_capability_error() {
+  current();
+  return g_env_error.c_str();
+}
+bool set_cpu_capability(const char* name) {
+  const int i = find(name);
+  if (i < 0) return false;
+  g_current.store(i, std::memory_order_release);
+  return true;
+}
+
+template <class Cell, typename T, typename A>
+void forward_loop(const LoopArgs<T>& p) {
+  of<T>().forward[cell_index<Cell>()](p);
+}
+template <class Cell, typename T, typename A>
+void backward_loop(const LoopArgs<T>& p) {
+  of<T>().backward[cell_index<Cell>()](p);
+}
+#define PYRNN_INSTANTIATE(CELL)                                              \
+  template void forward_loop<CELL, float, float>(const LoopArgs<float>&);    \
+  template void forward_loop<CELL, double, double>(const LoopArgs<double>&); \
+  template void backward_loop<CELL, float, float>(const LoopArgs<float>&);   \
+  template void backward_loop<CELL, double, double>(const LoopArgs<double>&);
+PYRNN_INSTANTIATE(RnnCell<Act::kTanh>)
+PYRNN_INSTANTIATE(RnnCell<Act::kRelu>)
+PYRNN_INSTANTIATE(LstmCell)
+PYRNN_INSTANTIATE(GruCell)
+
+template <typename T>
+void forward_proj_loop(const LoopArgs<T>& p) {
+  of<T>().forward_proj(p);
+}
+template <typename T>
+void backward_proj_loop(const LoopArgs<T>& p) {
+  of<T>().backward_proj(p);
+}
+template void forward_proj_loop<float>(const LoopArgs<float>&);
+template void forward_proj_loop<double>(const LoopArgs<double>&);
+template void backward_proj_loop<float>(const LoopArgs<float>&);
+template void backward_proj_loop<double>(const LoopArgs<double>&);
+
+void matmul(const float* A, int64_t M, int64_t K, const float* Wm, int64_t N, bool transposed,
+            float* C, int64_t ldc, const float* bias) {
+  of<float>().matmul(A, M, K, Wm, N, transposed, C, ldc, bias);
+}
+void matmul(const double* A, int64_t M, int64_t K, const double* Wm, int64_t N, bool transposed,
+            double* C, int64_t ldc, const double* bias) {
+  of<double>().matmul(A, M, K, Wm, N, transposed, C, ldc, bias);
+}
+void matmul_tn(const float* A, int64_t M, int64_t K, const float* Bm, int64_t N, float* C) {
+  of<float>().matmul_tn(A, M, K, Bm, N, C);
+}
+void matmul_tn(const double* A, int64_t M, int64_t K, const double* Bm, int64_t N, double* C) {
+  of<double>().matmul_tn(A, M, K, Bm, N, C);
+}
+void column_sums(const float* A, int64_t M, int64_t N, float* out) {
+  of<float>().column_sums(A, M, N, out);
+}
+void column_sums(const double* A, int64_t M, int64_t N, double* out) {
+  of<double>().column_sums(A, M, N, out);
+}
+
+}  // namespace pyrnn::cpu

@@ -1,0 +1,158 @@
+"""Runtime dispatch of the CPU loops by instruction set: every compiled copy that this CPU
+runs is forced in turn and checked against torch.nn (float64: round-off; float32: twice
+torch.nn's own float32 error against a float64 run, plus a few ulp, as in
+test_torch_nn_parity.py)."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import pyrnn
+from pyrnn import _C
+
+SUPPORTED = _C.supported_capabilities().split(",")
+COMPILED = _C.compiled_capabilities().split(",")
+
+
+@pytest.fixture
+def capability(request):
+    before = _C.cpu_capability()
+    _C.set_cpu_capability(request.param)
+    yield request.param
+    _C.set_cpu_capability(before)
+
+
+def test_capabilities_listed():
+    assert "default" in COMPILED and SUPPORTED[0] == "default"
+    assert all(c in COMPILED for c in SUPPORTED)
+    if sys.platform == "linux" and os.uname().machine == "x86_64":
+        assert COMPILED == ["default", "avx2", "avx512"]
+        flags = open("/proc/cpuinfo").read().split("\nflags")[1].split("\n")[0].split()
+        assert ("avx2" in SUPPORTED) == ("avx2" in flags and "fma" in flags)
+        assert ("avx512" in SUPPORTED) == all(
+            f in flags for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl"))
+
+
+def test_best_capability_by_default():
+    env = {k: v for k, v in os.environ.items() if k != "PYRNN_CPU_CAPABILITY"}
+    code = "import pyrnn; print(pyrnn._C.cpu_capability())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == [SUPPORTED[-1]]
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_environment_variable_forces_a_capability(name):
+    env = dict(os.environ, PYRNN_CPU_CAPABILITY=name)
+    code = "import pyrnn; print(pyrnn._C.cpu_capability())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == [name]
+
+
+def test_environment_variable_unknown_warns_and_keeps_the_best():
+    env = dict(os.environ, PYRNN_CPU_CAPABILITY="sse9")
+    code = "import pyrnn; print(pyrnn._C.cpu_capability())"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True)
+    assert r.stdout.split() == [SUPPORTED[-1]]
+    assert "PYRNN_CPU_CAPABILITY: expected one of" in r.stderr and "'sse9'" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["sse9", ""] + [c for c in COMPILED if c not in SUPPORTED])
+def test_set_unsupported_capability_raises(name):
+    before = _C.cpu_capability()
+    with pytest.raises(RuntimeError, match=f"expected one of .*got '{name}'"):
+        _C.set_cpu_capability(name)
+    assert _C.cpu_capability() == before
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def _run(module, x, lengths, grad):
+    """Output and h_n (and c_n), and the gradients of every parameter and of x for the
+    cotangent grad of the output."""
+    x = x.detach().clone().requires_grad_(True)
+    inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if lengths is not None else x
+    out, state = module(inp)
+    if lengths is not None:
+        out = pad_packed_sequence(out, total_length=x.shape[0])[0]
+    states = list(state) if isinstance(state, tuple) else [state]
+    (out * grad).sum().backward()
+    res = [out, *states, x.grad] + [p.grad for p in module.parameters()]
+    module.zero_grad()
+    return [r.detach() for r in res]
+
+
+CASES = [  # cls, kwargs, T, B, I (batch 13: blocks of 6 or 8 rows and a tail; H 37: panel tails)
+    (nn.RNN, dict(hidden_size=37), 6, 13, 11),
+    (nn.RNN, dict(hidden_size=16, nonlinearity="relu", num_layers=2), 5, 3, 7),
+    (nn.LSTM, dict(hidden_size=37, bidirectional=True), 6, 13, 11),
+    (nn.LSTM, dict(hidden_size=24, proj_size=9), 5, 9, 10),
+    (nn.GRU, dict(hidden_size=37), 6, 13, 11),
+    (nn.GRU, dict(hidden_size=40, bidirectional=True, num_layers=2), 4, 2, 5),
+]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("case", range(len(CASES)), ids=lambda i: CASES[i][0].__name__ + str(i))
+@pytest.mark.parametrize("capability", SUPPORTED, indirect=True)
+def test_each_capability_matches_torch_nn(capability, case, packed):
+    cls, kw, T, B, I = CASES[case]
+    torch.manual_seed(case)
+    ref32 = cls(I, **kw)
+    ref64 = cls(I, **kw).double()
+    ref64.load_state_dict(ref32.state_dict())
+    ours32, ours64 = pyrnn.convert(ref32), pyrnn.convert(ref64)
+    assert ours32 is not ref32 and ours64 is not ref64
+    x = torch.randn(T, B, I)
+    grad = torch.randn(T, B, ref32.proj_size or ref32.hidden_size * (1 + ref32.bidirectional))
+    lengths = torch.randint(1, T + 1, (B,)) if packed else None
+    if packed:
+        lengths[0] = T
+        grad = grad * (torch.arange(T)[:, None] < lengths[None, :])[..., None]
+    exact = _run(ref64, x.double(), lengths, grad.double())
+    theirs = _run(ref32, x, lengths, grad)
+    for o, e in zip(_run(ours64, x.double(), lengths, grad.double()), exact):
+        torch.testing.assert_close(o, e, rtol=1e-10, atol=1e-10)
+    eps = torch.finfo(torch.float32).eps
+    for k, (o, r, e) in enumerate(zip(_run(ours32, x, lengths, grad), theirs, exact)):
+        scale = max(e.abs().max().item(), 1.0)
+        assert _err(o, e) <= 2 * _err(r, e) + 8 * eps * scale, (capability, k, _err(o, e),
+                                                                _err(r, e))
+
+
+@pytest.mark.parametrize("capability", SUPPORTED, indirect=True)
+def test_each_capability_cells_and_norms(capability):
+    """The cells and the recorded norms run on the forced copy too (against float64)."""
+    torch.manual_seed(0)
+    cell = pyrnn.LSTMCell(9, 21)
+    x, h = torch.randn(10, 9), torch.randn(10, 21)
+    c64 = pyrnn.LSTMCell(9, 21).double()
+    c64.load_state_dict(cell.state_dict())
+    for a, b in zip(cell(x, (h, h)), c64(x.double(), (h.double(), h.double()))):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    m = pyrnn.GRU(8, 16, record_grad_norms=True)
+    m64 = pyrnn.GRU(8, 16, record_grad_norms=True).double()
+    m64.load_state_dict(m.state_dict())
+    x = torch.randn(12, 9, 8)
+    m(x)[0].pow(2).sum().backward()
+    m64(x.double())[0].pow(2).sum().backward()
+    torch.testing.assert_close(m.grad_norms.hidden.double(), m64.grad_norms.hidden,
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_info_names_the_capability():
+    r = subprocess.run([sys.executable, "-m", "pyrnn", "info"], capture_output=True, text=True,
+                       check=True)
+    assert f"CPU loops: {_C.cpu_capability()}" in r.stdout
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _C.cpu_capability_error() == ""
