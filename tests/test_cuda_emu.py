@@ -591,13 +591,16 @@ def _case_of(emulated, pred, op):
 
 def test_removed_guard_is_reported(builds, emulated):
     """kernels.cu without the forward's `if (j >= H) return;`: ASan reports the writes past
-    the buffers (H = 33 runs 64 threads per block)."""
+    the buffers (H = 33 runs 64 threads per block), in forward_step_kernel. The kind it
+    names depends on what lies past the buffer (another buffer's red zone, freed memory),
+    so any ASan error report counts; a run without one fails."""
     case = _case_of(emulated, lambda s: s.H == 33 and s.dtype == torch.float32
                     and s.mode == "rnn_tanh", "fwd")
     r = run_driver(builds["no_guard"].wait(), [case], env=sanitizer_env())
     assert r.returncode != 0
-    assert "AddressSanitizer: heap-buffer-overflow" in r.stderr, r.stderr[-3000:]
-    assert "forward_step_kernel" in r.stderr
+    assert "ERROR: AddressSanitizer: " in r.stderr, r.stderr[-3000:]
+    report = r.stderr[r.stderr.index("ERROR: AddressSanitizer: "):]
+    assert "forward_step_kernel" in report, report[:3000]
 
 
 def test_removed_barrier_is_reported(builds, emulated):

@@ -1,4 +1,4 @@
-// Bodies of the CPU time loops declared in loops.h; included by kernels.cpp only.
+// Bodies of the CPU time loops declared in loops.h; included by kernels_impl.h only.
 #pragma once
 #include <algorithm>
 #include <cmath>
