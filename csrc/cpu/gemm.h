@@ -52,7 +52,15 @@ class PackedGemm {
   // for run.
   void run_panels(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc,
                   bool accumulate, int64_t p0, int64_t p1, const float* bias = nullptr) const {
-    for (int64_t p = p0; p < p1; ++p) {
+    int64_t p = p0;
+    // One or two rows (a batch of one or two): a panel alone gives kV or 2 kV chains of
+    // dependent FMAs, too few to hide their latency; kWide panels at once give kWide
+    // times more. Every column is still summed over k in order: the same bits.
+    if (M == 1)
+      for (; p + kWide <= p1; p += kWide) wide<1>(A, lda, p, C, ldc, accumulate, bias);
+    else if (M == 2)
+      for (; p + kWide <= p1; p += kWide) wide<2>(A, lda, p, C, ldc, accumulate, bias);
+    for (; p < p1; ++p) {
       const vgf* panel = packed_.get() + p * K_ * kV;
       const int64_t n0 = first_column(p), cols = columns(p);
       const float* bp = bias ? bias + n0 : nullptr;
@@ -106,6 +114,55 @@ class PackedGemm {
   }
 
  private:
+  static constexpr int kWide = 4;  // panels per wide<R> call
+
+  // Rows [0, R) of the panels [p, p + kWide), over all of K.
+  template <int R>
+  void wide(const float* A, int64_t lda, int64_t p, float* C, int64_t ldc, bool accumulate,
+            const float* bias) const {
+    const vgf* panel[kWide];
+    int64_t n0[kWide], cols[kWide];
+    vgf acc[kWide][R][kV];
+    for (int q = 0; q < kWide; ++q) {
+      panel[q] = packed_.get() + (p + q) * K_ * kV;
+      n0[q] = first_column(p + q);
+      cols[q] = columns(p + q);
+      float tmp[kNR] = {};
+      if (bias) std::memcpy(tmp, bias + n0[q], sizeof(float) * cols[q]);
+      vgf init[kV];
+      std::memcpy(init, tmp, sizeof tmp);
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < kV; ++v) acc[q][r][v] = init[v];
+    }
+    for (int64_t k = 0; k < K_; ++k) {
+      float a[R];
+      for (int r = 0; r < R; ++r) a[r] = A[r * lda + k];
+      for (int q = 0; q < kWide; ++q)
+        for (int v = 0; v < kV; ++v) {
+          const vgf w = panel[q][kV * k + v];
+          for (int r = 0; r < R; ++r) acc[q][r][v] += a[r] * w;
+        }
+    }
+    for (int q = 0; q < kWide; ++q)
+      for (int r = 0; r < R; ++r) store(acc[q][r], C + r * ldc + n0[q], cols[q], accumulate);
+  }
+
+  // Writes (or with accumulate adds) the first cols of a block row to c.
+  static void store(vgf* acc, float* c, int64_t cols, bool accumulate) {
+    if (cols == kNR) {
+      if (accumulate) {
+        vgf old[kV];
+        std::memcpy(old, c, sizeof old);
+        for (int v = 0; v < kV; ++v) acc[v] += old[v];
+      }
+      std::memcpy(c, acc, sizeof(vgf) * kV);
+    } else {
+      float tmp[kNR];
+      std::memcpy(tmp, acc, sizeof tmp);
+      for (int64_t j = 0; j < cols; ++j) c[j] = accumulate ? c[j] + tmp[j] : tmp[j];
+    }
+  }
+
   int64_t first_column(int64_t p) const { return p / per_block_ * block_ + p % per_block_ * kNR; }
   int64_t columns(int64_t p) const {
     const int64_t left = block_ - p % per_block_ * kNR;
@@ -148,21 +205,7 @@ class PackedGemm {
         for (int v = 0; v < kV; ++v) acc[r][v] += a * w[v];
       }
     }
-    for (int r = 0; r < R; ++r) {
-      float* c = C + r * ldc;
-      if (cols == kNR) {
-        if (accumulate) {
-          vgf old[kV];
-          std::memcpy(old, c, sizeof old);
-          for (int v = 0; v < kV; ++v) acc[r][v] += old[v];
-        }
-        std::memcpy(c, acc[r], sizeof acc[r]);
-      } else {
-        float tmp[kNR];
-        std::memcpy(tmp, acc[r], sizeof tmp);
-        for (int64_t j = 0; j < cols; ++j) c[j] = accumulate ? c[j] + tmp[j] : tmp[j];
-      }
-    }
+    for (int r = 0; r < R; ++r) store(acc[r], C + r * ldc, cols, accumulate);
   }
 
   int64_t M_, N_, K_, block_, per_block_, panels_;
