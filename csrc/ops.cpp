@@ -332,6 +332,8 @@ PYBIND11_MODULE(_C, module) {
   module.def("supported_capabilities",
              [] { return std::string(pyrnn::cpu::supported_capabilities()); },
              "those of the compiled instruction sets this CPU runs, best last");
+  module.def("baseline_isa", [] { return std::string(pyrnn::cpu::baseline_isa()); },
+             "the instruction set of the build's baseline (x86-64 unless PYRNN_MARCH)");
   module.def("cpu_capability_error", [] { return std::string(pyrnn::cpu::cpu_capability_error()); },
              "why PYRNN_CPU_CAPABILITY was not followed, or ''");
   module.def("set_cpu_capability", [](const std::string& name) {

@@ -3,6 +3,7 @@ runs is forced in turn and checked against torch.nn (float64: round-off; float32
 torch.nn's own float32 error against a float64 run, plus a few ulp, as in
 test_torch_nn_parity.py)."""
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -156,3 +157,30 @@ def test_info_names_the_capability():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _C.cpu_capability_error() == ""
+
+
+def _functions_using(so, pattern):
+    """Names of the functions in the shared object whose code names a register matching
+    the regex pattern (objdump's disassembly)."""
+    import re
+    r = subprocess.run(["objdump", "-d", "--no-show-raw-insn", so], capture_output=True,
+                       text=True, check=True)
+    found, name, reg = set(), None, re.compile(pattern)
+    for line in r.stdout.splitlines():
+        if line.endswith(">:"):
+            name = line[line.index("<") + 1:-2]
+        elif name and reg.search(line):
+            found.add(name)
+    return found
+
+
+@pytest.mark.skipif(_C.baseline_isa() != "x86-64" or not shutil.which("objdump"),
+                    reason="needs an x86-64 baseline build (PYRNN_MARCH unset) and objdump")
+def test_only_the_copies_use_avx():
+    """Outside the copies for AVX2 and AVX-512, no function of pyrnn._C uses a 256- or
+    512-bit register: a CPU without them runs the library on the default copy (and the
+    copies share no symbol through which the linker could mix them up)."""
+    avx = _functions_using(_C.__file__, r"%[yz]mm")
+    assert any("pyrnn_isa_avx2" in f for f in avx) and any("pyrnn_isa_avx512" in f for f in avx)
+    outside = sorted(f for f in avx if "pyrnn_isa_avx2" not in f and "pyrnn_isa_avx512" not in f)
+    assert outside == [], outside[:10]

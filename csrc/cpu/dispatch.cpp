@@ -84,8 +84,8 @@ template <typename T>
 const KernelsOf<T>& of();
 template <>
 const KernelsOf<float>& of<float>() { return table().f32; }
-template <>
-const KernelsOf<double>& of<double>() { return table().f64; }
+template <>  // only the baseline copy has float64 loops (kernels_impl.h)
+const KernelsOf<double>& of<double>() { return kernels_pyrnn_isa_default.f64; }
 
 template <class Cell>
 constexpr int cell_index();
@@ -112,6 +112,19 @@ const char* cpu_capability() { return kCapabilities[current()].name; }
 const char* cpu_capability_error() {
   current();
   return g_env_error.c_str();
+}
+const char* baseline_isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__)
+  return "avx2";
+#elif defined(__AVX__)
+  return "avx";
+#elif defined(__x86_64__)
+  return "x86-64";
+#else
+  return "other";
+#endif
 }
 bool set_cpu_capability(const char* name) {
   const int i = find(name);

@@ -79,7 +79,7 @@ struct KernelsOf {
 };
 struct Kernels {
   KernelsOf<float> f32;
-  KernelsOf<double> f64;
+  KernelsOf<double> f64;  // the baseline copy's only; empty in the others
 };
 
 // The CPU capabilities (instruction sets) the loops are compiled for, and the one in use:
@@ -94,6 +94,9 @@ const char* cpu_capability();
 bool set_cpu_capability(const char* name);
 // Why PYRNN_CPU_CAPABILITY was not followed ("" if it was, or is unset).
 const char* cpu_capability_error();
+// The instruction set of the build's baseline (what code outside the copies may use):
+// "x86-64" unless PYRNN_MARCH raised it ("avx", "avx2", "avx512"), or "other".
+const char* baseline_isa();
 
 // Defined (for every cell, T = A = float and T = A = double) in dispatch.cpp, which calls
 // the copy of the capability in use.
