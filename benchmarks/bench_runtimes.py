@@ -5,7 +5,7 @@ out (ONNX Runtime comes with requirements.txt; `pip install openvino jax` adds t
 Inference: each side runs the same float32 weights, input_size = hidden_size, one layer;
 ONNX Runtime and OpenVINO run the model torch.onnx exports from torch.nn (its RNN, LSTM
 and GRU operators), OpenVINO in float32 and in its default precision for this CPU.
-Training (forward + backward of sum(output * g)): JAX runs a jit-compiled lax.scan of the
+Training (forward + backward of sum(output * g), gradients of the weights): JAX runs a jit-compiled lax.scan of the
 same cell with the same weights. All sides of a row run in rounds, one call each per
 round in turn, in one process; the table gives median times and the median over rounds
 of the ratio pyrnn / that side (lower is better for pyrnn).
@@ -27,10 +27,7 @@ import torch
 import pyrnn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_cpu import SHAPES  # noqa: E402
-
-CELLS = {"rnn_tanh": (torch.nn.RNN, pyrnn.RNN), "lstm": (torch.nn.LSTM, pyrnn.LSTM),
-         "gru": (torch.nn.GRU, pyrnn.GRU)}
+from bench_cpu import SHAPES, make_pair, run_fwd, run_fwdbwd  # noqa: E402
 
 
 def cpu_model():
@@ -99,7 +96,7 @@ def openvino_precision():
 
 
 def jax_runner(cell, m, x, g):
-    """Forward + backward of sum(output * g) w.r.t. the weights and x, jit-compiled."""
+    """Forward + backward of sum(output * g) w.r.t. the weights, jit-compiled."""
     import jax
     import jax.numpy as jnp
     w = {k: jnp.asarray(v.detach().numpy()) for k, v in m.state_dict().items()}
@@ -133,30 +130,11 @@ def jax_runner(cell, m, x, g):
         _, ys = jax.lax.scan(lambda h, xt: step(params, h, xt), init, xs)
         return jnp.sum(ys * gs)
 
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    grad = jax.jit(jax.grad(loss))
     xs, gs = jnp.asarray(x.numpy()), jnp.asarray(g.numpy())
 
     def f():
         jax.block_until_ready(grad(w, xs, gs))
-    return f
-
-
-def fwd(m, x):
-    def f():
-        with torch.no_grad():
-            m(x)
-    return f
-
-
-def fwdbwd(m, x, g):
-    params = list(m.parameters())
-    x = x.clone().requires_grad_(True)
-
-    def f():
-        for p in params:
-            p.grad = None
-        x.grad = None
-        m(x)[0].backward(g)
     return f
 
 
@@ -189,15 +167,9 @@ def main(argv=None):
     print(f"\n{'cell':8} {'shape':5} {'pass':9} {'side':18} {'ms':>9} {'pyrnn ms':>9} "
           f"{'pyrnn/side':>10}")
     for cell in args.cells.split(","):
-        tcls, pcls = CELLS[cell]
         for sname in args.shapes.split(","):
-            T, B, H = SHAPES[sname]
-            torch.manual_seed(0)
-            ref = tcls(H, H)
-            ours = pcls(H, H)
-            ours.load_state_dict(ref.state_dict())
-            x, g = torch.randn(T, B, H), torch.randn(T, B, H)
-            sides = {"pyrnn": fwd(ours, x), "torch.nn": fwd(ref, x)}
+            ref, ours, x, g = make_pair(cell, *SHAPES[sname])
+            sides = {"pyrnn": run_fwd(ours, x), "torch.nn": run_fwd(ref, x)}
             if has_ort or has_ov:
                 model = onnx_bytes(ref, x)
             if has_ort:
@@ -207,7 +179,7 @@ def main(argv=None):
                 if ov_default != "f32":
                     sides[f"openvino {ov_default}"] = openvino_runner(model, x, threads, None)
             report(cell, sname, "inference", rounds(sides, n))
-            sides = {"pyrnn": fwdbwd(ours, x, g), "torch.nn": fwdbwd(ref, x, g)}
+            sides = {"pyrnn": run_fwdbwd(ours, x, g), "torch.nn": run_fwdbwd(ref, x, g)}
             if has_jax:
                 sides["jax (jit scan)"] = jax_runner(cell, ref, x, g)
             report(cell, sname, "training", rounds(sides, n))
