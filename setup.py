@@ -53,7 +53,7 @@ with open(os.path.join(here, "csrc", "sources.txt")) as f:
     sources = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
 cxx_flags = ["-O3", "-Wno-psabi", "-fopenmp"] + march_flags()
 macros = []
-if not libtorch_exports("sgemm_", "dgemm_"):
+if not libtorch_exports("dgemm_"):
     macros.append(("PYRNN_NO_BLAS", None))
 
 if want_cuda():

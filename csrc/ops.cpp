@@ -320,11 +320,11 @@ PYBIND11_MODULE(_C, module) {
   module.def("has_cuda", &has_cuda_backend, "whether the CUDA kernels were compiled in");
   module.def("blas", [] {
 #ifdef PYRNN_NO_BLAS
-    return std::string("aten");
+    return std::string("float32: pyrnn's kernel; float64: at::mm");
 #else
-    return std::string("libtorch sgemm_/dgemm_");
+    return std::string("float32: pyrnn's kernel; float64: libtorch dgemm_");
 #endif
-  }, "which BLAS entry the CPU time loops call");
+  }, "which products the CPU time loops run");
   module.def("cpu_capability", [] { return std::string(pyrnn::cpu::cpu_capability()); },
              "the instruction set of the CPU loops in use (default, avx2, avx512)");
   module.def("compiled_capabilities", [] { return std::string(pyrnn::cpu::compiled_capabilities()); },

@@ -1,8 +1,8 @@
-// Row-major matrix products on raw pointers for the CPU time loops.
-// They call the Fortran BLAS that ships inside libtorch (sgemm_/dgemm_), so no
-// dispatcher call, no allocation and no tensor is made inside a time loop. A build
-// against a libtorch without those symbols defines PYRNN_NO_BLAS and falls back to
-// at::mm_out on borrowed tensors (same results, a little dispatch overhead).
+// Row-major float64 matrix products on raw pointers for the CPU time loops (float32 has
+// its own kernel, gemm.h). They call the Fortran BLAS that ships inside libtorch
+// (dgemm_), so no dispatcher call, no allocation and no tensor is made inside a time
+// loop. A build against a libtorch without that symbol defines PYRNN_NO_BLAS and falls
+// back to at::mm_out on borrowed tensors (same results, a little dispatch overhead).
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -14,9 +14,6 @@
 #include <ATen/ATen.h>
 #else
 extern "C" {
-void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b,
-            const int* ldb, const float* beta, float* c, const int* ldc);
 void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b,
             const int* ldb, const double* beta, double* c, const int* ldc);
@@ -59,11 +56,6 @@ inline void over_tiles(int64_t n, double flops, F&& f) {
 }
 
 #ifndef PYRNN_NO_BLAS
-inline void fgemm(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda,
-                  const float* b, int ldb, float beta, float* c, int ldc) {
-  lda = lda < 1 ? 1 : lda; ldb = ldb < 1 ? 1 : ldb; ldc = ldc < 1 ? 1 : ldc;
-  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
 inline void fgemm(char ta, char tb, int m, int n, int k, double alpha, const double* a,
                   int lda, const double* b, int ldb, double beta, double* c, int ldc) {
   lda = lda < 1 ? 1 : lda; ldb = ldb < 1 ? 1 : ldb; ldc = ldc < 1 ? 1 : ldc;
