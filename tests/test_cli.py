@@ -1,9 +1,11 @@
 """The command line: python -m pyrnn {info, gradflow, task, adding}, with tiny settings."""
+import os
 import subprocess
 import sys
 
 import pytest
 
+import pyrnn
 from pyrnn.__main__ import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -84,7 +86,9 @@ def test_every_option_has_help():
 
 
 def test_module_entry_point(tmp_path):
-    # from an empty directory, so that `-m` finds the installed package, not a source tree
+    # from an empty directory, so that `-m` finds the package this process imported (the
+    # installed one, or an in-place build), not a source tree without its _C
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(pyrnn.__file__)))
     res = subprocess.run([sys.executable, "-m", "pyrnn", "info"], capture_output=True, text=True,
-                         cwd=tmp_path)
+                         cwd=tmp_path, env=env)
     assert res.returncode == 0 and "pyrnn" in res.stdout

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 
 import pytest
@@ -18,6 +19,15 @@ from pyrnn import _C
 
 SUPPORTED = _C.supported_capabilities().split(",")
 COMPILED = _C.compiled_capabilities().split(",")
+
+
+def _python(args, env=None, check=True):
+    """Runs python with args in a fresh process that imports the pyrnn this one imported
+    (from an empty directory, so that a source tree cannot shadow an installed package)."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(pyrnn.__file__)))
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
+                          check=check, cwd=tempfile.gettempdir())
 
 
 @pytest.fixture
@@ -41,26 +51,20 @@ def test_capabilities_listed():
 
 def test_best_capability_by_default():
     env = {k: v for k, v in os.environ.items() if k != "PYRNN_CPU_CAPABILITY"}
-    code = "import pyrnn; print(pyrnn._C.cpu_capability())"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, check=True).stdout.split()
+    out = _python(["-c", "import pyrnn; print(pyrnn._C.cpu_capability())"], env).stdout.split()
     assert out == [SUPPORTED[-1]]
 
 
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_environment_variable_forces_a_capability(name):
     env = dict(os.environ, PYRNN_CPU_CAPABILITY=name)
-    code = "import pyrnn; print(pyrnn._C.cpu_capability())"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, check=True).stdout.split()
+    out = _python(["-c", "import pyrnn; print(pyrnn._C.cpu_capability())"], env).stdout.split()
     assert out == [name]
 
 
 def test_environment_variable_unknown_warns_and_keeps_the_best():
     env = dict(os.environ, PYRNN_CPU_CAPABILITY="sse9")
-    code = "import pyrnn; print(pyrnn._C.cpu_capability())"
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       check=True)
+    r = _python(["-c", "import pyrnn; print(pyrnn._C.cpu_capability())"], env)
     assert r.stdout.split() == [SUPPORTED[-1]]
     assert "PYRNN_CPU_CAPABILITY: expected one of" in r.stderr and "'sse9'" in r.stderr
 
@@ -151,8 +155,7 @@ def test_each_capability_cells_and_norms(capability):
 
 
 def test_info_names_the_capability():
-    r = subprocess.run([sys.executable, "-m", "pyrnn", "info"], capture_output=True, text=True,
-                       check=True)
+    r = _python(["-m", "pyrnn", "info"])
     assert f"CPU loops: {_C.cpu_capability()}" in r.stdout
     with warnings.catch_warnings():
         warnings.simplefilter("error")
