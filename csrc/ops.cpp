@@ -145,14 +145,26 @@ std::pair<Tensor, Tensor> vanishing_penalty_cpu(const Tensor& gx, const Tensor& 
     Tensor rows = last * B + at::arange(B, len.options());
     V.view({T * B, -1}).index_add_(0, rows, dhT * has);
   }
-  Tensor nu = U.norm(2, {2}), nv = V.norm(2, {2});  // [T, B]
+  // Far from the loss the gradients are tiny (1e-20 and less in float32 after a hundred
+  // steps of vanishing): their squares underflow and 1 / (|v| |u|) overflows. So every row
+  // is divided by its largest |element| first (mu, mv), its norm taken after that (>= 1),
+  // and the scales enter only as the quotient mu / mv.
+  Tensor mu = U.abs().amax({2}), mv = V.abs().amax({2});  // [T, B]
+  Tensor one = at::ones_like(mu);
+  Tensor su = at::where(mu > 0, mu, one), sv = at::where(mv > 0, mv, one);
+  Tensor Un = U / su.unsqueeze(2);
+  Tensor nu = Un.norm(2, {2}), nv = (V / sv.unsqueeze(2)).norm(2, {2});  // |u| / mu, |v| / mv
   Tensor pf = pair.to(V.scalar_type());
-  Tensor r = at::where(nv > 0, nu / nv, at::zeros_like(nu)) * pf;
+  Tensor r = at::where(mv > 0, (mu / sv) * (nu / at::where(mv > 0, nv, one)), at::zeros_like(nu)) *
+             pf;
   Tensor omega = ((r - 1).pow(2) * pf).sum() / static_cast<double>(B);
-  Tensor coef = at::where((nv > 0) & (nu > 0), 2.0 * (r - 1) / (nv * nu), at::zeros_like(nu)) *
+  // 2 (r - 1) / (|v| |u|) gx (x) u = 2 (r - 1) / (nv nu) (gx / mv) (x) (u / mu)
+  Tensor ok = (mv > 0) & (mu > 0);
+  Tensor coef = at::where(ok, 2.0 * (r - 1) / (at::where(ok, nv * nu, one)), at::zeros_like(nu)) *
                 pf * (penalty / static_cast<double>(B));
-  // dW_hh[G*H, H] += (coef * gx)^T @ U over all T*B rows
-  dw_hh.add_(at::mm((gx * coef.unsqueeze(2)).view({T * B, -1}).t(), U.view({T * B, -1})));
+  // dW_hh[G*H, H] += (coef * gx / mv)^T @ (U / mu) over all T*B rows
+  Tensor gn = gx / sv.unsqueeze(2) * coef.unsqueeze(2);  // |gx| <= |v| elementwise: no overflow
+  dw_hh.add_(at::mm(gn.view({T * B, -1}).t(), Un.view({T * B, -1})));
   Tensor ratio = at::zeros({T, B}, opt);  // by the step k whose gradient u is
   if (T > 1) {
     if (!reverse)

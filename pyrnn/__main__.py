@@ -234,7 +234,7 @@ def cmd_task(args):
         progress=lambda step, note: bar.update(step - bar.n, note=note),
         log=None if bar.enabled else (lambda line: print(line, flush=True)))
     bar.close()
-    verdict = "success" if res.success else "no success"
+    verdict = "success" if res.success else ("diverged" if res.diverged else "no success")
     print(f"result: {verdict} after {res.steps} updates, test {task.error_name} "
           f"{res.error:.4g} (threshold {task.threshold:.3g}), {res.seconds:.1f} s")
     for name, n in res.flows.items():

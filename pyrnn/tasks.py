@@ -40,6 +40,7 @@ memorisation (noiseless)
     Success: fewer than 1% of the recalled symbols wrong (the blank outputs, which any
     network learns at once, are left out of the error).
 """
+import math
 from dataclasses import dataclass
 from typing import Callable, Tuple
 
@@ -204,6 +205,7 @@ class Result:
     seconds: float
     curve: list                # [(step, train loss, test error)]
     flows: dict                # {"start"/"end": recorded ||dLoss/dh_t|| [L*D, T, B]}
+    diverged: bool = False     # the training loss or the test error became inf or NaN
 
 
 def make_module(cell: str, input_size: int, hidden: int, **kw):
@@ -276,7 +278,7 @@ def train(name: str, cell: str = "rnn_tanh", T: int = 50, steps: int = 5000, bat
     test_x, test_y = task.generate(T, test_size, torch.Generator().manual_seed(seed + 1))
     curve, flows = [], {}
     t0 = time.time()
-    err, success, step, running = float("nan"), False, 0, []
+    err, success, diverged, step, running = float("nan"), False, False, 0, []
     for step in range(1, steps + 1):
         x, y = task.generate(T, batch, gen)
         out, _ = rnn(x)
@@ -304,9 +306,12 @@ def train(name: str, cell: str = "rnn_tanh", T: int = 50, steps: int = 5000, bat
                     if progress is not None:
                         progress(step, f"test {err:.4f}")
                     break
-            if not (err == err and abs(err) < float("inf")):  # diverged
+            # A classifier's error stays finite when its outputs are NaN (argmax picks a
+            # class), so the training loss is checked too.
+            if not (math.isfinite(err) and math.isfinite(train_loss)):
+                diverged = True
                 break
         if progress is not None:
             progress(step, f"test {err:.4f}" if curve else "")
     flows["end"] = rnn.grad_norms.hidden.clone()
-    return Result(name, T, success, step, err, time.time() - t0, curve, flows)
+    return Result(name, T, success, step, err, time.time() - t0, curve, flows, diverged)

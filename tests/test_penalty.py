@@ -203,3 +203,31 @@ def test_penalty_with_double_backward_raises():
     out, _ = m(torch.randn(5, 2, 3, dtype=torch.float64))
     with pytest.raises(NotImplementedError, match="vanishing_penalty"):
         torch.autograd.grad(out.sum(), m.weight_hh_l0, create_graph=True)
+
+
+def test_tiny_gradients_in_float32():
+    # Far from the loss the gradient of a vanishing RNN is 1e-20 and less; in float32 its
+    # squared norm underflows and 1 / (|u| |v|) overflows (this gave NaN at the first update
+    # of a tanh RNN on temporal order at T = 100). Omega, the ratios and the penalty's
+    # gradient do not depend on the scale of the loss, so a loss scaled by 1e-20 or 1e-30
+    # must give what the unscaled loss gives (the loss's own part of dW_hh shrinks with the
+    # scale and is left out: rtol 1e-4 is float32 rounding over a few products).
+    torch.manual_seed(0)
+    m = pyrnn.RNN(4, 16, vanishing_penalty=1.0, record_grad_norms=True)
+    x = torch.randn(12, 3, 4)
+
+    def run(scale, penalty):
+        m.vanishing_penalty = penalty
+        m.zero_grad()
+        (scale * m(x)[0][-1].sum()).backward()
+        return m.weight_hh_l0.grad.clone(), m.vanishing_omega.clone(), m.grad_norms.ratio.clone()
+
+    g1, omega1, ratio1 = run(1.0, 1.0)
+    pen1 = g1 - run(1.0, 0.0)[0]
+    assert omega1.item() > 0.1 and pen1.abs().max() > 1e-3
+    for scale in (1e-20, 1e-30):
+        g, omega, ratio = run(scale, 1.0)
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(omega, omega1, rtol=1e-4, atol=0)
+        torch.testing.assert_close(ratio, ratio1, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g, pen1, rtol=1e-3, atol=1e-4 * pen1.abs().max().item())

@@ -1,4 +1,6 @@
 """pyrnn.tasks: the data generators build what the definitions say, and the errors score it."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -129,3 +131,16 @@ def test_train_learns_an_easy_case():
                       optimizer="adam", lr=0.01, eval_every=50, test_size=400, seed=0)
     assert res.success and res.steps < 1500 and res.error < 0.01
     assert res.curve[-1][2] == res.error
+
+
+def test_train_stops_when_it_diverges():
+    # An infinite learning rate makes the weights inf or NaN at the first update. The
+    # classifier's test error stays finite (argmax of NaN outputs picks class 0), so the stop
+    # has to come from the training loss; the run is reported as diverged.
+    res = tasks.train("temporal-order", T=10, steps=500, hidden=8, lr=float("inf"),
+                      eval_every=50, test_size=100, seed=0)
+    assert res.diverged and not res.success
+    assert res.steps == 50 and not math.isfinite(res.curve[-1][1])
+    ok = tasks.train("temporal-order", T=10, steps=100, hidden=8, eval_every=50,
+                     test_size=100, seed=0)
+    assert not ok.diverged and ok.steps == 100
