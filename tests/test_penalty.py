@@ -220,6 +220,8 @@ def test_tiny_gradients_in_float32():
         m.vanishing_penalty = penalty
         m.zero_grad()
         (scale * m(x)[0][-1].sum()).backward()
+        if not penalty:
+            return m.weight_hh_l0.grad.clone(), None, None
         return m.weight_hh_l0.grad.clone(), m.vanishing_omega.clone(), m.grad_norms.ratio.clone()
 
     g1, omega1, ratio1 = run(1.0, 1.0)
