@@ -72,6 +72,10 @@ def ort_runner(model, x, threads):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    # Its workers otherwise spin after each run and take a core from whatever runs next
+    # in the rounds (measured: pyrnn's LSTM at S1 1.5x - 2.6x slower after an ONNX Runtime
+    # call than after a torch.nn one).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     feed = {"x": x.numpy()}
     return lambda: sess.run(None, feed)
