@@ -8,7 +8,8 @@
 // OpenMP headers come first, outside the target, and so are shared, compiled for the
 // baseline. The copy ends with a table of its entry points, kernels_<isa>, which
 // dispatch.cpp chooses from when the library loads. No torch header is included (except
-// ATen for the fallback products of a build without BLAS), so a copy compiles in seconds.
+// ATen for the fallback products of a build without BLAS), which keeps a copy's compile
+// short.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
