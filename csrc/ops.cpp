@@ -13,6 +13,8 @@
 #include <pybind11/pybind11.h>
 
 #include <string>
+#include <vector>
+#include <ATen/Parallel.h>
 
 #include "cells/gru.h"
 #include "cells/lstm.h"
@@ -121,51 +123,96 @@ std::pair<Tensor, Tensor> vanishing_penalty_cpu(const Tensor& gx, const Tensor& 
                                                 const Tensor& dhT, const Tensor& lengths,
                                                 const Tensor& w_hh, bool reverse,
                                                 double penalty, Tensor& dw_hh) {
-  const int64_t T = gx.size(0), B = gx.size(1);
-  const auto opt = gx.options();
-  Tensor U = at::matmul(gx, w_hh);  // [T, B, H]; zero at inactive steps
-  Tensor steps = at::arange(T, lengths.defined() ? lengths.options() : opt.dtype(at::kLong));
-  Tensor len = lengths.defined() ? lengths : at::full({B}, T, steps.options());
-  Tensor valid = (steps.unsqueeze(1) < len.unsqueeze(0));  // [T, B]
-  Tensor V = dy.clone();
-  Tensor pair = at::zeros({T, B}, valid.options());  // s has a predecessor k in its sequence
-  if (T > 1) {
-    if (!reverse) {
-      V.narrow(0, 0, T - 1).add_(U.narrow(0, 1, T - 1));
-      pair.narrow(0, 1, T - 1).copy_(valid.narrow(0, 1, T - 1));
-    } else {
-      V.narrow(0, 1, T - 1).add_(U.narrow(0, 0, T - 1));
-      pair.narrow(0, 0, T - 1).copy_(valid.narrow(0, 1, T - 1));
-    }
+  const int64_t T = gx.size(0), B = gx.size(1), H = gx.size(2);
+  Tensor U = at::matmul(gx, w_hh);  // [T, B, H], by s; zero at inactive steps
+  Tensor gn = at::empty_like(gx);   // coef / mv * gx, by s
+  Tensor r = at::zeros({T, B}, gx.options());
+  Tensor dy_c = dy.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "pyrnn_vanishing_penalty", [&] {
+    using S = scalar_t;
+    S* u = U.data_ptr<S>();
+    S* g = gn.data_ptr<S>();
+    S* rr = r.data_ptr<S>();
+    const S* x = gx.data_ptr<S>();
+    const S* d = dy_c.data_ptr<S>();
+    const S* dh = dhT.defined() ? dhT.data_ptr<S>() : nullptr;
+    const int64_t* len = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
+    const S coef_scale = static_cast<S>(penalty / static_cast<double>(B));
+    // Two passes over the rows (s, b), each row independent of the others (so the split
+    // between threads does not change a bit): the norms and coefficients first, as they
+    // read U of the neighbouring step; then U and gx rows scaled in place and into gn.
+    // u = U[s], v = dLoss/dh_s = dy[s] + U[succ(s)] (+ dh_n at the sequence's last step),
+    // succ(s) = s + 1 (s - 1 when reversed). A row without a pair gets gn = 0.
+    std::vector<S> u_scale(T * B, S(1)), v_scale(T * B, S(1)), coefs(T * B, S(0));
+    at::parallel_for(0, T * B, 16, [&](int64_t begin, int64_t end) {
+      std::vector<S> v(H);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t s = row / B, b = row % B;
+        const int64_t n = len ? len[b] : T;
+        // pairs: s active and with a predecessor in its sequence
+        if (!(s < n && (reverse ? s + 1 < n : s >= 1))) continue;
+        const S* urow = u + row * H;
+        const bool has_succ = reverse ? s >= 1 : s + 1 < n;
+        const bool last = reverse ? s == 0 : s == n - 1;
+        const S* drow = d + row * H;
+        const S* usucc = has_succ ? u + ((reverse ? s - 1 : s + 1) * B + b) * H : nullptr;
+        S mu = 0, mv = 0;
+        for (int64_t j = 0; j < H; ++j) {
+          S vj = drow[j];
+          if (usucc) vj += usucc[j];
+          if (last && dh) vj += dh[b * H + j];
+          v[j] = vj;
+          mu = std::max(mu, std::abs(urow[j]));
+          mv = std::max(mv, std::abs(vj));
+        }
+        // Far from the loss the gradients are tiny (1e-20 and less in float32 after a
+        // hundred steps of vanishing): their squares underflow and 1 / (|v| |u|)
+        // overflows. So each row is divided by its largest |element| first (mu, mv), its
+        // norm taken after that, and the scales enter only as the quotient mu / mv.
+        const S su = mu > 0 ? mu : S(1), sv = mv > 0 ? mv : S(1);
+        S nu2 = 0, nv2 = 0;
+        for (int64_t j = 0; j < H; ++j) {
+          const S un = urow[j] / su, vn = v[j] / sv;
+          nu2 += un * un;
+          nv2 += vn * vn;
+        }
+        const S nu = std::sqrt(nu2), nv = std::sqrt(nv2);
+        const S ratio = mv > 0 ? (mu / sv) * (nu / nv) : S(0);
+        rr[row] = ratio;
+        // 2 (r - 1) / (|v| |u|) gx (x) u = 2 (r - 1) / (nv nu) (gx / mv) (x) (u / mu)
+        const S coef = mv > 0 && mu > 0 ? S(2) * (ratio - 1) / (nv * nu) * coef_scale : S(0);
+        u_scale[row] = su;
+        v_scale[row] = sv;
+        coefs[row] = coef;
+      }
+    });
+    at::parallel_for(0, T * B, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        S* urow = u + row * H;
+        S* grow = g + row * H;
+        const S* xrow = x + row * H;
+        const S su = u_scale[row], sv = v_scale[row], coef = coefs[row];
+        for (int64_t j = 0; j < H; ++j) {
+          urow[j] /= su;
+          grow[j] = xrow[j] / sv * coef;  // |gx| <= |v| elementwise: no overflow
+        }
+      }
+    });
+  });
+  // omega = (1/B) sum over the pairs of (r - 1)^2, summed in the order of the rows
+  Tensor pair_mask;
+  {
+    Tensor steps = at::arange(T, gx.options().dtype(at::kLong));
+    Tensor n = lengths.defined() ? lengths : at::full({B}, T, steps.options());
+    Tensor active = steps.unsqueeze(1) < n.unsqueeze(0);
+    Tensor has_pred = reverse ? (steps.unsqueeze(1) + 1 < n.unsqueeze(0))
+                              : (steps >= 1).unsqueeze(1).expand({T, B});
+    pair_mask = (active & has_pred).to(gx.scalar_type());
   }
-  V.mul_(valid.unsqueeze(2).to(V.scalar_type()));
-  if (dhT.defined()) {  // dh_n joins dLoss/dh at each sequence's last step
-    Tensor last = reverse ? at::zeros_like(len) : (len - 1).clamp_min(0);
-    Tensor has = (len > 0).to(V.scalar_type()).unsqueeze(1);
-    Tensor rows = last * B + at::arange(B, len.options());
-    V.view({T * B, -1}).index_add_(0, rows, dhT * has);
-  }
-  // Far from the loss the gradients are tiny (1e-20 and less in float32 after a hundred
-  // steps of vanishing): their squares underflow and 1 / (|v| |u|) overflows. So every row
-  // is divided by its largest |element| first (mu, mv), its norm taken after that (>= 1),
-  // and the scales enter only as the quotient mu / mv.
-  Tensor mu = U.abs().amax({2}), mv = V.abs().amax({2});  // [T, B]
-  Tensor one = at::ones_like(mu);
-  Tensor su = at::where(mu > 0, mu, one), sv = at::where(mv > 0, mv, one);
-  Tensor Un = U / su.unsqueeze(2);
-  Tensor nu = Un.norm(2, {2}), nv = (V / sv.unsqueeze(2)).norm(2, {2});  // |u| / mu, |v| / mv
-  Tensor pf = pair.to(V.scalar_type());
-  Tensor r = at::where(mv > 0, (mu / sv) * (nu / at::where(mv > 0, nv, one)), at::zeros_like(nu)) *
-             pf;
-  Tensor omega = ((r - 1).pow(2) * pf).sum() / static_cast<double>(B);
-  // 2 (r - 1) / (|v| |u|) gx (x) u = 2 (r - 1) / (nv nu) (gx / mv) (x) (u / mu)
-  Tensor ok = (mv > 0) & (mu > 0);
-  Tensor coef = at::where(ok, 2.0 * (r - 1) / (at::where(ok, nv * nu, one)), at::zeros_like(nu)) *
-                pf * (penalty / static_cast<double>(B));
-  // dW_hh[G*H, H] += (coef * gx / mv)^T @ (U / mu) over all T*B rows
-  Tensor gn = gx / sv.unsqueeze(2) * coef.unsqueeze(2);  // |gx| <= |v| elementwise: no overflow
-  dw_hh.add_(at::mm(gn.view({T * B, -1}).t(), Un.view({T * B, -1})));
-  Tensor ratio = at::zeros({T, B}, opt);  // by the step k whose gradient u is
+  Tensor omega = ((r - 1).pow(2) * pair_mask).sum() / static_cast<double>(B);
+  // dW_hh[G*H, H] += gn^T @ (U / mu) over all T*B rows
+  dw_hh.add_(at::mm(gn.view({T * B, -1}).t(), U.view({T * B, -1})));
+  Tensor ratio = at::zeros({T, B}, gx.options());  // by the step k whose gradient u is
   if (T > 1) {
     if (!reverse)
       ratio.narrow(0, 0, T - 1).copy_(r.narrow(0, 1, T - 1));
