@@ -25,7 +25,10 @@ def main():
     args = ap.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.reps} reps, "
           f"medians; fwd+bwd of RNN-tanh, float32")
-    print(f"{'shape':6} {'T':>4} {'B':>3} {'H':>4} {'off ms':>8} {'on ms':>8} {'on/off':>7}")
+    # on/off: the ratio of the medians; paired: the median of the ratios of the pairs run
+    # back to back (steadier when the machine's speed drifts)
+    print(f"{'shape':6} {'T':>4} {'B':>3} {'H':>4} {'off ms':>8} {'on ms':>8} {'on/off':>7} "
+          f"{'paired':>7}")
     for name in args.shapes.split(","):
         T, B, H = SHAPES[name]
         torch.manual_seed(0)
@@ -42,7 +45,9 @@ def main():
                 step(m, x)
                 times[key].append(time.perf_counter() - t0)
         a, b = statistics.median(times["off"]) * 1e3, statistics.median(times["on"]) * 1e3
-        print(f"{name:6} {T:4d} {B:3d} {H:4d} {a:8.2f} {b:8.2f} {b / a:7.3f}", flush=True)
+        paired = statistics.median(y / x for x, y in zip(times["off"], times["on"]))
+        print(f"{name:6} {T:4d} {B:3d} {H:4d} {a:8.2f} {b:8.2f} {b / a:7.3f} {paired:7.3f}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -112,19 +112,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
 
 // The vanishing-gradient regulariser of Pascanu, Mikolov and Bengio (2013) for the Elman
 // cells, from what BPTT left behind: gx[s] = dLoss/da_s (after the clamp, when bptt_clip
-// is on) at every step. For a step k whose successor s (k + 1, or k - 1 when reversed)
-// lies within its sequence: u = gx[s] W_hh, the part of dLoss/dh_k that flows through s,
+// is on) at every step, and U[s] = gx[s] W_hh, which the time loop computes anyway (the
+// recurrent part of dLoss/dh) and keeps when asked (u_out). For a step k whose successor
+// s (k + 1, or k - 1 when reversed) lies within its sequence: u = U[s], the part of
+// dLoss/dh_k that flows through s,
 // and v = dLoss/dh_s = dy[s] + (the same product from s's own successor) + dh_n at the
 // sequence's last step. ratio_k = |u| / |v| (0 where |v| = 0), omega = (1/B) sum
 // (ratio - 1)^2, and, holding v and gx constant, d omega / dW_hh = (1/B) sum
-// 2 (ratio - 1) / (|v| |u|) gx[s] (x) u: two products over all T*B rows and pointwise work.
+// 2 (ratio - 1) / (|v| |u|) gx[s] (x) u: one product over all T*B rows and pointwise work.
 // Adds penalty * d omega / dW_hh to dw_hh; returns (ratio [T, B] by step k, omega []).
-std::pair<Tensor, Tensor> vanishing_penalty_cpu(const Tensor& gx, const Tensor& dy,
+std::pair<Tensor, Tensor> vanishing_penalty_cpu(const Tensor& gx, Tensor& U, const Tensor& dy,
                                                 const Tensor& dhT, const Tensor& lengths,
-                                                const Tensor& w_hh, bool reverse,
-                                                double penalty, Tensor& dw_hh) {
+                                                bool reverse, double penalty,
+                                                Tensor& dw_hh) {
+  // U [T, B, H] = gx W_hh by s, as the time loop left it (u_out); scaled in place below
   const int64_t T = gx.size(0), B = gx.size(1), H = gx.size(2);
-  Tensor U = at::matmul(gx, w_hh);  // [T, B, H], by s; zero at inactive steps
   Tensor gn = at::empty_like(gx);   // coef / mv * gx, by s
   Tensor r = at::zeros({T, B}, gx.options());
   Tensor dy_c = dy.contiguous();
@@ -263,6 +265,7 @@ backward_cpu(
   }
   Tensor dc0 = m == Mode::kLstm ? at::empty({B, H}, opt) : at::empty({0}, opt);
   Tensor norms = record ? at::zeros({2, T, B}, opt) : at::empty({0}, opt);
+  Tensor u_rows = vanishing_penalty != 0.0 ? at::empty({T, B, H}, opt) : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_backward", [&] {
     cpu::LoopArgs<scalar_t> p;
@@ -284,6 +287,7 @@ backward_cpu(
     p.clip = bptt_clip;
     p.norm_h = record ? norms.data_ptr<scalar_t>() : nullptr;
     p.norm_c = record && m == Mode::kLstm ? norms.data_ptr<scalar_t>() + T * B : nullptr;
+    p.u_out = u_rows.defined() ? u_rows.data_ptr<scalar_t>() : nullptr;
     if (w_hr.defined()) {
       p.proj = P;
       p.w_hr = w_hr.data_ptr<scalar_t>();
@@ -334,7 +338,7 @@ backward_cpu(
   }
   Tensor ratio = at::empty({0}, opt), omega = at::empty({0}, opt);
   if (vanishing_penalty != 0.0)
-    std::tie(ratio, omega) = vanishing_penalty_cpu(gx, dy, dhT, lengths, w_hh, reverse,
+    std::tie(ratio, omega) = vanishing_penalty_cpu(gx, u_rows, dy, dhT, lengths, reverse,
                                                    vanishing_penalty, dw_hh);
   return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms, ratio, omega};
 }

@@ -54,6 +54,9 @@ struct LoopArgs {
   double clip = 0;          // <= 0: off
   T* norm_h = nullptr;      // [T, B] or nullptr: ||dLoss/dh_t|| per step and sample
   T* norm_c = nullptr;      // [T, B] or nullptr: ||dLoss/dc_t|| (LSTM)
+  T* u_out = nullptr;       // [T, B, H] or nullptr (Elman cells): gh_t @ W_hh of every step
+                            // t, the part of dLoss/dh_{t-1} that flows through t (the
+                            // vanishing-gradient regulariser's u); 0 at inactive steps
 
   // LSTM with a projection h_t = W_hr (o_t * tanh(c_t)): h, y, h0, hT, dh0, hprev and
   // dy are P wide instead of H; the rest keeps H.

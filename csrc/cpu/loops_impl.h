@@ -267,6 +267,12 @@ void backward_steps(const LoopArgs<T>& p) {
       }
       // dh_{t-1}[:, my units] += gh_t[B, G*H] @ W_hh[:, my units]  (inactive rows are zero)
       gemm.run_panels(p.gh + t * B * GH, rows_running(p, prefix, t), GH, p.dh0, H, true, q0, q1);
+      if (p.u_out && n > 0)  // an Elman cell leaves 0 in dh before the product (direct)
+        for (int64_t b = 0; b < B; ++b) {
+          T* dst = p.u_out + (t * B + b) * H + u0;
+          if (active(p, t, b)) std::memcpy(dst, p.dh0 + b * H + u0, sizeof(T) * n);
+          else std::memset(dst, 0, sizeof(T) * n);
+        }
     }
   };
   if (team) {
