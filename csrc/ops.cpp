@@ -130,6 +130,7 @@ std::pair<Tensor, Tensor> vanishing_penalty_cpu(const Tensor& gx, Tensor& U, con
   Tensor gn = at::empty_like(gx);   // coef / mv * gx, by s
   Tensor r = at::zeros({T, B}, gx.options());
   Tensor dy_c = dy.contiguous();
+  double omega_sum = 0;  // sum over the pairs of (r - 1)^2
   AT_DISPATCH_FLOATING_TYPES(gx.scalar_type(), "pyrnn_vanishing_penalty", [&] {
     using S = scalar_t;
     S* u = U.data_ptr<S>();
@@ -146,6 +147,7 @@ std::pair<Tensor, Tensor> vanishing_penalty_cpu(const Tensor& gx, Tensor& U, con
     // u = U[s], v = dLoss/dh_s = dy[s] + U[succ(s)] (+ dh_n at the sequence's last step),
     // succ(s) = s + 1 (s - 1 when reversed). A row without a pair gets gn = 0.
     std::vector<S> u_scale(T * B, S(1)), v_scale(T * B, S(1)), coefs(T * B, S(0));
+    std::vector<S> sq(T * B, S(0));  // (r - 1)^2 of the pairs, 0 elsewhere
     at::parallel_for(0, T * B, 16, [&](int64_t begin, int64_t end) {
       std::vector<S> v(H);
       for (int64_t row = begin; row < end; ++row) {
@@ -181,6 +183,7 @@ std::pair<Tensor, Tensor> vanishing_penalty_cpu(const Tensor& gx, Tensor& U, con
         const S nu = std::sqrt(nu2), nv = std::sqrt(nv2);
         const S ratio = mv > 0 ? (mu / sv) * (nu / nv) : S(0);
         rr[row] = ratio;
+        sq[row] = (ratio - 1) * (ratio - 1);
         // 2 (r - 1) / (|v| |u|) gx (x) u = 2 (r - 1) / (nv nu) (gx / mv) (x) (u / mu)
         const S coef = mv > 0 && mu > 0 ? S(2) * (ratio - 1) / (nv * nu) * coef_scale : S(0);
         u_scale[row] = su;
@@ -200,18 +203,9 @@ std::pair<Tensor, Tensor> vanishing_penalty_cpu(const Tensor& gx, Tensor& U, con
         }
       }
     });
+    for (const S q : sq) omega_sum += q;  // in the order of the rows
   });
-  // omega = (1/B) sum over the pairs of (r - 1)^2, summed in the order of the rows
-  Tensor pair_mask;
-  {
-    Tensor steps = at::arange(T, gx.options().dtype(at::kLong));
-    Tensor n = lengths.defined() ? lengths : at::full({B}, T, steps.options());
-    Tensor active = steps.unsqueeze(1) < n.unsqueeze(0);
-    Tensor has_pred = reverse ? (steps.unsqueeze(1) + 1 < n.unsqueeze(0))
-                              : (steps >= 1).unsqueeze(1).expand({T, B});
-    pair_mask = (active & has_pred).to(gx.scalar_type());
-  }
-  Tensor omega = ((r - 1).pow(2) * pair_mask).sum() / static_cast<double>(B);
+  Tensor omega = at::scalar_tensor(omega_sum / static_cast<double>(B), gx.options());
   // dW_hh[G*H, H] += gn^T @ (U / mu) over all T*B rows
   dw_hh.add_(at::mm(gn.view({T * B, -1}).t(), U.view({T * B, -1})));
   Tensor ratio = at::zeros({T, B}, gx.options());  // by the step k whose gradient u is
