@@ -3,47 +3,96 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <array>
 #include <cmath>
 #include <optional>
 #include <string>
+#include <vector>
 
-#include "cells/gru.h"
-#include "cells/lstm.h"
-#include "cells/rnn.h"
+#include "cells/registry.h"
 
 namespace pyrnn {
 
-enum class Mode { kRnnTanh, kRnnRelu, kLstm, kGru };
+// What the ops need to know of a cell, read from its type (the interface in
+// cells/common.h), for every cell of the registry.
+struct CellInfo {
+  int id;  // index in AllCells
+  const char* name;
+  int gates, saved;
+  bool has_cell, split_grad, keeps_row, projection;
+  std::vector<std::string> params;  // the constants' names, in order
+  std::vector<double> defaults;     // and their default values
+  // The Elman cells (one gate, no cell state, nothing but h from the step before): those
+  // the vanishing-gradient regulariser is defined for.
+  bool elman() const { return gates == 1 && !has_cell && !split_grad && saved == 0; }
+};
 
-inline Mode parse_mode(const std::string& mode) {
-  if (mode == "rnn_tanh") return Mode::kRnnTanh;
-  if (mode == "rnn_relu") return Mode::kRnnRelu;
-  if (mode == "lstm") return Mode::kLstm;
-  if (mode == "gru") return Mode::kGru;
-  TORCH_CHECK_VALUE(false, "mode: expected one of 'rnn_tanh', 'rnn_relu', 'lstm', 'gru', got '",
-                    mode, "'");
+template <class Cell>
+inline CellInfo info_of(int id) {
+  CellInfo c{id, Cell::kName, Cell::kGates, Cell::kSaved, Cell::kHasCell, Cell::kSplitGrad,
+             Cell::kKeepsRow, Cell::kProjection, {}, {}};
+  const std::string spec = Cell::kParams;  // "name=default,name=default"
+  size_t at = 0;
+  while (at < spec.size()) {
+    size_t end = spec.find(',', at);
+    if (end == std::string::npos) end = spec.size();
+    const std::string item = spec.substr(at, end - at);
+    const size_t eq = item.find('=');
+    c.params.push_back(item.substr(0, eq));
+    c.defaults.push_back(std::stod(item.substr(eq + 1)));
+    at = end + 1;
+  }
+  return c;
 }
 
-inline int64_t gates_of(Mode m) { return m == Mode::kLstm ? 4 : m == Mode::kGru ? 3 : 1; }
-
-// Workspace row width W (see csrc/cpu/loops.h) that the forward saves for backward.
-inline int64_t saved_width(Mode m, int64_t H) {
-  switch (m) {
-    case Mode::kLstm: return 5 * H;  // i, f, g, o, c
-    case Mode::kGru: return 4 * H;   // r, z, n, W_hn h + b_hn
-    default: return 0;               // Elman: the output alone suffices
-  }
+inline const std::vector<CellInfo>& cell_infos() {
+  static const std::vector<CellInfo> infos = [] {
+    std::vector<CellInfo> v;
+    for_each_cell([&](auto cell) { v.push_back(info_of<decltype(cell)>(int(v.size()))); });
+    return v;
+  }();
+  return infos;
 }
 
-// Calls f(Cell{}) with the cell type of mode m.
-template <typename F>
-inline void with_cell(Mode m, F&& f) {
-  switch (m) {
-    case Mode::kRnnTanh: f(RnnCell<Act::kTanh>{}); break;
-    case Mode::kRnnRelu: f(RnnCell<Act::kRelu>{}); break;
-    case Mode::kLstm: f(LstmCell{}); break;
-    case Mode::kGru: f(GruCell{}); break;
+inline std::string cell_names(bool elman_only = false) {
+  std::string s;
+  for (const CellInfo& c : cell_infos())
+    if (!elman_only || c.elman()) s += std::string(s.empty() ? "'" : ", '") + c.name + "'";
+  return s;
+}
+
+inline const CellInfo& parse_mode(const std::string& mode) {
+  for (const CellInfo& c : cell_infos())
+    if (mode == c.name) return c;
+  TORCH_CHECK_VALUE(false, "mode: expected one of ", cell_names(), ", got '", mode, "'");
+}
+
+// The cell's constants from an op's cell_params: its defaults when empty, else one
+// finite number >= 0 per constant.
+inline std::array<double, kMaxCellParams> cell_constants(const CellInfo& c,
+                                                         c10::ArrayRef<double> given) {
+  std::array<double, kMaxCellParams> k{};
+  TORCH_CHECK_VALUE(given.empty() || given.size() == c.params.size(), "cell_params: mode '",
+                    c.name, "' takes ", c.params.size(), " constant(s), got ", given.size());
+  for (size_t i = 0; i < c.params.size(); ++i) {
+    k[i] = given.empty() ? c.defaults[i] : given[i];
+    TORCH_CHECK_VALUE(std::isfinite(k[i]) && k[i] >= 0, c.params[i],
+                      ": expected a finite number >= 0, got ", k[i]);
   }
+  return k;
+}
+
+// Workspace row width W (see csrc/cpu/loops.h) that the forward saves for backward:
+// the gates, the saved values and (with a cell state) c_t; 0 when the output suffices.
+inline int64_t saved_width(const CellInfo& c, int64_t H) {
+  return c.keeps_row ? (c.gates + c.saved + (c.has_cell ? 1 : 0)) * H : 0;
+}
+
+// The row width a forward needs while it runs: what it saves (save), or else the gates
+// and the saved values, which the cell writes even when nothing is kept.
+inline int64_t run_width(const CellInfo& c, int64_t H, bool save) {
+  const int64_t kept = saved_width(c, H);
+  return save && kept ? kept : (c.gates + c.saved) * H;
 }
 
 inline std::string shape_str(at::IntArrayRef s) {
@@ -71,7 +120,7 @@ struct Dims {
 
 // Checks every argument of a forward call and returns the dimensions. allow_half: also
 // accept float16 and bfloat16 (the CUDA backend).
-inline Dims check_forward_args(Mode m, const at::Tensor& input, const at::Tensor& hx,
+inline Dims check_forward_args(const CellInfo& m, const at::Tensor& input, const at::Tensor& hx,
                                const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
                                const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
                                const std::optional<at::Tensor>& b_hh,
@@ -88,7 +137,7 @@ inline Dims check_forward_args(Mode m, const at::Tensor& input, const at::Tensor
                     input.dim(), "-D of shape ", shape_str(input.sizes()));
   TORCH_CHECK_VALUE(input.size(0) > 0, "input: expected at least one time step, got T = 0");
   TORCH_CHECK_VALUE(w_hh.dim() == 2, "weight_hh: expected a 2-D tensor, got ", w_hh.dim(), "-D");
-  const int64_t G = gates_of(m);
+  const int64_t G = m.gates;
   TORCH_CHECK_VALUE(w_hh.size(0) % G == 0, "weight_hh: expected ", G,
                     " * hidden_size rows, got ", w_hh.size(0));
   Dims d{input.size(0), input.size(1), input.size(2), w_hh.size(0) / G, G, w_hh.size(1)};
@@ -97,7 +146,7 @@ inline Dims check_forward_args(Mode m, const at::Tensor& input, const at::Tensor
   check_same(w_hh, "weight_hh", input);
   check_same(hx, "hx", input);
   if (w_hr) {
-    TORCH_CHECK_VALUE(m == Mode::kLstm, "weight_hr: only mode 'lstm' takes a projection");
+    TORCH_CHECK_VALUE(m.projection, "weight_hr: mode '", m.name, "' takes no projection");
     check_same(*w_hr, "weight_hr", input);
     check_shape(*w_hr, "weight_hr", {d.P, d.H});
   } else {
@@ -113,12 +162,13 @@ inline Dims check_forward_args(Mode m, const at::Tensor& input, const at::Tensor
     check_shape(*b_ih, "bias_ih", {G * d.H});
     check_shape(*b_hh, "bias_hh", {G * d.H});
   }
-  if (m == Mode::kLstm) {
-    TORCH_CHECK_VALUE(cx.has_value(), "cx: expected a cell state for mode 'lstm', got None");
+  if (m.has_cell) {
+    TORCH_CHECK_VALUE(cx.has_value(), "cx: expected a cell state for mode '", m.name,
+                      "', got None");
     check_same(*cx, "cx", input);
     check_shape(*cx, "cx", {d.B, d.H});
   } else {
-    TORCH_CHECK_VALUE(!cx.has_value(), "cx: only mode 'lstm' takes a cell state");
+    TORCH_CHECK_VALUE(!cx.has_value(), "cx: mode '", m.name, "' takes no cell state");
   }
   if (lengths) {
     TORCH_CHECK_TYPE(lengths->scalar_type() == at::kLong, "lengths: expected dtype int64, got ",
@@ -156,16 +206,16 @@ inline void check_norm_out(const std::optional<at::Tensor>& norm_out, const at::
 // The vanishing-gradient regulariser (vanishing_penalty) exists for the Elman cells; its
 // outputs, when given, are a [T, B] ratio and a one-element omega. d.T == 0 skips the
 // shape checks (the backward, which has no outputs to check).
-inline void check_penalty_args(Mode m, double penalty,
+inline void check_penalty_args(const CellInfo& m, double penalty,
                                const std::optional<at::Tensor>& ratio_out,
                                const std::optional<at::Tensor>& omega_out,
                                const at::Tensor& input, const Dims& d) {
   TORCH_CHECK_VALUE(std::isfinite(penalty), "vanishing_penalty: expected a finite number, got ",
                     penalty);
-  TORCH_CHECK_VALUE(penalty == 0.0 || m == Mode::kRnnTanh || m == Mode::kRnnRelu,
+  TORCH_CHECK_VALUE(penalty == 0.0 || m.elman(),
                     "vanishing_penalty: the vanishing-gradient regulariser is defined for "
-                    "the Elman cells (rnn_tanh, rnn_relu) only, got a nonzero penalty (",
-                    penalty, ") for an LSTM or GRU");
+                    "the Elman cells (", cell_names(true), ") only, got a nonzero penalty (",
+                    penalty, ") for mode '", m.name, "'");
   if (d.T == 0) return;
   if (ratio_out) {
     TORCH_CHECK_VALUE(ratio_out->device() == input.device() &&
@@ -186,24 +236,24 @@ inline void check_penalty_args(Mode m, double penalty,
 // The results of a call with no hidden units (H = 0, which torch.nn's cells accept):
 // empty states and outputs, and a zero input gradient; there is nothing to run.
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_forward(
-    Mode m, const Dims& d, const at::TensorOptions& o) {
-  const at::Tensor c_n = m == Mode::kLstm ? at::empty({d.B, 0}, o) : at::empty({0}, o);
+    const CellInfo& m, const Dims& d, const at::TensorOptions& o) {
+  const at::Tensor c_n = m.has_cell ? at::empty({d.B, 0}, o) : at::empty({0}, o);
   return {at::empty({d.T, d.B, d.P}, o), at::empty({d.B, d.P}, o), c_n, at::empty({0}, o)};
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                   at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-empty_backward(Mode m, const Dims& d, bool input_grad, bool record, const at::TensorOptions& o) {
+empty_backward(const CellInfo& m, const Dims& d, bool input_grad, bool record, const at::TensorOptions& o) {
   const at::Tensor none = at::empty({0}, o);
   return {input_grad ? at::zeros({d.T, d.B, d.I}, o) : none, at::empty({d.B, d.P}, o),
-          m == Mode::kLstm ? at::empty({d.B, 0}, o) : none, at::empty({0, d.I}, o),
+          m.has_cell ? at::empty({d.B, 0}, o) : none, at::empty({0, d.I}, o),
           at::empty({0, d.P}, o), none, none, none,
           record ? at::zeros({2, d.T, d.B}, o) : none, none, none};
 }
 
 // Checks the arguments of a backward call (those of its forward, then what the forward
 // returned and the incoming gradients) and returns the dimensions.
-inline Dims check_backward_args(Mode m, const at::Tensor& grad_output,
+inline Dims check_backward_args(const CellInfo& m, const at::Tensor& grad_output,
                                 const std::optional<at::Tensor>& grad_h_n,
                                 const std::optional<at::Tensor>& grad_c_n,
                                 const at::Tensor& input, const at::Tensor& hx,

@@ -92,13 +92,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_,
     const OptTensor& w_hr_, const OptTensor& lengths_, bool reverse, bool save,
     double bptt_clip, const OptTensor& norm_out, double vanishing_penalty,
-    const OptTensor& ratio_out, const OptTensor& omega_out) {
+    const OptTensor& ratio_out, const OptTensor& omega_out, c10::ArrayRef<double> cell_params) {
   (void)ratio_out;
   (void)omega_out;
   TORCH_CHECK_NOT_IMPLEMENTED(vanishing_penalty == 0.0,
                               "vanishing_penalty: the vanishing-gradient regulariser runs on "
                               "the CPU only; got ", vanishing_penalty, " for a CUDA input");
-  const Mode m = parse_mode(std::string(mode_s));
+  const CellInfo& m = parse_mode(std::string(mode_s));
+  const std::array<double, kMaxCellParams> consts = cell_constants(m, cell_params);
   const Dims d = check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_,
                                     lengths_, /*allow_half=*/true);
   check_norm_out(norm_out, input_, d);
@@ -113,9 +114,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
   const Tensor lengths = lengths_on(lengths_, input.device());
   const auto opt = input.options();
 
-  // As in ops.cpp: the GRU writes h_n into its row even when nothing is saved; the LSTM
-  // keeps c_t only when saving.
-  const int64_t W = saved_width(m, H) && (save || m == Mode::kGru) ? saved_width(m, H) : GH;
+  const int64_t W = run_width(m, H, save);
   Tensor ws = at::empty({T, B, W}, opt);
   // Input projection for all T*B rows in one product: ws[..., :G*H] = x @ W_ih^T + b_ih
   // (a strided view when W > G*H).
@@ -125,7 +124,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
   else at::mm_out(proj, x2, w_ih.t());
   Tensor output = at::empty({T, B, P}, opt);
   Tensor h_n = hx_.clone(at::MemoryFormat::Contiguous);  // running h state, then h_n
-  Tensor c_n = m == Mode::kLstm ? cx_->clone(at::MemoryFormat::Contiguous) : at::empty({0}, opt);
+  Tensor c_n = m.has_cell ? cx_->clone(at::MemoryFormat::Contiguous) : at::empty({0}, opt);
   Tensor hg = at::empty({B, GH}, opt);
   Tensor scratch = w_hr.defined() ? at::empty({B, H + P}, opt) : Tensor();  // m_t, hnew
 
@@ -141,14 +140,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
     p.w_hh = ptr<scalar_t>(w_hh);
     p.hg = ptr<scalar_t>(hg);
     p.h = ptr<scalar_t>(h_n);
-    p.c = m == Mode::kLstm ? ptr<scalar_t>(c_n) : nullptr;
+    p.c = m.has_cell ? ptr<scalar_t>(c_n) : nullptr;
     if (w_hr.defined()) {
       p.proj = P;
       p.w_hr = ptr<scalar_t>(w_hr);
       p.m = ptr<scalar_t>(scratch);
       p.hnew = p.m + B * H;
     }
-    with_cell(m, [&](auto cell) {
+    for (size_t i = 0; i < consts.size(); ++i) p.k[i] = consts[i];
+    with_cell_at(m.id, [&](auto cell) {
       C10_CUDA_CHECK((cuda::forward_loop<decltype(cell), CT>(p, AtenProducts{input.device()}, stream)));
     });
   });
@@ -164,11 +164,12 @@ backward_cuda(
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias,
     bool input_grad, const OptTensor& lengths_, const Tensor& output_,
     const Tensor& workspace_, bool reverse, double bptt_clip, bool record,
-    double vanishing_penalty) {
+    double vanishing_penalty, c10::ArrayRef<double> cell_params) {
   TORCH_CHECK_NOT_IMPLEMENTED(vanishing_penalty == 0.0,
                               "vanishing_penalty: the vanishing-gradient regulariser runs on "
                               "the CPU only; got ", vanishing_penalty, " for a CUDA input");
-  const Mode m = parse_mode(std::string(mode_s));
+  const CellInfo& m = parse_mode(std::string(mode_s));
+  const std::array<double, kMaxCellParams> consts = cell_constants(m, cell_params);
   const Dims d = check_backward_args(m, grad_output_, grad_h_n, grad_c_n, input_, hx_, cx_,
                                      w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_,
                                      bptt_clip, /*allow_half=*/true);
@@ -187,10 +188,10 @@ backward_cuda(
   const auto opt = input.options();
 
   Tensor gx = at::empty({T, B, GH}, opt);
-  Tensor gh = m == Mode::kGru ? at::empty({T, B, GH}, opt) : gx;
+  Tensor gh = m.split_grad ? at::empty({T, B, GH}, opt) : gx;
   Tensor hprev = at::empty({T, B, P}, opt);
   Tensor dh0 = at::empty({B, P}, opt);
-  Tensor dc0 = m == Mode::kLstm ? at::empty({B, H}, opt) : at::empty({0}, opt);
+  Tensor dc0 = m.has_cell ? at::empty({B, H}, opt) : at::empty({0}, opt);
   Tensor norms = record ? at::zeros({2, T, B}, opt) : at::empty({0}, opt);
 
   // The running dLoss/dh [B, P] and dLoss/dc [B, H] live in the arithmetic type: float
@@ -201,7 +202,7 @@ backward_cuda(
   const bool f16 = is_16bit(input.scalar_type());
   const auto acc_opt = opt.dtype(f16 ? at::kFloat : input.scalar_type());
   Tensor dh = f16 ? at::empty({B, P}, acc_opt) : dh0;
-  Tensor dc = m != Mode::kLstm ? Tensor() : f16 ? at::empty({B, H}, acc_opt) : dc0;
+  Tensor dc = !m.has_cell ? Tensor() : f16 ? at::empty({B, H}, acc_opt) : dc0;
   Tensor gh_acc = f16 ? at::empty({B, GH}, acc_opt) : Tensor();
   const Tensor w_hh_acc = f16 ? w_hh.to(at::kFloat) : Tensor();  // [G*H, P]
   const Tensor w_hr_acc = f16 && w_hr.defined() ? w_hr.to(at::kFloat) : Tensor();  // [P, H]
@@ -241,7 +242,7 @@ backward_cuda(
     p.w_hh_acc = w_hh_acc.defined() ? w_hh_acc.data_ptr<A>() : nullptr;
     p.clip = bptt_clip;
     p.norm_h = record ? ptr<scalar_t>(norms) : nullptr;
-    p.norm_c = record && m == Mode::kLstm ? ptr<scalar_t>(norms) + T * B : nullptr;
+    p.norm_c = record && m.has_cell ? ptr<scalar_t>(norms) + T * B : nullptr;
     if (w_hr.defined()) {
       p.proj = P;
       p.w_hr = ptr<scalar_t>(w_hr);
@@ -250,7 +251,8 @@ backward_cuda(
       p.dhtot = dhtot.data_ptr<A>();
       p.mall = ptr<scalar_t>(mall);
     }
-    with_cell(m, [&](auto cell) {
+    for (size_t i = 0; i < consts.size(); ++i) p.k[i] = consts[i];
+    with_cell_at(m.id, [&](auto cell) {
       C10_CUDA_CHECK((cuda::backward_loop<decltype(cell), CT>(p, AtenProducts{input.device()}, stream)));
     });
   });

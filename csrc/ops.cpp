@@ -6,8 +6,9 @@
 //   pyrnn::backward -> (grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh,
 //                       grad_bias_ih, grad_bias_hh, grad_weight_hr, grad_norms [2, T, B],
 //                       vanishing ratio [T, B], vanishing omega [])
-// mode is one of "rnn_tanh", "rnn_relu", "lstm", "gru"; P = H unless an LSTM has a
-// projection weight_hr [P, H]. Absent results are empty [0] tensors.
+// mode names a cell of the registry (cells/registry.h; pyrnn._C.cells() lists them) and
+// cell_params gives its constants (empty: the defaults); P = H unless a cell that takes
+// a projection (the LSTM) has weight_hr [P, H]. Absent results are empty [0] tensors.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
@@ -16,9 +17,6 @@
 #include <vector>
 #include <ATen/Parallel.h>
 
-#include "cells/gru.h"
-#include "cells/lstm.h"
-#include "cells/rnn.h"
 #include "checks.h"
 #include "cpu/loops.h"
 
@@ -33,8 +31,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_,
     const OptTensor& w_hr_, const OptTensor& lengths_, bool reverse, bool save, double bptt_clip,
     const OptTensor& norm_out, double vanishing_penalty, const OptTensor& ratio_out,
-    const OptTensor& omega_out) {
-  const Mode m = parse_mode(std::string(mode_s));
+    const OptTensor& omega_out, c10::ArrayRef<double> cell_params) {
+  const CellInfo& m = parse_mode(std::string(mode_s));
+  const std::array<double, kMaxCellParams> consts = cell_constants(m, cell_params);
   const Dims d =
       check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, lengths_);
   check_norm_out(norm_out, input_, d);
@@ -51,9 +50,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   const Tensor lengths = lengths_ ? lengths_->contiguous() : Tensor();
   const auto opt = input.options();
 
-  // The GRU writes h_n into its row even when nothing is saved; the LSTM keeps c_t only
-  // when saving.
-  const int64_t W = saved_width(m, H) && (save || m == Mode::kGru) ? saved_width(m, H) : GH;
+  const int64_t W = run_width(m, H, save);
   // float32 without a projection, batch >= 8: the time loop computes each step's input
   // projection itself, each thread for the columns of its own units, so that the rows
   // are still in cache when the pointwise update reads them; a forward that saves
@@ -65,7 +62,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   Tensor ws = at::empty({one_step ? 1 : T, B, W}, opt);
   Tensor output = at::empty({T, B, P}, opt);
   Tensor h_n = at::empty({B, P}, opt);
-  Tensor c_n = m == Mode::kLstm ? at::empty({B, H}, opt) : at::empty({0}, opt);
+  Tensor c_n = m.has_cell ? at::empty({B, H}, opt) : at::empty({0}, opt);
   Tensor hg = at::empty({B, GH}, opt);
   Tensor scratch = w_hr.defined() ? at::empty({B, H + P}, opt) : Tensor();  // m_t, h_t
 
@@ -83,8 +80,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     p.w_hh = w_hh.data_ptr<scalar_t>();
     p.b_hh = b_hh.defined() ? b_hh.data_ptr<scalar_t>() : nullptr;
     p.hT = h_n.data_ptr<scalar_t>();
-    p.cT = m == Mode::kLstm ? c_n.data_ptr<scalar_t>() : nullptr;
+    p.cT = m.has_cell ? c_n.data_ptr<scalar_t>() : nullptr;
     p.hg = hg.data_ptr<scalar_t>();
+    p.k = consts.data();
     if (in_loop) {
       p.project = true;
       p.x = input.data_ptr<scalar_t>();
@@ -101,10 +99,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
       cpu::forward_proj_loop<scalar_t>(p);
       return;
     }
-    with_cell(m, [&](auto cell) {
-      using Cell = decltype(cell);
-      cpu::forward_loop<Cell, scalar_t, scalar_t>(p);
-    });
+    cpu::forward_loop(m.id, p);
   });
   if (!save || saved_width(m, H) == 0) ws = at::empty({0}, opt);
   return {output, h_n, c_n, ws};
@@ -226,8 +221,9 @@ backward_cpu(
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias,
     bool input_grad, const OptTensor& lengths_, const Tensor& output_,
     const Tensor& workspace_, bool reverse, double bptt_clip, bool record,
-    double vanishing_penalty) {
-  const Mode m = parse_mode(std::string(mode_s));
+    double vanishing_penalty, c10::ArrayRef<double> cell_params) {
+  const CellInfo& m = parse_mode(std::string(mode_s));
+  const std::array<double, kMaxCellParams> consts = cell_constants(m, cell_params);
   check_penalty_args(m, vanishing_penalty, std::nullopt, std::nullopt, input_, Dims{});
   const Dims d = check_backward_args(m, grad_output_, grad_h_n, grad_c_n, input_, hx_, cx_,
                                      w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_,
@@ -247,7 +243,7 @@ backward_cpu(
   const auto opt = input.options();
 
   Tensor gx = at::empty({T, B, GH}, opt);
-  Tensor gh = m == Mode::kGru ? at::empty({T, B, GH}, opt) : gx;
+  Tensor gh = m.split_grad ? at::empty({T, B, GH}, opt) : gx;
   Tensor hprev = at::empty({T, B, P}, opt);
   Tensor dh0 = at::empty({B, P}, opt);
   // projection: dLoss/dm scratch [B, H], dh_t of every step [T, B, P], m_t [T, B, H]
@@ -257,7 +253,7 @@ backward_cpu(
     dhtot = at::empty({T, B, P}, opt);
     mall = at::empty({T, B, H}, opt);
   }
-  Tensor dc0 = m == Mode::kLstm ? at::empty({B, H}, opt) : at::empty({0}, opt);
+  Tensor dc0 = m.has_cell ? at::empty({B, H}, opt) : at::empty({0}, opt);
   Tensor norms = record ? at::zeros({2, T, B}, opt) : at::empty({0}, opt);
   Tensor u_rows = vanishing_penalty != 0.0 ? at::empty({T, B, H}, opt) : Tensor();
 
@@ -277,10 +273,11 @@ backward_cpu(
     p.gh = gh.data_ptr<scalar_t>();
     p.hprev = hprev.data_ptr<scalar_t>();
     p.dh0 = dh0.data_ptr<scalar_t>();
-    p.dc0 = m == Mode::kLstm ? dc0.data_ptr<scalar_t>() : nullptr;
+    p.dc0 = m.has_cell ? dc0.data_ptr<scalar_t>() : nullptr;
     p.clip = bptt_clip;
+    p.k = consts.data();
     p.norm_h = record ? norms.data_ptr<scalar_t>() : nullptr;
-    p.norm_c = record && m == Mode::kLstm ? norms.data_ptr<scalar_t>() + T * B : nullptr;
+    p.norm_c = record && m.has_cell ? norms.data_ptr<scalar_t>() + T * B : nullptr;
     p.u_out = u_rows.defined() ? u_rows.data_ptr<scalar_t>() : nullptr;
     if (w_hr.defined()) {
       p.proj = P;
@@ -291,10 +288,7 @@ backward_cpu(
       cpu::backward_proj_loop<scalar_t>(p);
       return;
     }
-    with_cell(m, [&](auto cell) {
-      using Cell = decltype(cell);
-      cpu::backward_loop<Cell, scalar_t, scalar_t>(p);
-    });
+    cpu::backward_loop(m.id, p);
   });
 
   // Everything that does not depend on the order of time: single products over T*B rows.
@@ -324,7 +318,7 @@ backward_cpu(
   if (has_bias) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_backward_db", [&] {
       cpu::column_sums(gx.data_ptr<scalar_t>(), T * B, GH, db_ih.data_ptr<scalar_t>());
-      if (m == Mode::kGru)
+      if (m.split_grad)
         cpu::column_sums(gh.data_ptr<scalar_t>(), T * B, GH, db_hh.data_ptr<scalar_t>());
       else
         db_hh.copy_(db_ih);
@@ -346,13 +340,14 @@ TORCH_LIBRARY(pyrnn, m) {
       "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, "
       "Tensor? lengths, bool reverse, "
       "bool save, float bptt_clip, Tensor? norm_out, float vanishing_penalty=0., "
-      "Tensor? ratio_out=None, Tensor? omega_out=None) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? ratio_out=None, Tensor? omega_out=None, float[] cell_params=[]) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "backward(str mode, Tensor grad_output, Tensor? grad_h_n, Tensor? grad_c_n, "
       "Tensor input, Tensor hx, Tensor? cx, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? weight_hr, bool has_bias, bool input_grad, Tensor? lengths, Tensor output, "
       "Tensor workspace, bool reverse, float bptt_clip, bool record, "
-      "float vanishing_penalty=0.) "
+      "float vanishing_penalty=0., float[] cell_params=[]) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
       "Tensor)");
 }
@@ -374,6 +369,29 @@ bool has_cuda_backend() {
 
 PYBIND11_MODULE(_C, module) {
   module.doc() = "pyrnn compiled ops (registered as torch.ops.pyrnn.*)";
+  module.def("cells", [] {
+    pybind11::list out;
+    for (const pyrnn::CellInfo& c : pyrnn::cell_infos()) {
+      pybind11::dict d;
+      d["name"] = c.name;
+      d["gates"] = c.gates;
+      d["saved"] = c.saved;
+      d["has_cell"] = c.has_cell;
+      d["split_grad"] = c.split_grad;
+      d["keeps_row"] = c.keeps_row;
+      d["projection"] = c.projection;
+      d["elman"] = c.elman();
+      pybind11::dict params;
+      for (size_t i = 0; i < c.params.size(); ++i) params[c.params[i].c_str()] = c.defaults[i];
+      d["params"] = params;
+      d["workspace"] = c.keeps_row ? c.gates + c.saved + (c.has_cell ? 1 : 0) : 0;
+      out.append(d);
+    }
+    return out;
+  }, "the registry of cells, in its order: name, gates, saved values per unit, whether it "
+     "has a cell state, a separate recurrent gradient, keeps its workspace row, takes a "
+     "projection, is an Elman cell; its constants {name: default}; the workspace row's "
+     "width in units of H (0: the output suffices)");
   module.def("has_cuda", &has_cuda_backend, "whether the CUDA kernels were compiled in");
   module.def("blas", [] {
 #ifdef PYRNN_NO_BLAS

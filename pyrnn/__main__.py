@@ -7,7 +7,13 @@ import time
 
 import torch
 
-CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+
+def _cells():
+    from pyrnn import _C
+    return tuple(c["name"] for c in _C.cells())
+
+
+CELLS = _cells()  # the registry's cells (csrc/cells/registry.h)
 
 
 class Progress:

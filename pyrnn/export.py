@@ -39,8 +39,39 @@ def _torch_view(module: nn.RNNBase, cls: type) -> nn.RNNBase:
     return view
 
 
+def _leaky_forward(module: nn.RNNBase, input, hx=None):
+    """pyrnn.RNN with nonlinearity="leaky_relu", which torch.nn has no module for, during an
+    export: the reference's stack of per-step operations, which the exporters trace."""
+    from . import reference
+
+    if not isinstance(input, Tensor):
+        from torch.onnx.errors import OnnxExporterError
+
+        raise OnnxExporterError("pyrnn.RNN(nonlinearity='leaky_relu'): a PackedSequence "
+                                "input cannot be exported; export with a padded tensor")
+    batched = input.dim() == 3
+    x = input if batched else input.unsqueeze(1)
+    if batched and module.batch_first:
+        x = x.transpose(0, 1)
+    D = 2 if module.bidirectional else 1
+    if hx is None:
+        hx = x.new_zeros(module.num_layers * D, x.shape[1], module.hidden_size)
+    elif not batched:
+        hx = hx.unsqueeze(1)
+    weights = [module._weights(layer, d) for layer in range(module.num_layers)
+               for d in range(D)]
+    out, h_n, _ = reference.stack("rnn_leaky_relu", x, hx, None, weights,
+                                  bidirectional=module.bidirectional,
+                                  params=[module.negative_slope])
+    if not batched:
+        return out.squeeze(1), h_n.squeeze(1)
+    return (out.transpose(0, 1) if module.batch_first else out), h_n
+
+
 def module_forward(module: nn.RNNBase, input, hx=None):
     """The forward of pyrnn.RNN, LSTM or GRU during an ONNX export: torch.nn's own."""
+    if module.mode == "RNN_LEAKY_RELU":
+        return _leaky_forward(module, input, hx)
     if module.proj_size > 0:
         from torch.onnx.errors import OnnxExporterError
 
@@ -57,5 +88,11 @@ def cell_step(cell: nn.RNNCellBase, input: Tensor, hx):
     cell forward (c' is None except for the LSTM cell; hx is (h, c) or None for it)."""
     if isinstance(cell, nn.LSTMCell):
         return nn.LSTMCell.forward(cell, input, hx)
+    if getattr(cell, "nonlinearity", None) == "leaky_relu":
+        h = torch.zeros(input.shape[:-1] + (cell.hidden_size,), dtype=input.dtype,
+                        device=input.device) if hx is None else hx
+        a = nn.functional.linear(input, cell.weight_ih, cell.bias_ih)
+        a = a + nn.functional.linear(h, cell.weight_hh, cell.bias_hh)
+        return nn.functional.leaky_relu(a, cell.negative_slope), None
     base = nn.GRUCell if isinstance(cell, nn.GRUCell) else nn.RNNCell
     return base.forward(cell, input, hx), None

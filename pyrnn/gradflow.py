@@ -155,15 +155,18 @@ def plot(records: Union[Tensor, Dict[str, Tensor]], path: Optional[str] = None, 
 # sigmoid. Pascanu, Mikolov and Bengio (2013): a largest singular value of W_hh below
 # 1 / gamma is sufficient for the gradient to vanish (each step multiplies its norm by at
 # most sigma_max * gamma < 1), and above it necessary for it to explode.
-GAMMA = {"tanh": 1.0, "relu": 1.0, "sigmoid": 0.25}
+GAMMA = {"tanh": 1.0, "relu": 1.0, "leaky_relu": 1.0, "sigmoid": 0.25}
 
 
 def activation_gamma(module) -> Optional[float]:
     """gamma of an Elman module's activation (None for LSTM and GRU, whose gradient also
     travels on the gated paths the bound does not cover)."""
     mode = getattr(module, "mode", None)
-    if mode in ("RNN_TANH", "RNN_RELU"):
-        return GAMMA[mode[4:].lower()]
+    if mode in ("RNN_TANH", "RNN_RELU", "RNN_LEAKY_RELU"):
+        # leaky ReLU: its derivative is 1 or negative_slope, so 1 bounds it when the
+        # slope is at most 1
+        return max(1.0, getattr(module, "negative_slope", 1.0)) if mode == "RNN_LEAKY_RELU" \
+            else GAMMA[mode[4:].lower()]
     nl = getattr(module, "nonlinearity", None)
     if mode is None and nl in GAMMA and not hasattr(module, "num_layers"):
         return GAMMA[nl]

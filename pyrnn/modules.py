@@ -15,7 +15,12 @@ from torch.nn.utils.rnn import PackedSequence
 from . import export as _export
 from . import ops
 
-_MODES = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
+
+def _check_slope(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 <= value < float("inf")):
+        raise ValueError(f"negative_slope: expected a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 class GradNorms:
@@ -177,10 +182,21 @@ class _Base(nn.RNNBase):
         self.__dict__.setdefault("_norm_order", None)
         self.__dict__.setdefault("_grad_norm_store", torch.zeros(0))
 
+    @property
+    def _cell_mode(self) -> str:
+        """The name of the module's cell in the registry (pyrnn.ops.CELLS)."""
+        return "rnn_" + self.nonlinearity if self.mode.startswith("RNN") else self.mode.lower()
+
+    def _cell_params(self) -> list:
+        """The cell's constants, in the registry's order."""
+        if self.mode == "RNN_LEAKY_RELU":
+            return [self.negative_slope]
+        return []
+
     def _check_penalty(self):
-        if self.vanishing_penalty and self.mode not in ("RNN_TANH", "RNN_RELU"):
+        if self.vanishing_penalty and not ops.CELLS[self._cell_mode]["elman"]:
             raise ValueError(f"vanishing_penalty: the vanishing-gradient regulariser is defined "
-                             f"for the Elman RNN (tanh, relu) only, got "
+                             f"for the Elman RNN (tanh, relu, leaky_relu) only, got "
                              f"{self.vanishing_penalty} for {self.mode}")
 
     @property
@@ -354,8 +370,8 @@ class _Base(nn.RNNBase):
     def forward(self, input, hx=None):
         if _export.exporting():
             return _export.module_forward(self, input, hx)
-        mode = _MODES[self.mode]
-        is_lstm = mode == "lstm"
+        mode = self._cell_mode
+        is_lstm = ops.CELLS[mode]["has_cell"]
         packed = isinstance(input, PackedSequence)
         x, batch_sizes, sorted_idx, unsorted_idx, batched, states = self._prepare(input, hx)
         self._check_attributes(x, states or [])
@@ -430,7 +446,8 @@ class _Base(nn.RNNBase):
                     w_hr, None if stats is None else stats[k],
                     vanishing_penalty=self.vanishing_penalty if omega is not None else 0.0,
                     ratio_out=None if ratios is None else ratios[k],
-                    omega_out=None if omega is None else omega[k:k + 1])
+                    omega_out=None if omega is None else omega[k:k + 1],
+                    cell_params=self._cell_params())
                 outs.append(out)
                 h_n.append(h)
                 if is_lstm:
@@ -463,6 +480,9 @@ class _Base(nn.RNNBase):
 class RNN(_Base):
     """Elman RNN, a drop-in for torch.nn.RNN (same arguments, parameters and results).
 
+    Beyond torch.nn: nonlinearity="leaky_relu" (h = a if a > 0 else negative_slope * a,
+    as torch.nn.functional.leaky_relu; negative_slope, default 0.01, a finite number >= 0;
+    such a module has mode "RNN_LEAKY_RELU" and no torch.nn counterpart).
     Extra keyword arguments: bptt_clip (clamp gate pre-activation gradients inside BPTT
     to [-c, c]; 0 = off), record_grad_norms (see grad_norms), record_gate_stats (see
     gate_stats) and vanishing_penalty (the vanishing-gradient regulariser of Pascanu et al.
@@ -471,16 +491,29 @@ class RNN(_Base):
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None,
-                 **kwargs):
+                 negative_slope=None, **kwargs):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or "
-                             "'relu'.")
+        if nonlinearity not in ("tanh", "relu", "leaky_relu"):
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh', "
+                             "'relu' or 'leaky_relu'.")
+        if negative_slope is not None and nonlinearity != "leaky_relu":
+            raise ValueError(f"negative_slope: only nonlinearity='leaky_relu' takes one, got "
+                             f"negative_slope={negative_slope!r} with nonlinearity="
+                             f"'{nonlinearity}'")
         self.nonlinearity = nonlinearity
         super().__init__("RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU", input_size,
                          hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          device=device, dtype=dtype, **kwargs)
+        if nonlinearity == "leaky_relu":
+            self.mode = "RNN_LEAKY_RELU"
+            self.negative_slope = _check_slope(0.01 if negative_slope is None else negative_slope)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()  # torch.nn's, which does not name the nonlinearity
+        if self.nonlinearity == "leaky_relu":
+            s += f", nonlinearity='leaky_relu', negative_slope={self.negative_slope}"
+        return s
 
 
 class LSTM(_Base):
@@ -512,11 +545,14 @@ class _CellMixin:
     _mode = None
     _name = None
 
+    def _cell_params(self) -> list:
+        return [self.negative_slope] if self._mode == "rnn_leaky_relu" else []
+
     def _step(self, input, hx):
         """input [B, I] or [I]; hx None, a tensor, or (h, c) for the LSTM cell."""
         if _export.exporting():
             return _export.cell_step(self, input, hx)
-        is_lstm = self._mode == "lstm"
+        is_lstm = ops.CELLS[self._mode]["has_cell"]
         if input.dim() not in (1, 2):
             raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got "
                              f"{input.dim()}D instead")
@@ -567,7 +603,8 @@ class _CellMixin:
         b_ih = self.bias_ih.to(dtype) if self.bias else None
         b_hh = self.bias_hh.to(dtype) if self.bias else None
         _, h, c = ops.layer(self._mode, x.to(dtype).unsqueeze(0), h0, c0,
-                            self.weight_ih.to(dtype), self.weight_hh.to(dtype), b_ih, b_hh)
+                            self.weight_ih.to(dtype), self.weight_hh.to(dtype), b_ih, b_hh,
+                            cell_params=self._cell_params())
         h = h.to(out_dtype) if batched else h.squeeze(0).to(out_dtype)
         if c is not None:
             c = c.to(out_dtype) if batched else c.squeeze(0).to(out_dtype)
@@ -575,16 +612,33 @@ class _CellMixin:
 
 
 class RNNCell(_CellMixin, nn.RNNCell):
-    """Elman RNN cell, a drop-in for torch.nn.RNNCell."""
+    """Elman RNN cell, a drop-in for torch.nn.RNNCell. Beyond torch.nn:
+    nonlinearity="leaky_relu" with negative_slope (default 0.01), as pyrnn.RNN."""
 
     _name = "RNNCell"
 
+    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None,
+                 dtype=None, negative_slope=None):
+        if negative_slope is not None and nonlinearity != "leaky_relu":
+            raise ValueError(f"negative_slope: only nonlinearity='leaky_relu' takes one, got "
+                             f"negative_slope={negative_slope!r} with nonlinearity="
+                             f"'{nonlinearity}'")
+        super().__init__(input_size, hidden_size, bias, nonlinearity, device=device, dtype=dtype)
+        if nonlinearity == "leaky_relu":
+            self.negative_slope = _check_slope(0.01 if negative_slope is None else negative_slope)
+
     @property
     def _mode(self):
-        return "rnn_tanh" if self.nonlinearity == "tanh" else "rnn_relu"
+        return "rnn_" + self.nonlinearity
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        if self.nonlinearity == "leaky_relu":
+            s += f", negative_slope={self.negative_slope}"
+        return s
 
     def forward(self, input, hx=None):
-        if self.nonlinearity not in ("tanh", "relu"):
+        if self.nonlinearity not in ("tanh", "relu", "leaky_relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
         return self._step(input, hx)[0]
 
@@ -617,6 +671,9 @@ _TORCH_NN = {ours: theirs for theirs, ours in _REPLACEMENTS.items()}
 def _rebuild(m: nn.Module, cls) -> nn.Module:
     """A cls module with m's arguments, weights, device, dtype, requires_grad and training
     mode (m and cls: a torch.nn recurrent module or cell and its pyrnn twin, either way)."""
+    if getattr(m, "nonlinearity", None) == "leaky_relu":
+        raise ValueError(f"{type(m).__name__} with nonlinearity='leaky_relu' has no torch.nn "
+                         "counterpart (torch.nn's RNN takes 'tanh' or 'relu')")
     if isinstance(m, nn.RNNCellBase):
         w = m.weight_ih
         kw = dict(bias=m.bias, device=w.device, dtype=w.dtype)
@@ -627,7 +684,7 @@ def _rebuild(m: nn.Module, cls) -> nn.Module:
         kw = dict(num_layers=m.num_layers, bias=m.bias, batch_first=m.batch_first,
                   dropout=m.dropout, bidirectional=m.bidirectional, device=w.device,
                   dtype=w.dtype)
-        if m.mode in ("RNN_TANH", "RNN_RELU"):
+        if m.mode.startswith("RNN"):
             kw["nonlinearity"] = m.nonlinearity
         if m.mode == "LSTM":
             kw["proj_size"] = m.proj_size

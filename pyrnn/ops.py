@@ -1,7 +1,8 @@
 """The compiled ops as autograd-aware Python functions, one layer and one direction each.
 
 Shapes: input [T, B, I], hx and cx [B, H], weight_ih [G*H, I], weight_hh [G*H, H],
-bias_ih and bias_hh [G*H]; G = 1 (Elman), 4 (LSTM: i, f, g, o), 3 (GRU: r, z, n).
+bias_ih and bias_hh [G*H]; G = 1 (Elman), 4 (LSTM: i, f, g, o), 3 (GRU: r, z, n): each
+cell's facts come from the registry of the compiled library (CELLS, pyrnn._C.cells()).
 
 ``lengths`` ([B], int64, on the CPU) makes step t of sequence b run only while
 t < lengths[b]: later steps leave its state unchanged and give zero output. With
@@ -19,11 +20,24 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loads the library that registers torch.ops.pyrnn)
+from . import _C  # loads the library that registers torch.ops.pyrnn
 from . import reference
 
-GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
-_SAVED = {"lstm": 5, "gru": 4}  # workspace row width in units of H (see csrc/ops.cpp)
+# The registry of cells (csrc/cells/registry.h), by mode: gates, saved values, cell state,
+# constants ({name: default}), workspace width in units of H (0: the output suffices)...
+CELLS = {c["name"]: c for c in _C.cells()}
+GATES = {name: c["gates"] for name, c in CELLS.items()}
+
+
+def cell_params(mode: str, **given) -> list:
+    """The constants of cell ``mode`` in the registry's order, from keyword arguments
+    (missing ones at their defaults), as the ops' ``cell_params``."""
+    params = CELLS[mode]["params"]
+    unknown = set(given) - set(params)
+    if unknown:
+        raise TypeError(f"mode {mode!r} takes the constants {list(params)}, got "
+                        f"{sorted(unknown)}")
+    return [float(given.get(name, default)) for name, default in params.items()]
 
 
 def _check_devices(input, lengths, **tensors):
@@ -40,15 +54,15 @@ def _check_devices(input, lengths, **tensors):
 @torch.library.register_fake("pyrnn::forward")
 def _forward_fake(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                   lengths, reverse, save, bptt_clip, norm_out, vanishing_penalty=0.0,
-                  ratio_out=None, omega_out=None):
+                  ratio_out=None, omega_out=None, cell_params=()):
     _check_devices(input, lengths, hx=hx, cx=cx, weight_ih=weight_ih, weight_hh=weight_hh,
                    bias_ih=bias_ih, bias_hh=bias_hh, weight_hr=weight_hr, norm_out=norm_out)
     T, B = input.shape[0], input.shape[1]
     H, P = weight_hh.shape[0] // GATES[mode], weight_hh.shape[1]
     output = input.new_empty(T, B, P)
     h_n = input.new_empty(B, P)
-    c_n = input.new_empty(B, H) if mode == "lstm" else input.new_empty(0)
-    width = _SAVED.get(mode, 0) * H
+    c_n = input.new_empty(B, H) if CELLS[mode]["has_cell"] else input.new_empty(0)
+    width = CELLS[mode]["workspace"] * H
     workspace = input.new_empty(T, B, width) if (save and width) else input.new_empty(0)
     return output, h_n, c_n, workspace
 
@@ -56,7 +70,7 @@ def _forward_fake(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, w
 @torch.library.register_fake("pyrnn::backward")
 def _backward_fake(mode, grad_output, grad_h_n, grad_c_n, input, hx, cx, weight_ih, weight_hh,
                    weight_hr, has_bias, input_grad, lengths, output, workspace, reverse,
-                   bptt_clip, record, vanishing_penalty=0.0):
+                   bptt_clip, record, vanishing_penalty=0.0, cell_params=()):
     _check_devices(input, lengths, grad_output=grad_output, grad_h_n=grad_h_n,
                    grad_c_n=grad_c_n, hx=hx, cx=cx, weight_ih=weight_ih, weight_hh=weight_hh,
                    weight_hr=weight_hr, output=output, workspace=workspace)
@@ -66,7 +80,7 @@ def _backward_fake(mode, grad_output, grad_h_n, grad_c_n, input, hx, cx, weight_
     return (
         input.new_empty(input.shape) if input_grad else input.new_empty(0),
         input.new_empty(B, P),
-        input.new_empty(B, H) if mode == "lstm" else input.new_empty(0),
+        input.new_empty(B, H) if CELLS[mode]["has_cell"] else input.new_empty(0),
         input.new_empty(weight_ih.shape),
         input.new_empty(weight_hh.shape),
         input.new_empty(GH) if has_bias else input.new_empty(0),
@@ -80,9 +94,10 @@ def _backward_fake(mode, grad_output, grad_h_n, grad_c_n, input, hx, cx, weight_
 
 def _setup_context(ctx, inputs, output):
     (mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse,
-     save, bptt_clip, norm_out, vanishing_penalty, ratio_out, omega_out) = inputs
+     save, bptt_clip, norm_out, vanishing_penalty, ratio_out, omega_out, params) = inputs
     out, _, _, workspace = output
     ctx.mode, ctx.reverse, ctx.bptt_clip = mode, reverse, bptt_clip
+    ctx.params = list(params)
     ctx.has_bias = bias_ih is not None
     ctx.record = norm_out is not None
     # Held as a plain attribute, not saved: the backward writes into it, and several
@@ -100,7 +115,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
     (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, out,
      workspace) = ctx.saved_tensors
-    is_lstm = ctx.mode == "lstm"
+    is_lstm = CELLS[ctx.mode]["has_cell"]
     if torch.is_grad_enabled():
         # Double backward (create_graph=True): the fused kernel's gradients are not
         # differentiable, so take them from the reference formulation instead, recomputed
@@ -114,10 +129,10 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
             ctx.mode, (input, hx, cx if is_lstm else None, weight_ih, weight_hh, bias_ih,
                        bias_hh, weight_hr),
             (grad_output, grad_h_n, grad_c_n if is_lstm else None), lengths, ctx.reverse,
-            ctx.bptt_clip, ctx.needs_input_grad[1:9], ctx.record)
+            ctx.bptt_clip, ctx.needs_input_grad[1:9], ctx.record, ctx.params)
         if ctx.record:
             ctx.norm_out.copy_(norms)
-        return (None, *grads, None, None, None, None, None, None, None, None)
+        return (None, *grads, None, None, None, None, None, None, None, None, None)
     if not ctx.saved:
         raise RuntimeError("pyrnn: this forward ran with save=False, so it cannot be "
                            "differentiated; call it with save=True")
@@ -126,7 +141,7 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
     dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms, ratio, omega = torch.ops.pyrnn.backward(
         ctx.mode, grad_output, grad_h_n, grad_c_n if is_lstm else None, input, hx,
         cx, weight_ih, weight_hh, weight_hr, ctx.has_bias, ctx.needs_input_grad[1], lengths,
-        out, workspace, ctx.reverse, ctx.bptt_clip, ctx.record, ctx.penalty)
+        out, workspace, ctx.reverse, ctx.bptt_clip, ctx.record, ctx.penalty, ctx.params)
     if ctx.record:
         ctx.norm_out.copy_(norms)
     if ctx.penalty:
@@ -138,7 +153,7 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
             dc if is_lstm else None, dw_ih, dw_hh,
             db_ih if ctx.has_bias else None, db_hh if ctx.has_bias else None,
             dw_hr if weight_hr is not None else None,
-            None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("pyrnn::forward", _backward, setup_context=_setup_context)
@@ -165,29 +180,12 @@ def _needs_save(*tensors):
         t is not None and t.requires_grad for t in tensors)
 
 
-# A unit counts as saturated when its activation is within SATURATION of a bound, where
-# its derivative is small: a sigmoid gate outside [0.05, 0.95] (g (1 - g) < 0.0475, under
-# a fifth of its peak 0.25), a tanh unit with |h| > 0.95 (1 - h^2 < 0.0975, under a
-# tenth of its peak 1), a ReLU unit at zero (derivative 0).
-SATURATION = 0.05
-
-
-def _gate_stats(mode, out, workspace, H, lengths):
+def _gate_stats(mode, out, workspace, H, lengths, params):
     """[2, T, B]: per step and sample, the mean over hidden units of the multiplicative
     factor on the gradient's path from h_t (c_t) back to step t-1, and the fraction of
-    saturated units (see SATURATION). The factor is the forget gate f_t (LSTM), 1 - z_t
-    (GRU) or the activation's derivative (Elman: 1 - h_t^2 for tanh, 1[h_t > 0] for ReLU).
-    For the gated cells the saturation is that of the same gate. Zero at padded steps."""
-    if mode == "lstm":
-        gate = workspace[..., H:2 * H]  # workspace rows: i, f, g, o, c
-        factor, saturated = gate, (gate < SATURATION) | (gate > 1 - SATURATION)
-    elif mode == "gru":
-        gate = workspace[..., H:2 * H]  # workspace rows: r, z, n, W_hn h + b_hn
-        factor, saturated = 1 - gate, (gate < SATURATION) | (gate > 1 - SATURATION)
-    elif mode == "rnn_tanh":
-        factor, saturated = 1 - out * out, out.abs() > 1 - SATURATION
-    else:
-        factor, saturated = (out > 0).to(out.dtype), out <= 0
+    saturated units: see pyrnn.reference.gate_factor, which defines both for every cell.
+    Zero at padded steps."""
+    factor, saturated = reference.gate_factor(mode, out, workspace, H, params)
     stats = torch.stack([factor.mean(-1), saturated.to(out.dtype).mean(-1)])
     if lengths is not None:
         T = out.shape[0]
@@ -201,24 +199,36 @@ def layer(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], weight_ih:
           lengths: Optional[Tensor] = None, reverse: bool = False, bptt_clip: float = 0.0,
           norm_out: Optional[Tensor] = None, weight_hr: Optional[Tensor] = None,
           gate_stats_out: Optional[Tensor] = None, vanishing_penalty: float = 0.0,
-          ratio_out: Optional[Tensor] = None, omega_out: Optional[Tensor] = None):
-    """One layer in one direction. Returns (output, h_n, c_n); c_n is None unless LSTM.
+          ratio_out: Optional[Tensor] = None, omega_out: Optional[Tensor] = None,
+          cell_params=()):
+    """One layer in one direction of the cell ``mode`` (a name in CELLS). Returns
+    (output, h_n, c_n); c_n is None unless the cell has a cell state (LSTM).
+    cell_params: the cell's constants in the registry's order (see cell_params()); empty
+    for their defaults.
     weight_hr [P, H] (LSTM only) projects h_t = W_hr (o_t * tanh(c_t)); hx is then [B, P].
     gate_stats_out, a [2, T, B] tensor, receives the forward's gate statistics (see
     _gate_stats); the gated cells then keep their activated gates even without grad.
     vanishing_penalty (Elman cells): see rnn_tanh; ratio_out [T, B] and omega_out (one
     element) receive the ratios and omega when the backward runs."""
     save = _needs_save(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
-    keep = save or (gate_stats_out is not None and mode in _SAVED)
+    cell = CELLS[mode] if mode in CELLS else None
+    keep = save or (gate_stats_out is not None and cell is not None and cell["keeps_row"])
+    params = [float(v) for v in cell_params]
     out, h_n, c_n, workspace = torch.ops.pyrnn.forward(
         mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
         reverse, keep, float(bptt_clip), norm_out, float(vanishing_penalty), ratio_out,
-        omega_out)
+        omega_out, params)
     if gate_stats_out is not None:
         with torch.no_grad():
             gate_stats_out.copy_(_gate_stats(mode, out, workspace, weight_hh.shape[0] //
-                                             GATES[mode], lengths))
-    return out, h_n, (c_n if mode == "lstm" else None)
+                                             GATES[mode], lengths,
+                                             params or cell_params_of(mode)))
+    return out, h_n, (c_n if cell["has_cell"] else None)
+
+
+def cell_params_of(mode: str) -> list:
+    """The defaults of cell ``mode``'s constants, in the registry's order."""
+    return list(CELLS[mode]["params"].values())
 
 
 def rnn_tanh(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,
@@ -247,6 +257,19 @@ def rnn_relu(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, length
     out, h, _ = layer("rnn_relu", input, hx, None, weight_ih, weight_hh, bias_ih, bias_hh,
                       lengths, reverse, bptt_clip, norm_out, vanishing_penalty=vanishing_penalty,
                       ratio_out=ratio_out, omega_out=omega_out)
+    return out, h
+
+
+def rnn_leaky_relu(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,
+                   reverse=False, bptt_clip=0.0, norm_out=None, vanishing_penalty=0.0,
+                   ratio_out=None, omega_out=None, negative_slope=0.01):
+    """Elman RNN with leaky ReLU: h_t = a if a > 0 else negative_slope * a, for
+    a = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh (negative_slope: finite, >= 0).
+    -> (output, h_n). vanishing_penalty etc. as for rnn_tanh."""
+    out, h, _ = layer("rnn_leaky_relu", input, hx, None, weight_ih, weight_hh, bias_ih,
+                      bias_hh, lengths, reverse, bptt_clip, norm_out,
+                      vanishing_penalty=vanishing_penalty, ratio_out=ratio_out,
+                      omega_out=omega_out, cell_params=[negative_slope])
     return out, h
 
 

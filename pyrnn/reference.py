@@ -29,9 +29,94 @@ def _pre(a, clip, handles=None):
     return a
 
 
+# ---- The cells: one step function each, and the factor its gradient crosses ----
+# step(xg, hg, h, c, k, pre) -> (h_t, c_t or None, gate or None): xg = W_ih x_t + b_ih and
+# hg = W_hh h_{t-1} + b_hh ([B, G*H]), h and c the state of the step before, k the cell's
+# constants (the registry's order), pre(a) marks a pre-activation (the BPTT clip's hook).
+
+def _elman(act):
+    def step(xg, hg, h, c, k, pre):
+        return act(pre(xg + hg), k), None, None
+    return step
+
+
+def _lstm_step(xg, hg, h, c, k, pre):
+    ai, af, ag, ao = (pre(x) for x in (xg + hg).chunk(4, 1))
+    i, f, g, o = torch.sigmoid(ai), torch.sigmoid(af), torch.tanh(ag), torch.sigmoid(ao)
+    c_new = f * c + i * g
+    return o * torch.tanh(c_new), c_new, f
+
+
+def _gru_step(xg, hg, h, c, k, pre):
+    xr, xz, xn = xg.chunk(3, 1)
+    hr, hz, hn = hg.chunk(3, 1)
+    r = torch.sigmoid(pre(xr + hr))
+    z = torch.sigmoid(pre(xz + hz))
+    n = torch.tanh(pre(xn + r * hn))
+    return (1 - z) * n + z * h, None, z
+
+
+STEPS = {
+    "rnn_tanh": _elman(lambda a, k: torch.tanh(a)),
+    "rnn_relu": _elman(lambda a, k: torch.relu(a)),
+    "rnn_leaky_relu": _elman(lambda a, k: torch.nn.functional.leaky_relu(a, k[0])),
+    "lstm": _lstm_step,
+    "gru": _gru_step,
+}
+
+# A unit counts as saturated when its activation is within SATURATION of a bound, where
+# its derivative is small: a sigmoid gate outside [0.05, 0.95] (g (1 - g) < 0.0475, under
+# a fifth of its peak 0.25), a tanh unit with |h| > 0.95 (1 - h^2 < 0.0975, under a
+# tenth of its peak 1), a ReLU or leaky ReLU unit at or below zero (derivative 0, or the
+# negative slope).
+SATURATION = 0.05
+
+
+def _sigmoid_gate(block, complement):
+    def stats(out, ws, H, k):
+        gate = ws[..., block * H:(block + 1) * H]
+        saturated = (gate < SATURATION) | (gate > 1 - SATURATION)
+        return (1 - gate if complement else gate), saturated
+    return stats
+
+
+# gate_factor: (out [T, B, H], the forward's workspace, H, constants) -> (factor,
+# saturated) [T, B, H]: the multiplicative factor on the gradient's path from h_t (c_t)
+# back to step t-1, and whether the unit is saturated (see SATURATION). The forget gate f_t
+# (LSTM: workspace rows i, f, g, o, c), 1 - z_t (GRU: rows r, z, n, W_hn h + b_hn), the
+# activation's derivative (Elman).
+GATE_FACTORS = {
+    "rnn_tanh": lambda out, ws, H, k: (1 - out * out, out.abs() > 1 - SATURATION),
+    "rnn_relu": lambda out, ws, H, k: ((out > 0).to(out.dtype), out <= 0),
+    "rnn_leaky_relu": lambda out, ws, H, k: (
+        torch.where(out > 0, torch.ones_like(out), torch.full_like(out, k[0])), out <= 0),
+    "lstm": _sigmoid_gate(1, False),
+    "gru": _sigmoid_gate(1, True),
+}
+
+
+def gate_factor(mode, out, workspace, H, params=()):
+    """(factor, saturated), each [T, B, H]: see GATE_FACTORS."""
+    return GATE_FACTORS[mode](out, workspace, H, list(params))
+
+
+def _default_params(mode):
+    from . import _C
+    for c in _C.cells():
+        if c["name"] == mode:
+            return list(c["params"].values())
+    raise ValueError(f"mode: expected one of {', '.join(repr(m) for m in STEPS)}, got {mode!r}")
+
+
 def _run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse,
-         bptt_clip, steps, weight_hr=None, handles=None):
-    """``handles``, if a list, receives the clipping hooks' handles (see layer_grads)."""
+         bptt_clip, steps, weight_hr=None, handles=None, params=None):
+    """``handles``, if a list, receives the clipping hooks' handles (see layer_grads).
+    ``params``: the cell's constants (None: its defaults)."""
+    if mode not in STEPS:
+        raise ValueError(f"mode: expected one of {', '.join(repr(m) for m in STEPS)}, "
+                         f"got {mode!r}")
+    step = STEPS[mode]
+    k = _default_params(mode) if params is None or len(params) == 0 else list(params)
     T, B = input.shape[0], input.shape[1]
     h, c = hx, cx
     outputs = [None] * T
@@ -43,32 +128,16 @@ def _run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, r
     if lengths is not None:
         masks = (torch.arange(T).unsqueeze(1) < lengths.unsqueeze(0)).to(input.device)
         masks = masks.unsqueeze(2)
+
+    def pre(a):
+        return _pre(a, bptt_clip, handles)
+
     order = range(T - 1, -1, -1) if reverse else range(T)
     for t in order:
-        xg = xg_all[t]
         hg = h @ weight_hh.t() if bias_hh is None else torch.addmm(bias_hh, h, weight_hh.t())
-        c_new = gate = None
-        if mode in ("rnn_tanh", "rnn_relu"):
-            a = _pre(xg + hg, bptt_clip, handles)
-            h_new = torch.tanh(a) if mode == "rnn_tanh" else torch.relu(a)
-        elif mode == "lstm":
-            ai, af, ag, ao = (_pre(x, bptt_clip, handles) for x in (xg + hg).chunk(4, 1))
-            i, f, g, o = torch.sigmoid(ai), torch.sigmoid(af), torch.tanh(ag), torch.sigmoid(ao)
-            c_new = f * c + i * g
-            gate = f
-            h_new = o * torch.tanh(c_new)
-            if weight_hr is not None:
-                h_new = h_new @ weight_hr.t()
-        elif mode == "gru":
-            xr, xz, xn = xg.chunk(3, 1)
-            hr, hz, hn = hg.chunk(3, 1)
-            r = torch.sigmoid(_pre(xr + hr, bptt_clip, handles))
-            z = torch.sigmoid(_pre(xz + hz, bptt_clip, handles))
-            n = torch.tanh(_pre(xn + r * hn, bptt_clip, handles))
-            h_new = (1 - z) * n + z * h
-            gate = z
-        else:
-            raise ValueError(f"mode: expected 'rnn_tanh', 'rnn_relu', 'lstm' or 'gru', got {mode!r}")
+        h_new, c_new, gate = step(xg_all[t], hg, h, c, k, pre)
+        if weight_hr is not None:
+            h_new = h_new @ weight_hr.t()
         if steps is not None:
             if h_new.requires_grad:
                 h_new.retain_grad()
@@ -101,6 +170,13 @@ def rnn_relu(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, length
     return out, h
 
 
+def rnn_leaky_relu(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,
+                   reverse=False, bptt_clip=0.0, steps=None, negative_slope=0.01):
+    out, h, _ = _run("rnn_leaky_relu", input, hx, None, weight_ih, weight_hh, bias_ih,
+                     bias_hh, lengths, reverse, bptt_clip, steps, params=[negative_slope])
+    return out, h
+
+
 def lstm(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,
          reverse=False, bptt_clip=0.0, steps=None, weight_hr=None):
     return _run("lstm", input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
@@ -114,7 +190,7 @@ def gru(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=Non
     return out, h
 
 
-def vanishing_penalty(mode, steps, weight_hh, bptt_clip=0.0):
+def vanishing_penalty(mode, steps, weight_hh, bptt_clip=0.0, params=None):
     """The regulariser of Pascanu, Mikolov and Bengio (2013) for one Elman layer and
     direction, by autograd, from the ``steps`` record of a run whose loss has been
     back-propagated (so that each step's h holds v = dLoss/dh_t in .grad).
@@ -131,7 +207,8 @@ def vanishing_penalty(mode, steps, weight_hh, bptt_clip=0.0):
     for prev, cur in zip(steps[:-1], steps[1:]):
         h = cur["h"].detach()
         v = cur["h"].grad if cur["h"].grad is not None else torch.zeros_like(h)
-        d = 1 - h * h if mode == "rnn_tanh" else (h > 0).to(h.dtype)
+        k = _default_params(mode) if params is None or len(params) == 0 else list(params)
+        d = GATE_FACTORS[mode](h, None, h.shape[1], k)[0]  # the activation's derivative
         g = v * d
         if bptt_clip:
             g = g.clamp(-bptt_clip, bptt_clip)
@@ -146,7 +223,7 @@ def vanishing_penalty(mode, steps, weight_hh, bptt_clip=0.0):
 
 
 def layer_grads(mode, inputs, grads, lengths=None, reverse=False, bptt_clip=0.0, needs=None,
-                record=False):
+                record=False, params=None):
     """Differentiable gradients of one layer.
 
     inputs: (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr), None where
@@ -155,6 +232,7 @@ def layer_grads(mode, inputs, grads, lengths=None, reverse=False, bptt_clip=0.0,
     needs:  eight flags, which of ``inputs`` to differentiate (default: those present).
     record: also return the per-step norms [2, T, B] of dLoss/dh_t (row 0) and, for the
             LSTM, dLoss/dc_t (row 1), as the backward kernel records them (detached).
+    params: the cell's constants (None or empty: its defaults).
     Returns (eight gradients, None where not needed or absent; norms or None). The
     gradients are computed with create_graph=True, so they are differentiable in the
     inputs and in ``grads``. bptt_clip clamps the gate gradients of this (first-order)
@@ -170,8 +248,8 @@ def layer_grads(mode, inputs, grads, lengths=None, reverse=False, bptt_clip=0.0,
         x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr = alias
         steps = [] if record else None
         handles = []
-        outs = _run(mode, x, hx, cx if mode == "lstm" else None, w_ih, w_hh, b_ih, b_hh,
-                    lengths, reverse, bptt_clip, steps, w_hr, handles)
+        outs = _run(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, bptt_clip,
+                    steps, w_hr, handles, params)
         pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None]
         wrt = [alias[k] for k in range(8) if needs[k] and alias[k] is not None]
         tracked = []
@@ -203,3 +281,34 @@ def layer_grads(mode, inputs, grads, lengths=None, reverse=False, bptt_clip=0.0,
                 if dc:
                     norms[1, s["t"]] = torch.linalg.vector_norm(dc[k], dim=1) * m
     return result, norms
+
+
+def stack(mode, input, h0, c0, weights, lengths=None, bidirectional=False, bptt_clip=0.0,
+          params=None, steps=None):
+    """A stack of layers, as torch.nn's multi-layer (and bidirectional) modules run them.
+
+    input [T, B, I]; h0 [L*D, B, P] and c0 [L*D, B, H] (c0 None unless the cell has a cell
+    state); weights: one (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr) per layer and
+    direction, in torch.nn's order (layer by layer, forward before reverse), None where
+    absent. steps, if a list, receives one list of step records per layer and direction
+    (see _run). No dropout. Returns (output [T, B, D*P], h_n [L*D, B, P], c_n or None)."""
+    D = 2 if bidirectional else 1
+    L = len(weights) // D
+    layer_input, h_n, c_n = input, [], []
+    for layer in range(L):
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
+            record = [] if steps is not None else None
+            out, h, c = _run(mode, layer_input, h0[k], None if c0 is None else c0[k], w_ih,
+                             w_hh, b_ih, b_hh, lengths, d == 1, bptt_clip, record, w_hr,
+                             params=params)
+            if steps is not None:
+                steps.append(record)
+            outs.append(out)
+            h_n.append(h)
+            if c0 is not None:
+                c_n.append(c)
+        layer_input = outs[0] if D == 1 else torch.cat(outs, 2)
+    return layer_input, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)

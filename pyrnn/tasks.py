@@ -209,15 +209,15 @@ class Result:
 
 
 def make_module(cell: str, input_size: int, hidden: int, **kw):
-    """A pyrnn recurrent module: cell is rnn_tanh, rnn_relu, lstm or gru."""
+    """A pyrnn recurrent module for a cell of the registry (pyrnn.ops.CELLS): rnn_<act> as
+    pyrnn.RNN(nonlinearity=<act>), lstm, gru."""
     import pyrnn
-    if cell in ("rnn_tanh", "rnn_relu"):
+    from pyrnn import ops
+    if cell not in ops.CELLS:
+        raise ValueError(f"cell: expected one of {', '.join(ops.CELLS)}, got {cell!r}")
+    if cell.startswith("rnn_"):
         return pyrnn.RNN(input_size, hidden, nonlinearity=cell[4:], **kw)
-    if cell == "lstm":
-        return pyrnn.LSTM(input_size, hidden, **kw)
-    if cell == "gru":
-        return pyrnn.GRU(input_size, hidden, **kw)
-    raise ValueError(f"cell: expected one of rnn_tanh, rnn_relu, lstm, gru, got {cell!r}")
+    return getattr(pyrnn, cell.upper())(input_size, hidden, **kw)
 
 
 INITS = ("default", "identity", "orthogonal", "forget-bias", "chrono")

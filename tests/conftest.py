@@ -1,10 +1,12 @@
 import pytest
 import torch
 
-import pyrnn  # noqa: F401  (loads the compiled ops)
+from pyrnn import ops
 
-MODES = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
-GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+# Every cell of the registry (csrc/cells/registry.h), and its facts, from the library.
+MODES = list(ops.CELLS)
+GATES = ops.GATES
+HAS_CELL = {m: c["has_cell"] for m, c in ops.CELLS.items()}
 
 
 def make_layer_args(mode, T, B, I, H, dtype=torch.float64, bias=True, h0=True, seed=0,
@@ -18,7 +20,7 @@ def make_layer_args(mode, T, B, I, H, dtype=torch.float64, bias=True, h0=True, s
 
     x = rnd(T, B, I)
     hx = rnd(B, H) if h0 else torch.zeros(B, H, dtype=dtype)
-    cx = (rnd(B, H) if h0 else torch.zeros(B, H, dtype=dtype)) if mode == "lstm" else None
+    cx = (rnd(B, H) if h0 else torch.zeros(B, H, dtype=dtype)) if HAS_CELL[mode] else None
     w_ih, w_hh = rnd(G * H, I), rnd(G * H, H)
     b_ih, b_hh = (rnd(G * H), rnd(G * H)) if bias else (None, None)
     return x, hx, cx, w_ih, w_hh, b_ih, b_hh
@@ -27,7 +29,7 @@ def make_layer_args(mode, T, B, I, H, dtype=torch.float64, bias=True, h0=True, s
 def call_op(impl, mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, **kw):
     """Calls pyrnn.ops.<mode> or pyrnn.reference.<mode>; returns (output, h_n, c_n or None)."""
     fn = getattr(impl, mode)
-    if mode == "lstm":
+    if HAS_CELL[mode]:
         return tuple(fn(x, hx, cx, w_ih, w_hh, b_ih, b_hh, **kw))
     out, h = fn(x, hx, w_ih, w_hh, b_ih, b_hh, **kw)
     return out, h, None

@@ -35,16 +35,21 @@ from pathlib import Path
 import pytest
 import torch
 
-import pyrnn  # noqa: F401  (registers torch.ops.pyrnn)
+from pyrnn import ops
 
 REPO = Path(__file__).resolve().parents[1]
 EMU = REPO / "tests" / "cuda_emu"
 BUILD = Path(os.environ.get("PYRNN_EMU_BUILD", REPO / "build" / "cuda_emu"))
 CXX = os.environ.get("CXX", "g++")
 
-MODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
-GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
-SAVED = {"lstm": 5, "gru": 4}
+# The registry's cells (csrc/cells/registry.h): index, gates, workspace width by mode.
+MODES = {name: k for k, name in enumerate(ops.CELLS)}
+GATES = ops.GATES
+SAVED = {m: c["workspace"] for m, c in ops.CELLS.items() if c["workspace"]}
+HAS_CELL = {m: c["has_cell"] for m, c in ops.CELLS.items()}
+# Each cell's constants at 20 times their defaults (a negative slope of 0.2), so that a
+# constant that did not reach the kernels would show.
+PARAMS = {m: [20 * v for v in c["params"].values()] for m, c in ops.CELLS.items()}
 DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float64: 2.0**-53, torch.float16: 2.0**-11,
                  torch.bfloat16: 2.0**-8}
@@ -294,7 +299,7 @@ def make_inputs(s):
     return Inputs(
         x=rnd(s.T, s.B, s.I),
         hx=rnd(s.B, P, k=0.5),
-        cx=rnd(s.B, s.H, k=0.5) if s.mode == "lstm" else None,
+        cx=rnd(s.B, s.H, k=0.5) if HAS_CELL[s.mode] else None,
         w_ih=uni(G * s.H, s.I, k=k),
         w_hh=uni(G * s.H, P, k=k),
         b_ih=uni(G * s.H, k=k) if s.bias else None,
@@ -303,14 +308,15 @@ def make_inputs(s):
         lengths=torch.tensor(s.lengths, dtype=torch.long) if s.lengths else None,
         dy=rnd(s.T, s.B, P),
         dh_n=rnd(s.B, P) if s.state_grad else None,
-        dc_n=rnd(s.B, s.H) if s.state_grad and s.mode == "lstm" else None,
+        dc_n=rnd(s.B, s.H) if s.state_grad and HAS_CELL[s.mode] else None,
     )
 
 
 def meta(s, W, op, order_seed):
     return dict(op=op, dtype=DTYPES[s.dtype], mode=MODES[s.mode], G=GATES[s.mode], T=s.T,
                 B=s.B, H=s.H, P=s.P or s.H, proj=s.P, W=W, reverse=s.reverse,
-                seed=order_seed, clip=float(s.clip), record=s.record)
+                seed=order_seed, clip=float(s.clip), record=s.record,
+                k=torch.tensor(PARAMS[s.mode], dtype=torch.float64) if PARAMS[s.mode] else None)
 
 
 def fwd_width(s):
@@ -335,7 +341,7 @@ def unpack_forward(s, raw):
     P = s.P or s.H
     y = tensor(raw["y"], s.dtype, (s.T, s.B, P))
     h_n = tensor(raw["h_n"], s.dtype, (s.B, P))
-    c_n = tensor(raw["c_n"], s.dtype, (s.B, s.H)) if s.mode == "lstm" else None
+    c_n = tensor(raw["c_n"], s.dtype, (s.B, s.H)) if HAS_CELL[s.mode] else None
     ws = tensor(raw["ws"], s.dtype, (s.T, s.B, fwd_width(s)))
     return dict(output=y, h_n=h_n, c_n=c_n, workspace=ws if s.mode in SAVED else None)
 
@@ -353,13 +359,14 @@ def unpack_backward(s, raw, inp):
     T, B, H, P, GH = s.T, s.B, s.H, s.P or s.H, GATES[s.mode] * s.H
     acc = torch.float64 if s.dtype == torch.float64 else torch.float32
     gx = tensor(raw["gx"], s.dtype, (T * B, GH)).double()
-    gh = tensor(raw["gh"], s.dtype, (T * B, GH)).double() if s.mode == "gru" else gx
+    gh = tensor(raw["gh"], s.dtype, (T * B, GH)).double() if ops.CELLS[s.mode]["split_grad"] \
+        else gx
     hprev = tensor(raw["hprev"], s.dtype, (T * B, P)).double()
     x = inp.x.double().reshape(T * B, s.I)
     out = dict(
         grad_input=(gx @ inp.w_ih.double()).reshape(T, B, s.I),
         grad_hx=tensor(raw["dh0"], s.dtype, (B, P)).double(),
-        grad_cx=tensor(raw["dc0"], s.dtype, (B, H)).double() if s.mode == "lstm" else None,
+        grad_cx=tensor(raw["dc0"], s.dtype, (B, H)).double() if HAS_CELL[s.mode] else None,
         grad_w_ih=gx.T @ x,
         grad_w_hh=gh.T @ hprev,
         grad_b_ih=gx.sum(0) if s.bias else None,
@@ -381,7 +388,8 @@ BWD_NAMES = ("grad_input", "grad_hx", "grad_cx", "grad_w_ih", "grad_w_hh", "grad
 
 def cpu_forward(s, inp):
     r = torch.ops.pyrnn.forward(s.mode, inp.x, inp.hx, inp.cx, inp.w_ih, inp.w_hh, inp.b_ih,
-                                inp.b_hh, inp.w_hr, inp.lengths, s.reverse, True, s.clip, None)
+                                inp.b_hh, inp.w_hr, inp.lengths, s.reverse, True, s.clip, None,
+                                cell_params=PARAMS[s.mode])
     return {k: (v if v.numel() else None) for k, v in zip(FWD_NAMES, r)}
 
 
@@ -389,7 +397,8 @@ def cpu_backward(s, inp, fwd):
     ws = fwd["workspace"] if fwd["workspace"] is not None else inp.x.new_empty(0)
     r = torch.ops.pyrnn.backward(s.mode, inp.dy, inp.dh_n, inp.dc_n, inp.x, inp.hx, inp.cx,
                                  inp.w_ih, inp.w_hh, inp.w_hr, s.bias, True, inp.lengths,
-                                 fwd["output"], ws, s.reverse, s.clip, s.record)
+                                 fwd["output"], ws, s.reverse, s.clip, s.record,
+                                 cell_params=PARAMS[s.mode])
     return {k: (v if v.numel() else None) for k, v in zip(BWD_NAMES, r)}
 
 
@@ -414,7 +423,7 @@ def compare(s, emu, ref):
         assert (e is None) == (r is None), f"{name}: emulated {e is not None}, cpu {r is not None}"
         if r is None:
             continue
-        if name == "norms" and s.mode != "lstm":
+        if name == "norms" and not HAS_CELL[s.mode]:
             e, r = e[0], r[0]
         errors[name] = normwise_error(e, r)
     bad = {k: v for k, v in errors.items() if not v <= tol}

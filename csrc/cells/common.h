@@ -13,7 +13,68 @@
 namespace pyrnn {
 
 // Activation ids used by the Elman cell.
-enum class Act { kTanh = 0, kRelu = 1 };
+enum class Act { kTanh = 0, kRelu = 1, kLeakyRelu = 2 };
+
+// ---- The cell interface ----
+// A cell is a struct with the constants below and two (three with a cell state) static
+// member templates, written once for the CPU loops (A: a scalar or a SIMD type covering
+// units j .. j+lanes-1) and the CUDA kernels (A: a scalar, one thread per unit). T is
+// the storage type. The registry (registry.h) lists the cells; everything else about a
+// cell is derived from these members:
+//   kName       its mode string ("lstm")
+//   kGates      G, the gate blocks of its pre-activations (W_ih is [G*H, I])
+//   kSaved      values per unit that the forward saves for backward besides the gates
+//   kHasCell    it carries a cell state c (cx, c_n, dLoss/dc)
+//   kSplitGrad  the recurrent side of its pre-activations gets its own gradient gh
+//               (otherwise dLoss/d(W_hh h + b_hh) equals gx, and gh is nullptr)
+//   kKeepsRow   its workspace row (gates and saved values) is needed for backward, so
+//               the forward keeps it; false: the output alone suffices
+//   kProjection it accepts a projection weight_hr (LSTM)
+//   kParams     its constants, "name=default" separated by commas ("" for none); their
+//               values reach the cell in k[] (finite, >= 0), in that order
+//
+//   forward<T, A>(const FwdRow<T>& r, int64_t j): one unit j of one row and step.
+//   backward<T, A>(const BwdRow<T>& r, int64_t j, A dh, A& dc, A& direct):
+//     dh: the total dLoss/dh_t of unit j; dc (kHasCell): in dLoss/dc_t from step t+1,
+//     out the total dLoss/dc_t; direct: out the part of dLoss/dh_{t-1} that does not
+//     pass through W_hh. Writes gx (and gh) at unit j of every gate block, clamped to
+//     [-clip, clip] when clip > 0.
+//   carry<T, A>(const BwdRow<T>& r, int64_t j, A dc) (kHasCell): dLoss/dc_{t-1} from
+//     the total dLoss/dc_t.
+// A unit reads and writes only its own entries (j, k*H + j) of every buffer, so units
+// may run in any order and in parallel.
+
+// What a cell sees of one batch row at one step of the forward. Every pointer is at the
+// row's first entry.
+template <typename T>
+struct FwdRow {
+  int64_t H;
+  T* gates;          // [G*H] in: x_t W_ih^T + b_ih; out: what backward needs (the
+                     // activated gates)
+  const T* hg;       // [G*H] h_{t-1} W_hh^T (without b_hh)
+  const T* b_hh;     // [G*H] or nullptr
+  const T* h_prev;   // [H] h_{t-1}; may be the same buffer as h (entry j is read first)
+  T* h;              // [H] out: h_t (m_t = o * tanh(c_t) for an LSTM with a projection)
+  T* c;              // [H] (kHasCell) in: c_{t-1}, out: c_t, in place; else nullptr
+  T* saved;          // [kSaved*H] out; nullptr when kSaved = 0
+  const double* k;   // the cell's constants (kParams)
+};
+
+// What a cell sees of one batch row at one step of BPTT.
+template <typename T>
+struct BwdRow {
+  int64_t H;
+  const T* gates;    // [G*H] the activated gates the forward left
+  const T* saved;    // [kSaved*H] or nullptr
+  const T* h;        // [H] h_t (nullptr with a projection)
+  const T* h_prev;   // [H] h_{t-1} (nullptr with a projection)
+  const T* c;        // [H] c_t (kHasCell), else nullptr
+  const T* c_prev;   // [H] c_{t-1} (kHasCell), else nullptr
+  T* gx;             // [G*H] out: dLoss/d(input-side pre-activations)
+  T* gh;             // [G*H] out (kSplitGrad): dLoss/d(W_hh h_{t-1} + b_hh); else nullptr
+  const double* k;   // the cell's constants
+  double clip;       // > 0: clamp every pre-activation gradient to [-clip, clip]
+};
 
 // Storage <-> arithmetic conversions. Cells read every stored value through load<A>()
 // and write through store<T>(), so that a storage type without implicit conversions

@@ -1,18 +1,8 @@
-// Elman RNN cell: h = act(a), a = W_ih x + b_ih + W_hh h_prev + b_hh.
-// G = 1. Backward needs only h itself (tanh' = 1 - h^2, relu' = [h > 0]), so the
-// forward saves nothing beyond its output.
-//
-// Every cell (rnn.h, lstm.h, gru.h) has the same interface, for hidden unit j of one
-// batch row; A is the arithmetic type (a scalar, or a SIMD type covering units
-// j .. j+lanes-1), T the storage type:
-//   forward(j, H, xg, hg, bh, h_prev, c_prev, h, c, saved)
-//     xg: [G*H] in: input projection incl. b_ih; out: what backward needs (activated
-//         gates); hg: [G*H] recurrent projection W_hh h_prev (bias not included);
-//     bh: [G*H] b_hh or nullptr; writes h[j], c[j] (LSTM), saved[j] (GRU).
-//   backward(j, H, dh, dc, xg, saved, h, h_prev, c, c_prev, gx, gh, dh_direct, clip)
-//     dh: total dLoss/dh_t; *dc: in dLoss/dc_t from step t+1, out the total dLoss/dc_t;
-//     gx, gh: [G*H] gradients of the input-side and recurrent-side pre-activations;
-//     *dh_direct: the part of dLoss/dh_prev that does not pass through W_hh.
+// Elman RNN cell: h = act(a), a = W_ih x + b_ih + W_hh h_prev + b_hh, with act tanh,
+// ReLU, or leaky ReLU (a if a > 0 else negative_slope * a, as torch's leaky_relu).
+// G = 1. Backward needs only h itself (tanh' = 1 - h^2; relu' = [h > 0]; leaky relu'
+// = 1 if h > 0 else negative_slope, which h decides since negative_slope >= 0), so the
+// forward saves nothing beyond its output. The cell interface: common.h.
 #pragma once
 #include "common.h"
 
@@ -20,39 +10,45 @@ namespace pyrnn {
 
 template <Act kAct>
 struct RnnCell {
+  static constexpr const char* kName = kAct == Act::kTanh   ? "rnn_tanh"
+                                       : kAct == Act::kRelu ? "rnn_relu"
+                                                            : "rnn_leaky_relu";
   static constexpr int kGates = 1;
+  static constexpr int kSaved = 0;
   static constexpr bool kHasCell = false;
-  static constexpr int kSaved = 0;  // extra saved values per hidden unit and step
+  static constexpr bool kSplitGrad = false;
+  static constexpr bool kKeepsRow = false;
+  static constexpr bool kProjection = false;
+  static constexpr const char* kParams = kAct == Act::kLeakyRelu ? "negative_slope=0.01" : "";
 
   template <typename T, typename A>
-  PYRNN_HD static void forward(int64_t j, int64_t H, T* xg, const T* hg, const T* bh,
-                               const T* h_prev, const T* c_prev, T* h, T* c, T* saved) {
-    (void)H; (void)h_prev; (void)c_prev; (void)c; (void)saved;
+  PYRNN_HD static void forward(const FwdRow<T>& r, int64_t j) {
     // summed as torch.nn does: (W_hh h + b_hh) + (W_ih x + b_ih)
-    const A a = ld<A>(xg + j) + (bh ? ld<A>(hg + j) + ld<A>(bh + j) : ld<A>(hg + j));
+    const A hg = ld<A>(r.hg + j);
+    const A a = ld<A>(r.gates + j) + (r.b_hh ? hg + ld<A>(r.b_hh + j) : hg);
     if constexpr (kAct == Act::kTanh) {
-      st(h + j, math_tanh(a));
+      st(r.h + j, math_tanh(a));
+    } else if constexpr (kAct == Act::kRelu) {
+      st(r.h + j, where(a < A(0), A(0), a));  // NaN stays NaN
     } else {
-      st(h + j, where(a < A(0), A(0), a));  // NaN stays NaN
+      st(r.h + j, where(a > A(0), a, a * A(r.k[0])));  // NaN stays NaN
     }
   }
 
   template <typename T, typename A>
-  PYRNN_HD static void backward(int64_t j, int64_t H, A dh, A* dc, const T* xg, const T* saved,
-                                const T* h, const T* h_prev, const T* c, const T* c_prev,
-                                T* gx, T* gh, A* dh_direct, A clip) {
-    (void)H; (void)dc; (void)xg; (void)saved; (void)h_prev; (void)c; (void)c_prev;
-    const A y = ld<A>(h + j);
+  PYRNN_HD static void backward(const BwdRow<T>& r, int64_t j, A dh, A& dc, A& direct) {
+    (void)dc;
+    const A y = ld<A>(r.h + j);
     A d;
     if constexpr (kAct == Act::kTanh) {
       d = dh * (A(1) - y * y);
-    } else {
+    } else if constexpr (kAct == Act::kRelu) {
       d = where(y <= A(0), A(0), dh);  // torch's threshold_backward: NaN passes dh
+    } else {
+      d = where(y > A(0), dh, dh * A(r.k[0]));  // torch's leaky_relu_backward
     }
-    d = clamp_abs(d, clip);
-    st(gx + j, d);
-    if (gh != gx) st(gh + j, d);
-    *dh_direct = A(0);
+    st(r.gx + j, clamp_abs(d, A(r.clip)));
+    direct = A(0);
   }
 };
 

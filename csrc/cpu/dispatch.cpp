@@ -8,9 +8,6 @@
 #include <cstring>
 #include <string>
 
-#include "../cells/gru.h"
-#include "../cells/lstm.h"
-#include "../cells/rnn.h"
 #include "loops.h"
 
 namespace pyrnn::cpu {
@@ -87,17 +84,6 @@ const KernelsOf<float>& of<float>() { return table().f32; }
 template <>  // only the baseline copy has float64 loops (kernels_impl.h)
 const KernelsOf<double>& of<double>() { return kernels_pyrnn_isa_default.f64; }
 
-template <class Cell>
-constexpr int cell_index();
-template <>
-constexpr int cell_index<RnnCell<Act::kTanh>>() { return 0; }
-template <>
-constexpr int cell_index<RnnCell<Act::kRelu>>() { return 1; }
-template <>
-constexpr int cell_index<LstmCell>() { return 2; }
-template <>
-constexpr int cell_index<GruCell>() { return 3; }
-
 }  // namespace
 
 const char* compiled_capabilities() {
@@ -133,23 +119,10 @@ bool set_cpu_capability(const char* name) {
   return true;
 }
 
-template <class Cell, typename T, typename A>
-void forward_loop(const LoopArgs<T>& p) {
-  of<T>().forward[cell_index<Cell>()](p);
-}
-template <class Cell, typename T, typename A>
-void backward_loop(const LoopArgs<T>& p) {
-  of<T>().backward[cell_index<Cell>()](p);
-}
-#define PYRNN_INSTANTIATE(CELL)                                              \
-  template void forward_loop<CELL, float, float>(const LoopArgs<float>&);    \
-  template void forward_loop<CELL, double, double>(const LoopArgs<double>&); \
-  template void backward_loop<CELL, float, float>(const LoopArgs<float>&);   \
-  template void backward_loop<CELL, double, double>(const LoopArgs<double>&);
-PYRNN_INSTANTIATE(RnnCell<Act::kTanh>)
-PYRNN_INSTANTIATE(RnnCell<Act::kRelu>)
-PYRNN_INSTANTIATE(LstmCell)
-PYRNN_INSTANTIATE(GruCell)
+void forward_loop(int cell, const LoopArgs<float>& p) { of<float>().forward[cell](p); }
+void forward_loop(int cell, const LoopArgs<double>& p) { of<double>().forward[cell](p); }
+void backward_loop(int cell, const LoopArgs<float>& p) { of<float>().backward[cell](p); }
+void backward_loop(int cell, const LoopArgs<double>& p) { of<double>().backward[cell](p); }
 
 template <typename T>
 void forward_proj_loop(const LoopArgs<T>& p) {

@@ -44,9 +44,7 @@ PYRNN_PRAGMA_TARGET(PYRNN_TARGET)
 #endif
 #define pyrnn PYRNN_ISA
 
-#include "../cells/gru.h"
-#include "../cells/lstm.h"
-#include "../cells/rnn.h"
+#include "../cells/registry.h"
 #include "loops_impl.h"
 
 #define PYRNN_FLAT __attribute__((flatten))
@@ -142,14 +140,16 @@ void column_sums(const double* A, int64_t M, int64_t N, double* out) {
   column_sums_impl(A, M, N, out);
 }
 
-template <typename T>
-constexpr KernelsOf<T> table() {
-  using RnnTanh = RnnCell<Act::kTanh>;
-  using RnnRelu = RnnCell<Act::kRelu>;
-  return {{&forward_loop<RnnTanh, T>, &forward_loop<RnnRelu, T>, &forward_loop<LstmCell, T>,
-           &forward_loop<GruCell, T>},
-          {&backward_loop<RnnTanh, T>, &backward_loop<RnnRelu, T>, &backward_loop<LstmCell, T>,
-           &backward_loop<GruCell, T>},
+// The loops of every cell of the registry, in its order.
+template <typename T, class... Cells>
+struct CellLoops {
+  static constexpr void (*forward[])(const LoopArgs<T>&) = {&forward_loop<Cells, T>...};
+  static constexpr void (*backward[])(const LoopArgs<T>&) = {&backward_loop<Cells, T>...};
+};
+
+template <typename T, class... Cells>
+constexpr KernelsOf<T> table(CellList<Cells...>) {
+  return {CellLoops<T, Cells...>::forward, CellLoops<T, Cells...>::backward,
           &forward_proj_loop<T>, &backward_proj_loop<T>,
           static_cast<void (*)(const T*, int64_t, int64_t, const T*, int64_t, bool, T*, int64_t,
                                const T*)>(&matmul),
@@ -169,8 +169,8 @@ extern const Kernels PYRNN_TABLE;
 // float64 runs its products in the BLAS and its pointwise math in scalars, as fast from
 // the baseline copy as from any other (measured): only the baseline copy has float64 loops.
 #ifdef PYRNN_TARGET
-const Kernels PYRNN_TABLE = {PYRNN_ISA::cpu::table<float>(), {}};
+const Kernels PYRNN_TABLE = {PYRNN_ISA::cpu::table<float>(PYRNN_ISA::AllCells{}), {}};
 #else
-const Kernels PYRNN_TABLE = {PYRNN_ISA::cpu::table<float>(), PYRNN_ISA::cpu::table<double>()};
+const Kernels PYRNN_TABLE = {PYRNN_ISA::cpu::table<float>(PYRNN_ISA::AllCells{}), PYRNN_ISA::cpu::table<double>(PYRNN_ISA::AllCells{})};
 #endif
 }  // namespace pyrnn::cpu

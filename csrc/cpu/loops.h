@@ -1,6 +1,8 @@
 // CPU time loops: the fused forward and BPTT of one layer in one direction, for each
-// cell of csrc/cells/ and T in {float, double}. Raw pointers only; every buffer is
-// allocated by the caller, and they never touch Python. Defined in loops_impl.h, compiled
+// cell of the registry (csrc/cells/registry.h) and T in {float, double}. Raw pointers
+// only; every buffer a call returns or keeps is allocated by the caller (the loops
+// allocate their own scratch: a second h buffer, packed weights), and they never touch
+// Python. Defined in loops_impl.h, compiled
 // once per CPU capability by kernels_<isa>.cpp (see kernels_impl.h).
 //
 // Shapes (one layer, one direction):
@@ -32,6 +34,7 @@ struct LoopArgs {
   T* hT = nullptr;   // forward: running h state, then h_n
   T* cT = nullptr;   // forward: running c state, then c_n
   T* hg = nullptr;   // scratch [B, G*H]
+  const double* k = nullptr;  // the cell's constants (kParams), or nullptr if it has none
   // Optional (forward, float32): with project set, the loop computes each step's input
   // projection x_t @ W_ih^T + b_ih into the first G*H entries of the step's rows itself.
   bool project = false;
@@ -47,7 +50,8 @@ struct LoopArgs {
   const T* dhT = nullptr;   // [B, H] or nullptr
   const T* dcT = nullptr;   // [B, H] or nullptr
   T* gx = nullptr;          // [T, B, G*H] gate gradients, input side
-  T* gh = nullptr;          // [T, B, G*H] gate gradients, recurrent side (== gx unless GRU)
+  T* gh = nullptr;          // [T, B, G*H] gate gradients, recurrent side (Cell::kSplitGrad;
+                            // else == gx)
   T* hprev = nullptr;       // [T, B, H] h_{t-1} of every active step (for dW_hh)
   T* dh0 = nullptr;         // [B, H] running dLoss/dh, then dLoss/dh0
   T* dc0 = nullptr;         // [B, H] running dLoss/dc, then dLoss/dc0
@@ -69,11 +73,11 @@ struct LoopArgs {
 };
 
 // The entry points of one compiled copy of the loops (kernels_impl.h), for one T; the
-// loops are indexed by cell: rnn_tanh, rnn_relu, lstm, gru.
+// loops are indexed by the cell's place in the registry (AllCells).
 template <typename T>
 struct KernelsOf {
-  void (*forward[4])(const LoopArgs<T>&);
-  void (*backward[4])(const LoopArgs<T>&);
+  void (*const* forward)(const LoopArgs<T>&);   // [number of cells]
+  void (*const* backward)(const LoopArgs<T>&);  // [number of cells]
   void (*forward_proj)(const LoopArgs<T>&);
   void (*backward_proj)(const LoopArgs<T>&);
   void (*matmul)(const T*, int64_t, int64_t, const T*, int64_t, bool, T*, int64_t, const T*);
@@ -101,12 +105,12 @@ const char* cpu_capability_error();
 // "x86-64" unless PYRNN_MARCH raised it ("avx", "avx2", "avx512"), or "other".
 const char* baseline_isa();
 
-// Defined (for every cell, T = A = float and T = A = double) in dispatch.cpp, which calls
-// the copy of the capability in use.
-template <class Cell, typename T, typename A>
-void forward_loop(const LoopArgs<T>& p);
-template <class Cell, typename T, typename A>
-void backward_loop(const LoopArgs<T>& p);
+// The forward and BPTT of the cell at index `cell` of the registry, in the copy of the
+// capability in use (dispatch.cpp).
+void forward_loop(int cell, const LoopArgs<float>& p);
+void forward_loop(int cell, const LoopArgs<double>& p);
+void backward_loop(int cell, const LoopArgs<float>& p);
+void backward_loop(int cell, const LoopArgs<double>& p);
 
 // C[M, N] = A[M, K] @ op(Wm) (+ bias[N] on every row) for all rows at once (the
 // products outside the time loop): op(Wm) = Wm^T for Wm [N, K] (transposed) or Wm for

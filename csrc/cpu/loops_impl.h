@@ -141,12 +141,11 @@ void forward_steps(const LoopArgs<T>& p) {
           continue;
         }
         T* c = Cell::kHasCell ? p.cT + b * H : nullptr;
-        T* saved = Cell::kSaved ? row + GH : nullptr;
-        const T* hg = p.hg + b * GH;
-        const T* hp = hcur + b * H;
+        const FwdRow<T> r{H, row, p.hg + b * GH, p.b_hh, hcur + b * H, h, c,
+                          Cell::kSaved ? row + GH : nullptr, p.k};
         over_units<T, T>(u0, u1, [&](auto zero, int64_t j) {
           using V = decltype(zero);
-          Cell::template forward<T, V>(j, H, row, hg, p.b_hh, hp, c, h, c, saved);
+          Cell::template forward<T, V>(r, j);
           st(yrow + j, ld<V>(h + j));
         });
         if (keep_c) std::memcpy(row + cell_offset<Cell>() * H + u0, c + u0, sizeof(T) * (u1 - u0));
@@ -208,15 +207,13 @@ void backward_steps(const LoopArgs<T>& p) {
         if (!active(p, t, b)) {
           for (int64_t g = 0; g < G; ++g) {
             std::memset(gx + g * H + u0, 0, sizeof(T) * n);
-            if (gh != gx) std::memset(gh + g * H + u0, 0, sizeof(T) * n);
+            if (Cell::kSplitGrad) std::memset(gh + g * H + u0, 0, sizeof(T) * n);
           }
           std::memset(hprev + u0, 0, sizeof(T) * n);
           continue;
         }
         const int64_t q = prev_step(p, t, b);
         const T* row = p.ws + r * W;
-        const T* saved = Cell::kSaved ? row + GH : nullptr;
-        const T* h = p.y + r * H;
         const T* hp = q >= 0 ? p.y + (q * B + b) * H : p.h0 + b * H;
         const T* c = nullptr;
         const T* cp = nullptr;
@@ -224,6 +221,8 @@ void backward_steps(const LoopArgs<T>& p) {
           c = row + cell_offset<Cell>() * H;
           cp = q >= 0 ? p.ws + (q * B + b) * W + cell_offset<Cell>() * H : p.c0 + b * H;
         }
+        const BwdRow<T> cr{H, row, Cell::kSaved ? row + GH : nullptr, p.y + r * H, hp, c, cp,
+                           gx, Cell::kSplitGrad ? gh : nullptr, p.k, p.clip};
         std::memcpy(hprev + u0, hp + u0, sizeof(T) * n);
         const T* dy = p.dy + r * H;
         T* dh_state = p.dh0 + b * H;
@@ -237,12 +236,11 @@ void backward_steps(const LoopArgs<T>& p) {
             const V dh = ld<V>(dy + j) + ld<V>(dh_state + j);
             V dc = zero, direct = zero;
             if constexpr (Cell::kHasCell) dc = ld<V>(dc_state + j);
-            Cell::template backward<T, V>(j, H, dh, &dc, row, saved, h, hp, c, cp, gx, gh,
-                                          &direct, V(T(p.clip)));
+            Cell::template backward<T, V>(cr, j, dh, dc, direct);
             if (record) sum_h += lane_sum(dh * dh);
             if constexpr (Cell::kHasCell) {
               if (record) sum_c += lane_sum(dc * dc);
-              st(dc_state + j, Cell::template carry<T, V>(j, H, dc, row));
+              st(dc_state + j, Cell::template carry<T, V>(cr, j, dc));
             }
             st(dh_state + j, direct);
           });
@@ -312,9 +310,10 @@ void forward_proj_steps(const LoopArgs<T>& p) {
       T* c = p.cT + b * H;
       T* m = p.m + b * H;
       const T* hg = p.hg + b * GH;
+      const FwdRow<T> r{H, row, hg, p.b_hh, nullptr, m, c, nullptr, p.k};
       over_units<T, T>(H, [&](auto zero, int64_t j) {
         using V = decltype(zero);
-        Cell::template forward<T, V>(j, H, row, hg, p.b_hh, nullptr, c, m, c, nullptr);
+        Cell::template forward<T, V>(r, j);
       });
       if (keep_c) std::memcpy(row + cell_offset<Cell>() * H, c, sizeof(T) * H);
     }
@@ -386,13 +385,13 @@ void backward_proj_steps(const LoopArgs<T>& p) {
       const T* dm = p.m + b * H;
       T* dc_state = p.dc0 + b * H;
       T sum_c = 0;
+      const BwdRow<T> cr{H, row, nullptr, nullptr, nullptr, c, cp, gx, nullptr, p.k, p.clip};
       over_units<T, T>(H, [&](auto zero, int64_t j) {
         using V = decltype(zero);
         V dc = ld<V>(dc_state + j), direct = zero;
-        Cell::template backward<T, V>(j, H, ld<V>(dm + j), &dc, row, nullptr, nullptr, nullptr,
-                                      c, cp, gx, gx, &direct, V(T(p.clip)));
+        Cell::template backward<T, V>(cr, j, ld<V>(dm + j), dc, direct);
         sum_c += lane_sum(dc * dc);
-        st(dc_state + j, Cell::template carry<T, V>(j, H, dc, row));
+        st(dc_state + j, Cell::template carry<T, V>(cr, j, dc));
         st(mrow + j, ld<V>(row + 3 * H + j) * math_tanh(ld<V>(c + j)));
       });
       if (p.norm_c) p.norm_c[r] = std::sqrt(sum_c);

@@ -14,9 +14,7 @@
 #define PYRNN_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #endif
 
-#include "../cells/gru.h"
-#include "../cells/lstm.h"
-#include "../cells/rnn.h"
+#include "../cells/registry.h"
 
 namespace pyrnn::cuda {
 namespace {
@@ -77,10 +75,11 @@ __global__ void __launch_bounds__(kMaxThreads)
     return;
   }
   T* c = Cell::kHasCell ? p.c + b * H : nullptr;
-  T* saved = Cell::kSaved ? row + GH : nullptr;
   // h and c are both the previous state and the new one: thread j reads and writes
   // only entry j of each (with a projection the cell reads no previous h).
-  Cell::template forward<T, A>(j, H, row, p.hg + b * GH, p.b_hh, out, c, out, c, saved);
+  const FwdRow<T> cr{H, row, p.hg + b * GH, p.b_hh, out, out, c,
+                     Cell::kSaved ? row + GH : nullptr, p.k};
+  Cell::template forward<T, A>(cr, j);
   if (!p.proj) p.y[r * H + j] = out[j];
   if constexpr (Cell::kHasCell) {
     if (W >= (kCellOffset<Cell> + 1) * H) row[kCellOffset<Cell> * H + j] = c[j];
@@ -124,7 +123,7 @@ __global__ void __launch_bounds__(kMaxReduceThreads)
 #pragma unroll
       for (int k = 0; k < G; ++k) {
         gx[k * H + j] = store<T>(A(0));
-        if (gh != gx) gh[k * H + j] = store<T>(A(0));
+        if (Cell::kSplitGrad) gh[k * H + j] = store<T>(A(0));
         if (gh_acc) gh_acc[k * H + j] = A(0);
       }
       hprev[j] = store<T>(A(0));
@@ -132,8 +131,6 @@ __global__ void __launch_bounds__(kMaxReduceThreads)
   } else {
     const int64_t q = prev_step(p, t, b);
     const T* row = p.ws ? p.ws + r * W : nullptr;
-    const T* saved = Cell::kSaved ? row + GH : nullptr;
-    const T* h = p.y + r * H;
     const T* hp = q >= 0 ? p.y + (q * B + b) * H : p.h0 + b * H;
     const T* c = nullptr;
     const T* cp = nullptr;
@@ -144,18 +141,18 @@ __global__ void __launch_bounds__(kMaxReduceThreads)
     const T* dy = p.dy + r * H;
     A* dh_state = p.dh + b * H;
     A* dc_state = Cell::kHasCell ? p.dc + b * H : nullptr;
-    const A clip = A(p.clip);
+    const BwdRow<T> cr{H, row, Cell::kSaved ? row + GH : nullptr, p.y + r * H, hp, c, cp, gx,
+                       Cell::kSplitGrad ? gh : nullptr, p.k, p.clip};
     for (int64_t j = j0; j < H; j += dj) {
       hprev[j] = hp[j];
       const A dh = load<A>(dy[j]) + dh_state[j];
       sum_h += dh * dh;
       A dc = Cell::kHasCell ? dc_state[j] : A(0);
       A direct = 0;
-      Cell::template backward<T, A>(j, H, dh, &dc, row, saved, h, hp, c, cp, gx, gh,
-                                    &direct, clip);
+      Cell::template backward<T, A>(cr, j, dh, dc, direct);
       if constexpr (Cell::kHasCell) {
         sum_c += dc * dc;
-        dc_state[j] = Cell::template carry<T, A>(j, H, dc, row);
+        dc_state[j] = Cell::template carry<T, A>(cr, j, dc);
       }
       dh_state[j] = direct;
       if (gh_acc) {
@@ -237,13 +234,12 @@ __global__ void __launch_bounds__(kMaxReduceThreads)
     for (int64_t j = j0; j < P; j += dj) hprev[j] = hp[j];
     const A* dm = p.dm + b * H;
     A* dc_state = p.dc + b * H;
-    const A clip = A(p.clip);
+    const BwdRow<T> cr{H, row, nullptr, nullptr, nullptr, c, cp, gx, nullptr, p.k, p.clip};
     for (int64_t j = j0; j < H; j += dj) {
       A dc = dc_state[j], direct = 0;
-      Cell::template backward<T, A>(j, H, dm[j], &dc, row, nullptr, nullptr, nullptr, c, cp,
-                                    gx, gx, &direct, clip);
+      Cell::template backward<T, A>(cr, j, dm[j], dc, direct);
       sum_c += dc * dc;
-      dc_state[j] = Cell::template carry<T, A>(j, H, dc, row);
+      dc_state[j] = Cell::template carry<T, A>(cr, j, dc);
       mrow[j] = store<T>(load<A>(row[3 * H + j]) * math_tanh(load<A>(c[j])));
       if (gh_acc) {
 #pragma unroll
@@ -273,15 +269,20 @@ inline void shape_for(int64_t B, int64_t n, bool reduce, dim3& grid, int& thread
 
 }  // namespace
 
-template <class Cell, typename T>
-cudaError_t forward_step(const StepArgs<T>& p, int64_t t, cudaStream_t stream) {
+template <typename T>
+cudaError_t forward_step(int cell, const StepArgs<T>& p, int64_t t, cudaStream_t stream) {
   if (p.batch == 0 || p.hidden == 0) return cudaSuccess;
-  if (p.proj && !std::is_same_v<Cell, LstmCell>) return cudaErrorInvalidValue;
   dim3 grid;
   int threads;
   shape_for(p.batch, p.hidden, false, grid, threads);
-  PYRNN_LAUNCH(grid, threads, 0, stream, forward_step_kernel<Cell, T, acc_t<T>>)(p, t);
-  return cudaGetLastError();
+  cudaError_t e = cudaErrorInvalidValue;  // an unknown cell, or a projection it does not take
+  with_cell_at(cell, [&](auto c) {
+    using Cell = decltype(c);
+    if (p.proj && !Cell::kProjection) return;
+    PYRNN_LAUNCH(grid, threads, 0, stream, forward_step_kernel<Cell, T, acc_t<T>>)(p, t);
+    e = cudaGetLastError();
+  });
+  return e;
 }
 
 template <typename T>
@@ -294,24 +295,30 @@ cudaError_t project_step(const StepArgs<T>& p, int64_t t, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <class Cell, typename T>
-cudaError_t backward_step(const StepArgs<T>& p, int64_t t, cudaStream_t stream) {
+template <typename T>
+cudaError_t backward_step(int cell, const StepArgs<T>& p, int64_t t, cudaStream_t stream) {
   if (p.batch == 0 || p.hidden == 0) return cudaSuccess;
   dim3 grid;
   int threads;
-  if constexpr (std::is_same_v<Cell, LstmCell>) {
-    if (p.proj) {
-      const int64_t n = p.hidden > p.proj ? p.hidden : p.proj;
-      shape_for(p.batch, n, p.norm_c != nullptr, grid, threads);
-      PYRNN_LAUNCH(grid, threads, 0, stream, backward_proj_step_kernel<T, acc_t<T>>)(p, t);
-      return cudaGetLastError();
+  cudaError_t e = cudaErrorInvalidValue;  // an unknown cell, or a projection it does not take
+  with_cell_at(cell, [&](auto c) {
+    using Cell = decltype(c);
+    if constexpr (std::is_same_v<Cell, LstmCell>) {
+      if (p.proj) {
+        const int64_t n = p.hidden > p.proj ? p.hidden : p.proj;
+        shape_for(p.batch, n, p.norm_c != nullptr, grid, threads);
+        PYRNN_LAUNCH(grid, threads, 0, stream, backward_proj_step_kernel<T, acc_t<T>>)(p, t);
+        e = cudaGetLastError();
+        return;
+      }
+    } else {
+      if (p.proj) return;
     }
-  } else {
-    if (p.proj) return cudaErrorInvalidValue;
-  }
-  shape_for(p.batch, p.hidden, p.norm_h != nullptr || p.norm_c != nullptr, grid, threads);
-  PYRNN_LAUNCH(grid, threads, 0, stream, backward_step_kernel<Cell, T, acc_t<T>>)(p, t);
-  return cudaGetLastError();
+    shape_for(p.batch, p.hidden, p.norm_h != nullptr || p.norm_c != nullptr, grid, threads);
+    PYRNN_LAUNCH(grid, threads, 0, stream, backward_step_kernel<Cell, T, acc_t<T>>)(p, t);
+    e = cudaGetLastError();
+  });
+  return e;
 }
 
 template <typename T>
@@ -324,16 +331,10 @@ cudaError_t project_grad_step(const StepArgs<T>& p, int64_t t, cudaStream_t stre
   return cudaGetLastError();
 }
 
-#define PYRNN_INSTANTIATE(Cell, T)                                                      \
-  template cudaError_t forward_step<Cell, T>(const StepArgs<T>&, int64_t, cudaStream_t); \
-  template cudaError_t backward_step<Cell, T>(const StepArgs<T>&, int64_t, cudaStream_t);
-
-#define PYRNN_INSTANTIATE_CELLS(T)                                                   \
-  PYRNN_INSTANTIATE(RnnCell<Act::kTanh>, T)                                          \
-  PYRNN_INSTANTIATE(RnnCell<Act::kRelu>, T)                                          \
-  PYRNN_INSTANTIATE(LstmCell, T)                                                     \
-  PYRNN_INSTANTIATE(GruCell, T)                                                      \
-  template cudaError_t project_step<T>(const StepArgs<T>&, int64_t, cudaStream_t); \
+#define PYRNN_INSTANTIATE_CELLS(T)                                                    \
+  template cudaError_t forward_step<T>(int, const StepArgs<T>&, int64_t, cudaStream_t);  \
+  template cudaError_t backward_step<T>(int, const StepArgs<T>&, int64_t, cudaStream_t); \
+  template cudaError_t project_step<T>(const StepArgs<T>&, int64_t, cudaStream_t);       \
   template cudaError_t project_grad_step<T>(const StepArgs<T>&, int64_t, cudaStream_t);
 
 PYRNN_INSTANTIATE_CELLS(float)
@@ -342,6 +343,5 @@ PYRNN_INSTANTIATE_CELLS(__half)
 PYRNN_INSTANTIATE_CELLS(__nv_bfloat16)
 
 #undef PYRNN_INSTANTIATE_CELLS
-#undef PYRNN_INSTANTIATE
 
 }  // namespace pyrnn::cuda

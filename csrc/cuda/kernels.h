@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../cells/registry.h"
+
 namespace pyrnn::cuda {
 
 // Arithmetic type for a storage type: double for double, float for the others.
@@ -39,6 +41,7 @@ struct StepArgs {
   const T* c0 = nullptr;
   const T* b_hh = nullptr;   // [G*H] or nullptr
   const T* w_hh = nullptr;   // [G*H, P]  (read by the time loop's products, loops.h)
+  double k[kMaxCellParams] = {};  // the cell's constants (kParams), by value
   int64_t proj = 0;          // P of an LSTM projection, 0 without one
   const T* w_hr = nullptr;   // [P, H] (projection)
 
@@ -52,7 +55,8 @@ struct StepArgs {
   // backward only
   const T* dy = nullptr;     // [T, B, P]
   T* gx = nullptr;           // [T, B, G*H] gate gradients, input side
-  T* gh = nullptr;           // [T, B, G*H] gate gradients, recurrent side (== gx unless GRU)
+  T* gh = nullptr;           // [T, B, G*H] gate gradients, recurrent side (Cell::kSplitGrad;
+                             // else == gx)
   T* hprev = nullptr;        // [T, B, P] h_{t-1} of every active step, zero otherwise
   A* dh = nullptr;           // [B, P] running dLoss/dh (in: from step t+1; out: the part
                              // that bypasses W_hh; the loop adds gh_t @ W_hh). On entry
@@ -75,8 +79,9 @@ struct StepArgs {
 // ws[t, b], hg[b], h[b], c[b]; then y[t, b] = h[b] (and c_t into ws[t, b] when W is wide
 // enough). Where t is inactive: y[t, b] = 0 and ws[t, b] = 0, state unchanged. With a
 // projection the cell writes m[b] instead of h[b], and project_step finishes the step.
-template <class Cell, typename T>
-cudaError_t forward_step(const StepArgs<T>& p, int64_t t, cudaStream_t stream);
+// cell: the cell's index in the registry (cell_index<Cell>()).
+template <typename T>
+cudaError_t forward_step(int cell, const StepArgs<T>& p, int64_t t, cudaStream_t stream);
 
 // Projection, after hnew = m @ W_hr^T: h[b] = y[t, b] = hnew[b] where t is active in
 // sequence b, y[t, b] = 0 elsewhere.
@@ -87,8 +92,8 @@ cudaError_t project_step(const StepArgs<T>& p, int64_t t, cudaStream_t stream);
 // cpu::backward_loop does, including the norms when norm_h / norm_c are set. With a
 // projection (LSTM), the cell's part of cpu::backward_proj_loop's step on dm, after
 // project_grad_step and dm = dhtot_t @ W_hr.
-template <class Cell, typename T>
-cudaError_t backward_step(const StepArgs<T>& p, int64_t t, cudaStream_t stream);
+template <typename T>
+cudaError_t backward_step(int cell, const StepArgs<T>& p, int64_t t, cudaStream_t stream);
 
 // Projection, first part of step t of BPTT: dhtot[t, b] = dy[t, b] + dh[b] and dh[b] = 0
 // where t is active (dhtot[t, b] = 0 elsewhere, dh kept), with its norm into norm_h.

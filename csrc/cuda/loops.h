@@ -42,7 +42,7 @@ cudaError_t forward_loop(const StepArgs<T>& p, Mm&& mm, cudaStream_t stream) {
     const int64_t t = p.reverse ? Tn - 1 - s : s;
     // hg[B, G*H] = h_{t-1}[B, P] @ W_hh^T
     mm(Product<T>{B, GH, P, p.h, P, p.w_hh, P, true, p.hg, GH, false});
-    if (const cudaError_t e = forward_step<Cell, T>(p, t, stream)) return e;
+    if (const cudaError_t e = forward_step<T>(cell_index<Cell>(), p, t, stream)) return e;
     if (p.proj) {
       // hnew[B, P] = m_t[B, H] @ W_hr^T
       mm(Product<T>{B, P, H, p.m, H, p.w_hr, H, true, p.hnew, P, false});
@@ -77,7 +77,7 @@ cudaError_t backward_loop(const StepArgs<T>& p, Mm&& mm, cudaStream_t stream) {
       // dm[B, H] = dhtot_t[B, P] @ W_hr[P, H]
       mm(Product<A>{B, H, P, p.dhtot + t * B * P, P, w_hr, H, false, p.dm, H, false});
     }
-    if (const cudaError_t e = backward_step<Cell, T>(p, t, stream)) return e;
+    if (const cudaError_t e = backward_step<T>(cell_index<Cell>(), p, t, stream)) return e;
     // dh_{t-1}[B, P] += gh_t[B, G*H] @ W_hh[G*H, P]   (inactive rows of gh_t are zero)
     const A* g;
     if constexpr (std::is_same_v<A, T>) g = p.gh_acc ? p.gh_acc : p.gh + t * B * GH;

@@ -143,15 +143,24 @@ struct CpuMm {
   }
 };
 
+// Calls f(Cell{}) for the cell at index mode of the registry.
 template <typename F>
 void with_mode(int64_t mode, F&& f) {
-  switch (mode) {
-    case 0: f(RnnCell<Act::kTanh>{}); break;
-    case 1: f(RnnCell<Act::kRelu>{}); break;
-    case 2: f(LstmCell{}); break;
-    case 3: f(GruCell{}); break;
-    default: throw std::runtime_error("unknown mode");
-  }
+  bool found = false;
+  with_cell_at(int(mode), [&](auto cell) {
+    found = true;
+    f(cell);
+  });
+  if (!found) throw std::runtime_error("unknown mode " + std::to_string(mode));
+}
+
+// The cell's constants: the case's "k" (float64 values), in the registry's order.
+template <typename T>
+void set_constants(Case& c, cuda::StepArgs<T>& p) {
+  if (!c.has("k")) return;
+  const Buf& k = c.get("k");
+  if (k.size() > sizeof p.k) throw std::runtime_error("too many constants");
+  std::memcpy(p.k, k.data(), k.size());
 }
 
 template <typename T>
@@ -168,6 +177,7 @@ cudaError_t run_forward(Case& c) {
   p.proj = proj;
   p.w_hr = c.ptr<T>("w_hr");
   p.hg = c.make<T>("scratch_hg", B * G * H);
+  set_constants(c, p);
   p.h = c.make<T>("h_n", B * P);
   std::memcpy(p.h, c.ptr<T>("h0"), sizeof(T) * B * P);
   if (c.has("c0")) {
@@ -205,20 +215,26 @@ cudaError_t run_backward(Case& c) {
   p.w_hr = c.ptr<T>("w_hr");
   p.dy = c.ptr<T>("dy");
   p.gx = c.make<T>("gx", Tn * B * GH);
-  p.gh = mode == 3 ? c.make<T>("gh", Tn * B * GH) : p.gx;
+  bool split = false, has_cell = false;
+  with_mode(mode, [&](auto cell) {
+    split = decltype(cell)::kSplitGrad;
+    has_cell = decltype(cell)::kHasCell;
+  });
+  p.gh = split ? c.make<T>("gh", Tn * B * GH) : p.gx;
+  set_constants(c, p);
   p.hprev = c.make<T>("hprev", Tn * B * P);
   // running dLoss/dh, dLoss/dc in A, from grad_h_n / grad_c_n (as cuda_ops.cpp)
-  std::vector<A> dh(B * P, A(0)), dc(mode == 2 ? B * H : 0, A(0));
+  std::vector<A> dh(B * P, A(0)), dc(has_cell ? B * H : 0, A(0));
   if (const T* d = c.ptr<T>("dh_n"))
     for (int64_t k = 0; k < B * P; ++k) dh[k] = up(d[k]);
   if (const T* d = c.ptr<T>("dc_n"))
     for (int64_t k = 0; k < B * H; ++k) dc[k] = up(d[k]);
   p.dh = dh.data();
-  p.dc = mode == 2 ? dc.data() : nullptr;
+  p.dc = has_cell ? dc.data() : nullptr;
   p.clip = c.f("clip");
   T* norms = record ? c.make<T>("norms", 2 * Tn * B, true) : nullptr;
   p.norm_h = norms;
-  p.norm_c = record && mode == 2 ? norms + Tn * B : nullptr;
+  p.norm_c = record && has_cell ? norms + Tn * B : nullptr;
   std::vector<A> w_hh_acc, w_hr_acc, gh_acc;
   if (narrow) {
     gh_acc.resize(B * GH);
@@ -241,7 +257,7 @@ cudaError_t run_backward(Case& c) {
   });
   T* dh0 = c.make<T>("dh0", B * P);
   for (int64_t k = 0; k < B * P; ++k) dh0[k] = down<T>(dh[k]);
-  if (mode == 2) {
+  if (has_cell) {
     T* dc0 = c.make<T>("dc0", B * H);
     for (int64_t k = 0; k < B * H; ++k) dc0[k] = down<T>(dc[k]);
   }
