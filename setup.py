@@ -6,9 +6,8 @@ PYRNN_CUDA=1 forces the CUDA build on, PYRNN_CUDA=0 forces a CPU-only build.
 Install with `pip install --no-build-isolation .` so that the build uses the torch you
 already have.
 """
-import ctypes
-import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 import torch
@@ -30,43 +29,23 @@ def want_cuda():
     return found
 
 
-def libtorch_exports(*names):
-    """True if libtorch_cpu exports every symbol in names (BLAS entries the loops call)."""
-    lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
-    try:
-        handle = ctypes.CDLL(lib)
-    except OSError:
-        return False
-    return all(hasattr(handle, n) for n in names)
-
-
-def march_flags():
-    """-march for the whole build: none by default (the compiler's baseline, x86-64), as
-    the loops are compiled once more for each instruction set they dispatch to at run
-    time; PYRNN_MARCH=native (or any -march value) raises the baseline."""
-    march = os.environ.get("PYRNN_MARCH", "").strip()
-    return [] if march.lower() in ("", "none") else [f"-march={march}"]
-
-
 here = os.path.dirname(os.path.abspath(__file__))
-with open(os.path.join(here, "csrc", "sources.txt")) as f:
-    sources = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
-cxx_flags = ["-O3", "-Wno-psabi", "-fopenmp"] + march_flags()
-macros = []
-if not libtorch_exports("dgemm_"):
-    macros.append(("PYRNN_NO_BLAS", None))
+sys.path.insert(0, here)
+import build_config  # noqa: E402  (the build's sources, flags and probes, shared with CMake)
 
-if want_cuda():
-    sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda_ops.cpp"]
-    macros.append(("PYRNN_WITH_CUDA", None))
-    # nvcc flags in one place for setup.py, CMakeLists.txt and .ci/check_cuda.sh (torch's
-    # CUDAExtension adds the same half-conversion macros, and the architectures from
-    # TORCH_CUDA_ARCH_LIST or the visible GPUs)
-    with open(os.path.join(here, "csrc", "cuda", "nvcc.flags")) as f:
-        nvcc_flags = f.read().split()
+sources = list(build_config.SOURCES)
+cxx_flags = build_config.CXX_FLAGS + ["-fopenmp"] + build_config.march_flags()
+libtorch_cpu = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+cuda = want_cuda()
+macros = [(d, None) for d in build_config.definitions(libtorch_cpu, cuda)]
+
+if cuda:
+    sources += build_config.CUDA_SOURCES
+    # (torch's CUDAExtension adds the same half-conversion macros, and the architectures
+    # from TORCH_CUDA_ARCH_LIST or the visible GPUs)
     ext = cpp_extension.CUDAExtension(
         "pyrnn._C", sources, define_macros=macros,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": build_config.NVCC_FLAGS},
         extra_link_args=["-fopenmp"],
     )
 else:

@@ -26,10 +26,12 @@ import pyrnn
 from pyrnn import reference
 
 SHAPES = {"S1": (100, 32, 128), "S2": (100, 32, 512), "S3": (500, 8, 256), "S4": (100, 1, 64)}
+# The cells with a torch.nn counterpart to time against, with their gate counts from the
+# registry (pyrnn.ops.GATES).
 CELLS = {
-    "rnn_tanh": (torch.nn.RNN, pyrnn.RNN, 1),
-    "lstm": (torch.nn.LSTM, pyrnn.LSTM, 4),
-    "gru": (torch.nn.GRU, pyrnn.GRU, 3),
+    "rnn_tanh": (torch.nn.RNN, pyrnn.RNN, pyrnn.ops.GATES["rnn_tanh"]),
+    "lstm": (torch.nn.LSTM, pyrnn.LSTM, pyrnn.ops.GATES["lstm"]),
+    "gru": (torch.nn.GRU, pyrnn.GRU, pyrnn.ops.GATES["gru"]),
 }
 
 

@@ -495,8 +495,8 @@ class RNN(_Base):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         if nonlinearity not in ("tanh", "relu", "leaky_relu"):
-            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh', "
-                             "'relu' or 'leaky_relu'.")
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or "
+                             "'relu'. (pyrnn also takes 'leaky_relu'.)")
         if negative_slope is not None and nonlinearity != "leaky_relu":
             raise ValueError(f"negative_slope: only nonlinearity='leaky_relu' takes one, got "
                              f"negative_slope={negative_slope!r} with nonlinearity="

@@ -50,31 +50,25 @@ def test_op_norms_match_reference(mode, reverse, use_lengths):
 
 
 def _module_reference_norms(m, x, lengths, h0, cot_out):
-    """Per-layer, per-direction reference norms from reference ops sharing m's weights."""
-    mode = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}[m.mode]
-    D = 2 if m.bidirectional else 1
+    """Per-layer, per-direction reference norms from the reference's layer stack sharing m's
+    weights."""
     T, B = x.shape[0], x.shape[1]
-    inp, all_steps = x, []
-    for layer in range(m.num_layers):
-        outs = []
-        for d in range(D):
-            sfx = f"_l{layer}" + ("_reverse" if d else "")
-            w = [getattr(m, n + sfx) for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-            steps = []
-            k = layer * D + d
-            cx = h0[k] if mode == "lstm" else None
-            res = call_op(reference, mode, inp, h0[k], cx, *w, lengths=lengths, reverse=d == 1,
-                          steps=steps)
-            outs.append(res[0])
-            all_steps.append(steps)
-        inp = torch.cat(outs, 2) if D == 2 else outs[0]
-    inp.backward(cot_out)
-    hs, cs = zip(*(_reference_norms(s, T, B) for s in all_steps))
+    D = 2 if m.bidirectional else 1
+    weights = [m._weights(layer, d) for layer in range(m.num_layers) for d in range(D)]
+    steps = []
+    out, _, _ = reference.stack(m._cell_mode, x, h0, h0 if m.mode == "LSTM" else None, weights,
+                                lengths, m.bidirectional, params=m._cell_params(), steps=steps)
+    out.backward(cot_out)
+    hs, cs = zip(*(_reference_norms(s, T, B) for s in steps))
     return torch.stack(hs), torch.stack(cs)
 
 
-@pytest.mark.parametrize("cls,kw", [(pyrnn.RNN, {}), (pyrnn.RNN, {"nonlinearity": "relu"}),
-                                    (pyrnn.LSTM, {}), (pyrnn.GRU, {})])
+MODULES = [(pyrnn.RNN, {}), (pyrnn.RNN, {"nonlinearity": "relu"}),
+           (pyrnn.RNN, {"nonlinearity": "leaky_relu", "negative_slope": 0.2}),
+           (pyrnn.LSTM, {}), (pyrnn.GRU, {})]
+
+
+@pytest.mark.parametrize("cls,kw", MODULES)
 @pytest.mark.parametrize("layers,bidirectional,packed",
                          [(1, False, False), (2, False, False), (2, True, False), (2, True, True)])
 def test_module_norms_match_reference(cls, kw, layers, bidirectional, packed):
@@ -194,7 +188,7 @@ def test_record_lifecycle():
     assert m.grad_norms.hidden.shape == (2, 3, 1)  # recording off: the last record stays
 
 
-def _reference_gate_stats(mode, steps, T, B):
+def _reference_gate_stats(mode, steps, T, B, params=()):
     """The statistics, from the reference's per-step gates, by the documented rules."""
     out = torch.zeros(2, T, B, dtype=torch.float64)
     for s in steps:
@@ -205,6 +199,8 @@ def _reference_gate_stats(mode, steps, T, B):
             factor, sat = 1 - g, (g < 0.05) | (g > 0.95)
         elif mode == "rnn_tanh":
             factor, sat = 1 - h ** 2, h.abs() > 0.95
+        elif mode == "rnn_leaky_relu":  # derivative 1, or the slope at and below zero
+            factor, sat = (h > 0).double() + params[0] * (h <= 0).double(), h <= 0
         else:
             factor, sat = (h > 0).double(), h == 0
         m = s["mask"].double()
@@ -213,8 +209,7 @@ def _reference_gate_stats(mode, steps, T, B):
     return out
 
 
-@pytest.mark.parametrize("cls,kw", [(pyrnn.RNN, {}), (pyrnn.RNN, {"nonlinearity": "relu"}),
-                                    (pyrnn.LSTM, {}), (pyrnn.GRU, {})])
+@pytest.mark.parametrize("cls,kw", MODULES)
 @pytest.mark.parametrize("grad", [False, True])
 def test_gate_stats_match_reference(cls, kw, grad):
     # two layers, bidirectional, packed: every indexing path of the record
@@ -230,20 +225,14 @@ def test_gate_stats_match_reference(cls, kw, grad):
     with torch.set_grad_enabled(grad):
         m(pack_padded_sequence(x, lengths, enforce_sorted=False))
     rec = m.gate_stats
-    mode = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}[m.mode]
-    inp, expected = x, []
-    for layer in range(2):
-        outs = []
-        for d in range(2):
-            sfx = f"_l{layer}" + ("_reverse" if d else "")
-            w = [getattr(m, n + sfx).detach() for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-            h0 = torch.zeros(B, H, dtype=torch.float64)
-            steps = []
-            res = call_op(reference, mode, inp, h0, h0 if mode == "lstm" else None, *w,
-                          lengths=lengths, reverse=d == 1, steps=steps)
-            outs.append(res[0])
-            expected.append(_reference_gate_stats(mode, steps, T, B))
-        inp = torch.cat(outs, 2)
+    mode = m._cell_mode
+    weights = [[None if w is None else w.detach() for w in m._weights(layer, d)]
+               for layer in range(2) for d in range(2)]
+    h0 = torch.zeros(4, B, H, dtype=torch.float64)
+    steps = []
+    reference.stack(mode, x, h0, h0 if m.mode == "LSTM" else None, weights, lengths, True,
+                    params=m._cell_params(), steps=steps)
+    expected = [_reference_gate_stats(mode, s, T, B, m._cell_params()) for s in steps]
     expected = torch.stack(expected)
     # the same float64 gates up to rounding; a unit within rounding of a saturation
     # threshold could flip, which these random weights do not hit
