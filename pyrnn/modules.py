@@ -16,11 +16,28 @@ from . import export as _export
 from . import ops
 
 
-def _check_slope(value) -> float:
+def _leaky_slope(nonlinearity, negative_slope):
+    """The negative slope of an Elman module or cell: its registry default when None, checked
+    (a finite number >= 0); None for a nonlinearity other than leaky_relu, which takes none."""
+    if nonlinearity != "leaky_relu":
+        if negative_slope is not None:
+            raise ValueError(f"negative_slope: only nonlinearity='leaky_relu' takes one, got "
+                             f"negative_slope={negative_slope!r} with nonlinearity="
+                             f"'{nonlinearity}'")
+        return None
+    if negative_slope is None:
+        return ops.CELLS["rnn_leaky_relu"]["params"]["negative_slope"]
+    value = negative_slope
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
             0 <= value < float("inf")):
         raise ValueError(f"negative_slope: expected a finite number >= 0, got {value!r}")
     return float(value)
+
+
+def _constants(module, mode) -> list:
+    """The constants of cell ``mode`` (the registry's order): the module's attributes of
+    the constants' names."""
+    return [getattr(module, name) for name in ops.CELLS[mode]["params"]]
 
 
 class GradNorms:
@@ -189,9 +206,7 @@ class _Base(nn.RNNBase):
 
     def _cell_params(self) -> list:
         """The cell's constants, in the registry's order."""
-        if self.mode == "RNN_LEAKY_RELU":
-            return [self.negative_slope]
-        return []
+        return _constants(self, self._cell_mode)
 
     def _check_penalty(self):
         if self.vanishing_penalty and not ops.CELLS[self._cell_mode]["elman"]:
@@ -497,17 +512,14 @@ class RNN(_Base):
         if nonlinearity not in ("tanh", "relu", "leaky_relu"):
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or "
                              "'relu'. (pyrnn also takes 'leaky_relu'.)")
-        if negative_slope is not None and nonlinearity != "leaky_relu":
-            raise ValueError(f"negative_slope: only nonlinearity='leaky_relu' takes one, got "
-                             f"negative_slope={negative_slope!r} with nonlinearity="
-                             f"'{nonlinearity}'")
+        slope = _leaky_slope(nonlinearity, negative_slope)
         self.nonlinearity = nonlinearity
         super().__init__("RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU", input_size,
                          hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          device=device, dtype=dtype, **kwargs)
-        if nonlinearity == "leaky_relu":
+        if slope is not None:
             self.mode = "RNN_LEAKY_RELU"
-            self.negative_slope = _check_slope(0.01 if negative_slope is None else negative_slope)
+            self.negative_slope = slope
 
     def extra_repr(self) -> str:
         s = super().extra_repr()  # torch.nn's, which does not name the nonlinearity
@@ -546,7 +558,7 @@ class _CellMixin:
     _name = None
 
     def _cell_params(self) -> list:
-        return [self.negative_slope] if self._mode == "rnn_leaky_relu" else []
+        return _constants(self, self._mode)
 
     def _step(self, input, hx):
         """input [B, I] or [I]; hx None, a tensor, or (h, c) for the LSTM cell."""
@@ -619,13 +631,10 @@ class RNNCell(_CellMixin, nn.RNNCell):
 
     def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None,
                  dtype=None, negative_slope=None):
-        if negative_slope is not None and nonlinearity != "leaky_relu":
-            raise ValueError(f"negative_slope: only nonlinearity='leaky_relu' takes one, got "
-                             f"negative_slope={negative_slope!r} with nonlinearity="
-                             f"'{nonlinearity}'")
+        slope = _leaky_slope(nonlinearity, negative_slope)
         super().__init__(input_size, hidden_size, bias, nonlinearity, device=device, dtype=dtype)
-        if nonlinearity == "leaky_relu":
-            self.negative_slope = _check_slope(0.01 if negative_slope is None else negative_slope)
+        if slope is not None:
+            self.negative_slope = slope
 
     @property
     def _mode(self):

@@ -29,7 +29,7 @@ CELLS = {c["name"]: c for c in _C.cells()}
 GATES = {name: c["gates"] for name, c in CELLS.items()}
 
 
-def cell_params(mode: str, **given) -> list:
+def constants(mode: str, **given) -> list:
     """The constants of cell ``mode`` in the registry's order, from keyword arguments
     (missing ones at their defaults), as the ops' ``cell_params``."""
     params = CELLS[mode]["params"]
@@ -203,7 +203,7 @@ def layer(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], weight_ih:
           cell_params=()):
     """One layer in one direction of the cell ``mode`` (a name in CELLS). Returns
     (output, h_n, c_n); c_n is None unless the cell has a cell state (LSTM).
-    cell_params: the cell's constants in the registry's order (see cell_params()); empty
+    cell_params: the cell's constants in the registry's order (see constants()); empty
     for their defaults.
     weight_hr [P, H] (LSTM only) projects h_t = W_hr (o_t * tanh(c_t)); hx is then [B, P].
     gate_stats_out, a [2, T, B] tensor, receives the forward's gate statistics (see
@@ -222,13 +222,8 @@ def layer(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], weight_ih:
         with torch.no_grad():
             gate_stats_out.copy_(_gate_stats(mode, out, workspace, weight_hh.shape[0] //
                                              GATES[mode], lengths,
-                                             params or cell_params_of(mode)))
+                                             params or constants(mode)))
     return out, h_n, (c_n if cell["has_cell"] else None)
-
-
-def cell_params_of(mode: str) -> list:
-    """The defaults of cell ``mode``'s constants, in the registry's order."""
-    return list(CELLS[mode]["params"].values())
 
 
 def rnn_tanh(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,

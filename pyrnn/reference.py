@@ -16,6 +16,8 @@ whose backward is not differentiable, cannot serve.
 """
 import torch
 
+from . import _C
+
 
 def _clip_hook(c):
     return lambda g: g.clamp(-c, c)
@@ -100,12 +102,13 @@ def gate_factor(mode, out, workspace, H, params=()):
     return GATE_FACTORS[mode](out, workspace, H, list(params))
 
 
-def _default_params(mode):
-    from . import _C
-    for c in _C.cells():
-        if c["name"] == mode:
-            return list(c["params"].values())
-    raise ValueError(f"mode: expected one of {', '.join(repr(m) for m in STEPS)}, got {mode!r}")
+# The defaults of every cell's constants, in the registry's order.
+_DEFAULTS = {c["name"]: list(c["params"].values()) for c in _C.cells()}
+
+
+def _constants(mode, params):
+    """The cell's constants: ``params``, or its defaults when None or empty."""
+    return _DEFAULTS[mode] if params is None or len(params) == 0 else list(params)
 
 
 def _run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse,
@@ -116,7 +119,7 @@ def _run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, r
         raise ValueError(f"mode: expected one of {', '.join(repr(m) for m in STEPS)}, "
                          f"got {mode!r}")
     step = STEPS[mode]
-    k = _default_params(mode) if params is None or len(params) == 0 else list(params)
+    k = _constants(mode, params)
     T, B = input.shape[0], input.shape[1]
     h, c = hx, cx
     outputs = [None] * T
@@ -204,10 +207,10 @@ def vanishing_penalty(mode, steps, weight_hh, bptt_clip=0.0, params=None):
     B = steps[0]["h"].shape[0]
     ratio = weight_hh.new_zeros(T, B)
     omega = weight_hh.new_zeros(())
+    k = _constants(mode, params)
     for prev, cur in zip(steps[:-1], steps[1:]):
         h = cur["h"].detach()
         v = cur["h"].grad if cur["h"].grad is not None else torch.zeros_like(h)
-        k = _default_params(mode) if params is None or len(params) == 0 else list(params)
         d = GATE_FACTORS[mode](h, None, h.shape[1], k)[0]  # the activation's derivative
         g = v * d
         if bptt_clip:

@@ -281,3 +281,11 @@ def test_leaky_export_runs_in_onnxruntime(tmp_path):
     for g, w in zip(got, want):
         # float32 the same per-step operations in another order: a few ulps of |values| ~ 1
         torch.testing.assert_close(torch.from_numpy(g), w, rtol=0, atol=1e-5)
+
+
+def test_constants_by_name():
+    assert ops.constants("rnn_leaky_relu") == [0.01]
+    assert ops.constants("rnn_leaky_relu", negative_slope=0.3) == [0.3]
+    assert ops.constants("lstm") == []
+    with pytest.raises(TypeError, match="takes the constants \\['negative_slope'\\]"):
+        ops.constants("rnn_leaky_relu", slope=0.3)
