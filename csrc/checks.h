@@ -19,18 +19,22 @@ struct CellInfo {
   int id;  // index in AllCells
   const char* name;
   int gates, saved;
-  bool has_cell, split_grad, keeps_row, projection;
+  bool has_cell, split_grad, keeps_row, projection, row_wise, layer_norm;
   std::vector<std::string> params;  // the constants' names, in order
   std::vector<double> defaults;     // and their default values
   // The Elman cells (one gate, no cell state, nothing but h from the step before): those
   // the vanishing-gradient regulariser is defined for.
   bool elman() const { return gates == 1 && !has_cell && !split_grad && saved == 0; }
+  // The length of the cell's own weights (cell_weight) for H units: a layer-normalised
+  // cell's gains of the input side and the recurrent side (G*H each) and the gain and
+  // bias of its cell state's norm (H each); 0 for the others.
+  int64_t weights(int64_t H) const { return layer_norm ? (2 * gates + 2) * H : 0; }
 };
 
 template <class Cell>
 inline CellInfo info_of(int id) {
   CellInfo c{id, Cell::kName, Cell::kGates, Cell::kSaved, Cell::kHasCell, Cell::kSplitGrad,
-             Cell::kKeepsRow, Cell::kProjection, {}, {}};
+             Cell::kKeepsRow, Cell::kProjection, Cell::kRowWise, Cell::kLayerNorm, {}, {}};
   const std::string spec = Cell::kParams;  // "name=default,name=default"
   size_t at = 0;
   while (at < spec.size()) {
@@ -185,6 +189,20 @@ inline Dims check_forward_args(const CellInfo& m, const at::Tensor& input, const
   return d;
 }
 
+// cell_weight: the cell's own weights, [m.weights(H)], for a layer-normalised cell; None
+// for the others.
+inline void check_cell_weight(const CellInfo& m, const std::optional<at::Tensor>& w,
+                              const at::Tensor& input, const Dims& d) {
+  if (!m.layer_norm) {
+    TORCH_CHECK_VALUE(!w.has_value(), "cell_weight: mode '", m.name, "' takes none");
+    return;
+  }
+  TORCH_CHECK_VALUE(w.has_value(), "cell_weight: mode '", m.name, "' needs its weights [",
+                    2 * m.gates + 2, " * hidden_size], got None");
+  check_same(*w, "cell_weight", input);
+  check_shape(*w, "cell_weight", {m.weights(d.H)});
+}
+
 // bptt_clip: a number >= 0 (0 = off); NaN is rejected.
 inline void check_clip(double bptt_clip) {
   TORCH_CHECK_VALUE(bptt_clip >= 0, "bptt_clip: expected a number >= 0 (0 = off), got ",
@@ -241,14 +259,17 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_forward(
   return {at::empty({d.T, d.B, d.P}, o), at::empty({d.B, d.P}, o), c_n, at::empty({0}, o)};
 }
 
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                  at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-empty_backward(const CellInfo& m, const Dims& d, bool input_grad, bool record, const at::TensorOptions& o) {
+// What the backward ops return (ops.cpp lists them).
+using BackwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+               at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+inline BackwardResult empty_backward(const CellInfo& m, const Dims& d, bool input_grad, bool record, const at::TensorOptions& o) {
   const at::Tensor none = at::empty({0}, o);
   return {input_grad ? at::zeros({d.T, d.B, d.I}, o) : none, at::empty({d.B, d.P}, o),
           m.has_cell ? at::empty({d.B, 0}, o) : none, at::empty({0, d.I}, o),
           at::empty({0, d.P}, o), none, none, none,
-          record ? at::zeros({2, d.T, d.B}, o) : none, none, none};
+          record ? at::zeros({2, d.T, d.B}, o) : none, none, none, none};
 }
 
 // Checks the arguments of a backward call (those of its forward, then what the forward

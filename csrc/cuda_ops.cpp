@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "checks.h"
+#include "layer_norm.h"
 #include "cuda/loops.h"
 
 namespace pyrnn {
@@ -92,7 +93,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_,
     const OptTensor& w_hr_, const OptTensor& lengths_, bool reverse, bool save,
     double bptt_clip, const OptTensor& norm_out, double vanishing_penalty,
-    const OptTensor& ratio_out, const OptTensor& omega_out, c10::ArrayRef<double> cell_params) {
+    const OptTensor& ratio_out, const OptTensor& omega_out, c10::ArrayRef<double> cell_params,
+    const OptTensor& cell_weight_) {
   (void)ratio_out;
   (void)omega_out;
   TORCH_CHECK_NOT_IMPLEMENTED(vanishing_penalty == 0.0,
@@ -102,6 +104,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
   const std::array<double, kMaxCellParams> consts = cell_constants(m, cell_params);
   const Dims d = check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_,
                                     lengths_, /*allow_half=*/true);
+  check_cell_weight(m, cell_weight_, input_, d);
   check_norm_out(norm_out, input_, d);
   check_clip(bptt_clip);  // used by backward; rejected here, where the mistake is made
   if (d.H == 0) return empty_forward(m, d, input_.options());
@@ -112,6 +115,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
   const Tensor w_hr = w_hr_ ? w_hr_->contiguous() : Tensor();
   const Tensor b_hh = b_hh_ ? b_hh_->contiguous() : Tensor();
   const Tensor lengths = lengths_on(lengths_, input.device());
+  const Tensor cw = cell_weight_ ? cell_weight_->contiguous() : Tensor();
   const auto opt = input.options();
 
   const int64_t W = run_width(m, H, save);
@@ -120,7 +124,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
   // (a strided view when W > G*H).
   Tensor proj = ws.view({T * B, W}).narrow(1, 0, GH);
   const Tensor x2 = input.view({T * B, d.I});
-  if (b_ih_) at::addmm_out(proj, *b_ih_, x2, w_ih.t());
+  if (m.layer_norm)  // LN(x @ W_ih^T) * gamma_ih + b_ih
+    proj.copy_(normalised_input(at::mm(x2, w_ih.t()), cw, b_ih_ ? *b_ih_ : Tensor(), consts[0]));
+  else if (b_ih_) at::addmm_out(proj, *b_ih_, x2, w_ih.t());
   else at::mm_out(proj, x2, w_ih.t());
   Tensor output = at::empty({T, B, P}, opt);
   Tensor h_n = hx_.clone(at::MemoryFormat::Contiguous);  // running h state, then h_n
@@ -148,6 +154,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
       p.hnew = p.m + B * H;
     }
     for (size_t i = 0; i < consts.size(); ++i) p.k[i] = consts[i];
+    p.cw = ptr<scalar_t>(cw);
     with_cell_at(m.id, [&](auto cell) {
       C10_CUDA_CHECK((cuda::forward_loop<decltype(cell), CT>(p, AtenProducts{input.device()}, stream)));
     });
@@ -156,15 +163,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cuda(
   return {output, h_n, c_n, ws};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-           Tensor>
-backward_cuda(
+BackwardResult backward_cuda(
     c10::string_view mode_s, const Tensor& grad_output_, const OptTensor& grad_h_n,
     const OptTensor& grad_c_n, const Tensor& input_, const Tensor& hx_, const OptTensor& cx_,
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias,
     bool input_grad, const OptTensor& lengths_, const Tensor& output_,
     const Tensor& workspace_, bool reverse, double bptt_clip, bool record,
-    double vanishing_penalty, c10::ArrayRef<double> cell_params) {
+    double vanishing_penalty, c10::ArrayRef<double> cell_params,
+    const OptTensor& cell_weight_) {
   TORCH_CHECK_NOT_IMPLEMENTED(vanishing_penalty == 0.0,
                               "vanishing_penalty: the vanishing-gradient regulariser runs on "
                               "the CPU only; got ", vanishing_penalty, " for a CUDA input");
@@ -173,6 +179,7 @@ backward_cuda(
   const Dims d = check_backward_args(m, grad_output_, grad_h_n, grad_c_n, input_, hx_, cx_,
                                      w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_,
                                      bptt_clip, /*allow_half=*/true);
+  check_cell_weight(m, cell_weight_, input_, d);
   const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, W = saved_width(m, H), P = d.P;
   if (H == 0) return empty_backward(m, d, input_grad, record, input_.options());
 
@@ -185,9 +192,11 @@ backward_cuda(
   const Tensor y = output_.contiguous(), ws = workspace_.contiguous();
   const Tensor cx = cx_ ? cx_->contiguous() : Tensor();
   const Tensor lengths = lengths_on(lengths_, input.device());
+  const Tensor cw = cell_weight_ ? cell_weight_->contiguous() : Tensor();
   const auto opt = input.options();
 
   Tensor gx = at::empty({T, B, GH}, opt);
+  Tensor dnorm = m.layer_norm ? at::empty({T, B, H}, opt) : Tensor();
   Tensor gh = m.split_grad ? at::empty({T, B, GH}, opt) : gx;
   Tensor hprev = at::empty({T, B, P}, opt);
   Tensor dh0 = at::empty({B, P}, opt);
@@ -252,6 +261,8 @@ backward_cuda(
       p.mall = ptr<scalar_t>(mall);
     }
     for (size_t i = 0; i < consts.size(); ++i) p.k[i] = consts[i];
+    p.cw = ptr<scalar_t>(cw);
+    p.dnorm = ptr<scalar_t>(dnorm);
     with_cell_at(m.id, [&](auto cell) {
       C10_CUDA_CHECK((cuda::backward_loop<decltype(cell), CT>(p, AtenProducts{input.device()}, stream)));
     });
@@ -263,17 +274,25 @@ backward_cuda(
 
   // Everything that does not depend on the order of time: single products over T*B rows.
   const Tensor gx2 = gx.view({T * B, GH}), gh2 = gh.view({T * B, GH});
-  Tensor dx = input_grad ? at::mm(gx2, w_ih).view({T, B, d.I}) : at::empty({0}, opt);
-  Tensor dw_ih = at::mm(gx2.t(), input.view({T * B, d.I}));
+  // gin: dLoss/d(x @ W_ih^T), which is gx unless the input side is layer-normalised.
+  Tensor gin = gx2, dcw = at::empty({0}, opt);
+  if (m.layer_norm)
+    std::tie(gin, dcw) = layer_norm_grads(
+        gx2, dnorm.view({T * B, H}), ws.view({T * B, W}),
+        at::mm(input.view({T * B, d.I}), w_ih_.t()), cw, consts[0],
+        [](const Tensor& a) { return a.sum(0); });
+  Tensor dx = input_grad ? at::mm(gin, w_ih).view({T, B, d.I}) : at::empty({0}, opt);
+  Tensor dw_ih = at::mm(gin.t(), input.view({T * B, d.I}));
   Tensor dw_hh = at::mm(gh2.t(), hprev.view({T * B, P}));
   Tensor dw_hr = at::empty({0}, opt);
   if (w_hr.defined())  // dW_hr[P, H] = dhtot^T @ m, in A
     dw_hr = at::mm(dhtot.view({T * B, P}).t(), mall.view({T * B, H}).to(acc_opt.dtype()))
                 .to(input.scalar_type());
   Tensor db_ih = has_bias ? gx2.sum(0) : at::empty({0}, opt);
-  Tensor db_hh = has_bias ? gh2.sum(0) : at::empty({0}, opt);
+  // b_hh adds to LN(h W_hh^T) in a layer-normalised cell, after gh
+  Tensor db_hh = !has_bias ? at::empty({0}, opt) : m.layer_norm ? db_ih.clone() : gh2.sum(0);
   return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms, at::empty({0}, opt),
-          at::empty({0}, opt)};
+          at::empty({0}, opt), dcw};
 }
 
 }  // namespace

@@ -5,10 +5,11 @@
 //   pyrnn::forward  -> (output [T, B, P], h_n [B, P], c_n [B, H] or [0], workspace)
 //   pyrnn::backward -> (grad_input, grad_hx, grad_cx, grad_weight_ih, grad_weight_hh,
 //                       grad_bias_ih, grad_bias_hh, grad_weight_hr, grad_norms [2, T, B],
-//                       vanishing ratio [T, B], vanishing omega [])
+//                       vanishing ratio [T, B], vanishing omega [], grad_cell_weight)
 // mode names a cell of the registry (cells/registry.h; pyrnn._C.cells() lists them) and
 // cell_params gives its constants (empty: the defaults); P = H unless a cell that takes
-// a projection (the LSTM) has weight_hr [P, H]. Absent results are empty [0] tensors.
+// a projection (the LSTM) has weight_hr [P, H]; cell_weight holds the own weights of a
+// layer-normalised cell (cells/ln_lstm.h). Absent results are empty [0] tensors.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
@@ -18,6 +19,7 @@
 #include <ATen/Parallel.h>
 
 #include "checks.h"
+#include "layer_norm.h"
 #include "cpu/loops.h"
 
 namespace pyrnn {
@@ -31,11 +33,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_,
     const OptTensor& w_hr_, const OptTensor& lengths_, bool reverse, bool save, double bptt_clip,
     const OptTensor& norm_out, double vanishing_penalty, const OptTensor& ratio_out,
-    const OptTensor& omega_out, c10::ArrayRef<double> cell_params) {
+    const OptTensor& omega_out, c10::ArrayRef<double> cell_params,
+    const OptTensor& cell_weight_) {
   const CellInfo& m = parse_mode(std::string(mode_s));
   const std::array<double, kMaxCellParams> consts = cell_constants(m, cell_params);
   const Dims d =
       check_forward_args(m, input_, hx_, cx_, w_ih_, w_hh_, b_ih_, b_hh_, w_hr_, lengths_);
+  check_cell_weight(m, cell_weight_, input_, d);
   check_norm_out(norm_out, input_, d);
   check_penalty_args(m, vanishing_penalty, ratio_out, omega_out, input_, d);
   check_clip(bptt_clip);  // used by backward; rejected here, where the mistake is made
@@ -48,6 +52,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   const Tensor b_ih = b_ih_ ? b_ih_->contiguous() : Tensor();
   const Tensor b_hh = b_hh_ ? b_hh_->contiguous() : Tensor();
   const Tensor lengths = lengths_ ? lengths_->contiguous() : Tensor();
+  const Tensor cw = cell_weight_ ? cell_weight_->contiguous() : Tensor();
   const auto opt = input.options();
 
   const int64_t W = run_width(m, H, save);
@@ -57,7 +62,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   // nothing then needs the rows of one step only. Otherwise (small batches, where one
   // product over all T*B rows runs faster; float64; projections) that product comes
   // first: ws[..., :G*H] = x @ W_ih^T + b_ih.
-  const bool in_loop = input.scalar_type() == at::kFloat && !w_hr.defined() && B >= 8;
+  const bool in_loop =
+      input.scalar_type() == at::kFloat && !w_hr.defined() && !m.layer_norm && B >= 8;
   const bool one_step = in_loop && !save;
   Tensor ws = at::empty({one_step ? 1 : T, B, W}, opt);
   Tensor output = at::empty({T, B, P}, opt);
@@ -67,7 +73,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   Tensor scratch = w_hr.defined() ? at::empty({B, H + P}, opt) : Tensor();  // m_t, h_t
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_forward", [&] {
-    if (!in_loop)
+    if (m.layer_norm) {  // ws[..., :G*H] = LN(x @ W_ih^T) * gamma_ih + b_ih
+      Tensor proj = at::empty({T * B, GH}, opt);
+      cpu::matmul(input.data_ptr<scalar_t>(), T * B, d.I, w_ih.data_ptr<scalar_t>(), GH, true,
+                  proj.data_ptr<scalar_t>(), GH, nullptr);
+      ws.narrow(2, 0, GH).copy_(normalised_input(proj, cw, b_ih, consts[0]).view({T, B, GH}));
+    } else if (!in_loop)
       cpu::matmul(input.data_ptr<scalar_t>(), T * B, d.I, w_ih.data_ptr<scalar_t>(), GH, true,
                   ws.data_ptr<scalar_t>(), W, b_ih.defined() ? b_ih.data_ptr<scalar_t>() : nullptr);
     cpu::LoopArgs<scalar_t> p;
@@ -83,6 +94,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     p.cT = m.has_cell ? c_n.data_ptr<scalar_t>() : nullptr;
     p.hg = hg.data_ptr<scalar_t>();
     p.k = consts.data();
+    p.cw = cw.defined() ? cw.data_ptr<scalar_t>() : nullptr;
     if (in_loop) {
       p.project = true;
       p.x = input.data_ptr<scalar_t>();
@@ -213,21 +225,21 @@ std::pair<Tensor, Tensor> vanishing_penalty_cpu(const Tensor& gx, Tensor& U, con
   return {ratio, omega};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-           Tensor>
-backward_cpu(
+BackwardResult backward_cpu(
     c10::string_view mode_s, const Tensor& grad_output_, const OptTensor& grad_h_n,
     const OptTensor& grad_c_n, const Tensor& input_, const Tensor& hx_, const OptTensor& cx_,
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& w_hr_, bool has_bias,
     bool input_grad, const OptTensor& lengths_, const Tensor& output_,
     const Tensor& workspace_, bool reverse, double bptt_clip, bool record,
-    double vanishing_penalty, c10::ArrayRef<double> cell_params) {
+    double vanishing_penalty, c10::ArrayRef<double> cell_params,
+    const OptTensor& cell_weight_) {
   const CellInfo& m = parse_mode(std::string(mode_s));
   const std::array<double, kMaxCellParams> consts = cell_constants(m, cell_params);
   check_penalty_args(m, vanishing_penalty, std::nullopt, std::nullopt, input_, Dims{});
   const Dims d = check_backward_args(m, grad_output_, grad_h_n, grad_c_n, input_, hx_, cx_,
                                      w_ih_, w_hh_, w_hr_, lengths_, output_, workspace_,
                                      bptt_clip);
+  check_cell_weight(m, cell_weight_, input_, d);
   const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, W = saved_width(m, H), P = d.P;
   if (H == 0) return empty_backward(m, d, input_grad, record, input_.options());
 
@@ -240,9 +252,11 @@ backward_cpu(
   const Tensor dcT = grad_c_n ? grad_c_n->contiguous() : Tensor();
   const Tensor lengths = lengths_ ? lengths_->contiguous() : Tensor();
   const Tensor w_hr = w_hr_ ? w_hr_->contiguous() : Tensor();
+  const Tensor cw = cell_weight_ ? cell_weight_->contiguous() : Tensor();
   const auto opt = input.options();
 
   Tensor gx = at::empty({T, B, GH}, opt);
+  Tensor dnorm = m.layer_norm ? at::empty({T, B, H}, opt) : Tensor();
   Tensor gh = m.split_grad ? at::empty({T, B, GH}, opt) : gx;
   Tensor hprev = at::empty({T, B, P}, opt);
   Tensor dh0 = at::empty({B, P}, opt);
@@ -279,6 +293,8 @@ backward_cpu(
     p.norm_h = record ? norms.data_ptr<scalar_t>() : nullptr;
     p.norm_c = record && m.has_cell ? norms.data_ptr<scalar_t>() + T * B : nullptr;
     p.u_out = u_rows.defined() ? u_rows.data_ptr<scalar_t>() : nullptr;
+    p.cw = cw.defined() ? cw.data_ptr<scalar_t>() : nullptr;
+    p.dnorm = dnorm.defined() ? dnorm.data_ptr<scalar_t>() : nullptr;
     if (w_hr.defined()) {
       p.proj = P;
       p.w_hr = w_hr.data_ptr<scalar_t>();
@@ -292,19 +308,39 @@ backward_cpu(
   });
 
   // Everything that does not depend on the order of time: single products over T*B rows.
+  // gin: dLoss/d(x @ W_ih^T), which is gx unless the input side is layer-normalised.
+  Tensor gin = gx, dcw = at::empty({0}, opt);
+  if (m.layer_norm) {
+    Tensor proj = at::empty({T * B, GH}, opt);
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_backward_proj", [&] {
+      cpu::matmul(input.data_ptr<scalar_t>(), T * B, d.I, w_ih_.contiguous().data_ptr<scalar_t>(),
+                  GH, true, proj.data_ptr<scalar_t>(), GH, nullptr);
+    });
+    auto colsum = [](const Tensor& a) {
+      const Tensor c = a.contiguous();
+      Tensor out = at::empty({c.size(1)}, c.options());
+      AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "pyrnn_backward_colsum", [&] {
+        cpu::column_sums(c.data_ptr<scalar_t>(), c.size(0), c.size(1), out.data_ptr<scalar_t>());
+      });
+      return out;
+    };
+    std::tie(gin, dcw) = layer_norm_grads(gx.view({T * B, GH}), dnorm.view({T * B, H}),
+                                          ws.view({T * B, W}), proj, cw, consts[0], colsum);
+    gin = gin.contiguous();
+  }
   Tensor dx = at::empty({0}, opt);
-  if (input_grad) {  // dX[T*B, I] = gx[T*B, G*H] @ W_ih[G*H, I]
+  if (input_grad) {  // dX[T*B, I] = gin[T*B, G*H] @ W_ih[G*H, I]
     dx = at::empty({T, B, d.I}, opt);
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_backward_dx", [&] {
-      cpu::matmul(gx.data_ptr<scalar_t>(), T * B, GH, w_ih.data_ptr<scalar_t>(), d.I, false,
+      cpu::matmul(gin.data_ptr<scalar_t>(), T * B, GH, w_ih.data_ptr<scalar_t>(), d.I, false,
                   dx.data_ptr<scalar_t>(), d.I, nullptr);
     });
   }
   Tensor dw_ih = at::empty({GH, d.I}, opt), dw_hh = at::empty({GH, P}, opt);
   Tensor dw_hr = w_hr.defined() ? at::empty({P, H}, opt) : at::empty({0}, opt);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_backward_dw", [&] {
-    // dW_ih[G*H, I] = gx^T @ x and dW_hh[G*H, P] = gh^T @ h_prev, over all T*B rows
-    cpu::matmul_tn(gx.data_ptr<scalar_t>(), GH, T * B, input.data_ptr<scalar_t>(), d.I,
+    // dW_ih[G*H, I] = gin^T @ x and dW_hh[G*H, P] = gh^T @ h_prev, over all T*B rows
+    cpu::matmul_tn(gin.data_ptr<scalar_t>(), GH, T * B, input.data_ptr<scalar_t>(), d.I,
                    dw_ih.data_ptr<scalar_t>());
     cpu::matmul_tn(gh.data_ptr<scalar_t>(), GH, T * B, hprev.data_ptr<scalar_t>(), P,
                    dw_hh.data_ptr<scalar_t>());
@@ -318,7 +354,7 @@ backward_cpu(
   if (has_bias) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_backward_db", [&] {
       cpu::column_sums(gx.data_ptr<scalar_t>(), T * B, GH, db_ih.data_ptr<scalar_t>());
-      if (m.split_grad)
+      if (m.split_grad && !m.layer_norm)  // b_hh adds to LN(h W_hh^T), after gh
         cpu::column_sums(gh.data_ptr<scalar_t>(), T * B, GH, db_hh.data_ptr<scalar_t>());
       else
         db_hh.copy_(db_ih);
@@ -328,7 +364,7 @@ backward_cpu(
   if (vanishing_penalty != 0.0)
     std::tie(ratio, omega) = vanishing_penalty_cpu(gx, u_rows, dy, dhT, lengths, reverse,
                                                    vanishing_penalty, dw_hh);
-  return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms, ratio, omega};
+  return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms, ratio, omega, dcw};
 }
 
 }  // namespace
@@ -340,16 +376,16 @@ TORCH_LIBRARY(pyrnn, m) {
       "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, "
       "Tensor? lengths, bool reverse, "
       "bool save, float bptt_clip, Tensor? norm_out, float vanishing_penalty=0., "
-      "Tensor? ratio_out=None, Tensor? omega_out=None, float[] cell_params=[]) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? ratio_out=None, Tensor? omega_out=None, float[] cell_params=[], "
+      "Tensor? cell_weight=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "backward(str mode, Tensor grad_output, Tensor? grad_h_n, Tensor? grad_c_n, "
       "Tensor input, Tensor hx, Tensor? cx, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? weight_hr, bool has_bias, bool input_grad, Tensor? lengths, Tensor output, "
       "Tensor workspace, bool reverse, float bptt_clip, bool record, "
-      "float vanishing_penalty=0., float[] cell_params=[]) "
+      "float vanishing_penalty=0., float[] cell_params=[], Tensor? cell_weight=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-      "Tensor)");
+      "Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pyrnn, CPU, m) {
@@ -380,6 +416,9 @@ PYBIND11_MODULE(_C, module) {
       d["split_grad"] = c.split_grad;
       d["keeps_row"] = c.keeps_row;
       d["projection"] = c.projection;
+      d["row_wise"] = c.row_wise;
+      d["layer_norm"] = c.layer_norm;
+      d["cell_weights"] = c.weights(1);
       d["elman"] = c.elman();
       pybind11::dict params;
       for (size_t i = 0; i < c.params.size(); ++i) params[c.params[i].c_str()] = c.defaults[i];

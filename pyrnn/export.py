@@ -39,39 +39,45 @@ def _torch_view(module: nn.RNNBase, cls: type) -> nn.RNNBase:
     return view
 
 
-def _leaky_forward(module: nn.RNNBase, input, hx=None):
-    """pyrnn.RNN with nonlinearity="leaky_relu", which torch.nn has no module for, during an
-    export: the reference's stack of per-step operations, which the exporters trace."""
-    from . import reference
+def _reference_forward(module: nn.RNNBase, input, hx=None):
+    """A module that torch.nn has no class for (pyrnn.RNN with nonlinearity="leaky_relu",
+    pyrnn.LayerNormLSTM) during an export: the reference's stack of per-step operations,
+    which the exporters trace."""
+    from . import ops, reference
 
+    mode = module._cell_mode
     if not isinstance(input, Tensor):
         from torch.onnx.errors import OnnxExporterError
 
-        raise OnnxExporterError("pyrnn.RNN(nonlinearity='leaky_relu'): a PackedSequence "
+        raise OnnxExporterError(f"pyrnn.{type(module).__name__} ({mode}): a PackedSequence "
                                 "input cannot be exported; export with a padded tensor")
+    has_cell = ops.CELLS[mode]["has_cell"]
     batched = input.dim() == 3
     x = input if batched else input.unsqueeze(1)
     if batched and module.batch_first:
         x = x.transpose(0, 1)
     D = 2 if module.bidirectional else 1
+    LD, B, H = module.num_layers * D, x.shape[1], module.hidden_size
     if hx is None:
-        hx = x.new_zeros(module.num_layers * D, x.shape[1], module.hidden_size)
+        hx = (x.new_zeros(LD, B, H), x.new_zeros(LD, B, H)) if has_cell else x.new_zeros(LD, B, H)
     elif not batched:
-        hx = hx.unsqueeze(1)
-    weights = [module._weights(layer, d) for layer in range(module.num_layers)
-               for d in range(D)]
-    out, h_n, _ = reference.stack("rnn_leaky_relu", x, hx, None, weights,
-                                  bidirectional=module.bidirectional,
-                                  params=[module.negative_slope])
+        hx = tuple(h.unsqueeze(1) for h in hx) if has_cell else hx.unsqueeze(1)
+    h0, c0 = hx if has_cell else (hx, None)
+    weights = [tuple(module._weights(layer, d)) + (module._cell_weight(layer, d),)
+               for layer in range(module.num_layers) for d in range(D)]
+    out, h_n, c_n = reference.stack(mode, x, h0, c0, weights, bidirectional=module.bidirectional,
+                                    params=module._cell_params())
+    state = (h_n, c_n) if has_cell else h_n
     if not batched:
-        return out.squeeze(1), h_n.squeeze(1)
-    return (out.transpose(0, 1) if module.batch_first else out), h_n
+        state = tuple(s.squeeze(1) for s in state) if has_cell else state.squeeze(1)
+        return out.squeeze(1), state
+    return (out.transpose(0, 1) if module.batch_first else out), state
 
 
 def module_forward(module: nn.RNNBase, input, hx=None):
     """The forward of pyrnn.RNN, LSTM or GRU during an ONNX export: torch.nn's own."""
-    if module.mode == "RNN_LEAKY_RELU":
-        return _leaky_forward(module, input, hx)
+    if module._cell_mode in ("rnn_leaky_relu", "ln_lstm"):
+        return _reference_forward(module, input, hx)
     if module.proj_size > 0:
         from torch.onnx.errors import OnnxExporterError
 

@@ -208,6 +208,10 @@ class _Base(nn.RNNBase):
         """The cell's constants, in the registry's order."""
         return _constants(self, self._cell_mode)
 
+    def _cell_weight(self, layer, direction) -> Optional[Tensor]:
+        """The cell's own weights (a layer-normalised cell), else None."""
+        return None
+
     def _check_penalty(self):
         if self.vanishing_penalty and not ops.CELLS[self._cell_mode]["elman"]:
             raise ValueError(f"vanishing_penalty: the vanishing-gradient regulariser is defined "
@@ -455,6 +459,8 @@ class _Base(nn.RNNBase):
                 k = layer * D + d
                 w_ih, w_hh, b_ih, b_hh, w_hr = (
                     None if w is None else w.to(dtype) for w in self._weights(layer, d))
+                cw = self._cell_weight(layer, d)
+                cw = None if cw is None else cw.to(dtype)
                 out, h, c = ops.layer(
                     mode, layer_input, h0[k], c0[k] if is_lstm else None, w_ih, w_hh, b_ih,
                     b_hh, lengths, d == 1, self.bptt_clip, None if store is None else store[k],
@@ -462,7 +468,7 @@ class _Base(nn.RNNBase):
                     vanishing_penalty=self.vanishing_penalty if omega is not None else 0.0,
                     ratio_out=None if ratios is None else ratios[k],
                     omega_out=None if omega is None else omega[k:k + 1],
-                    cell_params=self._cell_params())
+                    cell_params=self._cell_params(), cell_weight=cw)
                 outs.append(out)
                 h_n.append(h)
                 if is_lstm:
@@ -536,6 +542,70 @@ class LSTM(_Base):
                  **kwargs):
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, proj_size, device=device, dtype=dtype, **kwargs)
+
+
+class LayerNormLSTM(_Base):
+    """LayerNorm-LSTM (Ba, Kiros and Hinton 2016), gates i, f, g, o as torch.nn.LSTM:
+
+        a   = LN(W_ih x_t) * ln_gain_ih + b_ih + LN(W_hh h_{t-1}) * ln_gain_hh + b_hh
+        c_t = sigmoid(a_f) * c_{t-1} + sigmoid(a_i) * tanh(a_g)
+        h_t = sigmoid(a_o) * tanh(LN(c_t) * ln_gain_c + ln_bias_c)
+
+    LN normalises over the whole vector (4 * hidden_size entries for a, hidden_size for
+    c_t) as torch.nn.functional.layer_norm does (biased variance, eps added to it). The
+    arguments, the weights and biases (weight_ih_l0, ...), the states (h, c) and the
+    results are torch.nn.LSTM's (without proj_size); each layer and direction adds the
+    gains ln_gain_ih{sfx} and ln_gain_hh{sfx} [4 * hidden_size] (initialised to 1),
+    ln_gain_c{sfx} [hidden_size] (1) and ln_bias_c{sfx} [hidden_size] (0). eps: the layer
+    norms' epsilon. Extra keywords as for pyrnn.RNN (but vanishing_penalty, which is for
+    the Elman cells). No torch.nn counterpart: convert and to_torch leave it as it is.
+    """
+
+    _LN_NAMES = ("ln_gain_ih", "ln_gain_hh", "ln_gain_c", "ln_bias_c")
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, eps=1e-5, device=None, dtype=None, **kwargs):
+        if kwargs.get("proj_size", 0):
+            raise ValueError("proj_size: LayerNormLSTM takes no projection, got "
+                             f"proj_size={kwargs['proj_size']}")
+        kwargs.pop("proj_size", None)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
+                0 < eps < float("inf")):
+            raise ValueError(f"eps: expected a finite number > 0, got {eps!r}")
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, 0, device=device, dtype=dtype, **kwargs)
+        self.eps = float(eps)
+        H = hidden_size
+        factory = dict(device=device, dtype=dtype)
+        for layer in range(num_layers):
+            for d in range(2 if bidirectional else 1):
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                for name, n in zip(self._LN_NAMES, (4 * H, 4 * H, H, H)):
+                    self.register_parameter(name + sfx, nn.Parameter(torch.empty(n, **factory)))
+        self._reset_norms()
+
+    def _reset_norms(self):
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.startswith("ln_"):
+                    p.fill_(0.0 if name.startswith("ln_bias") else 1.0)
+
+    def reset_parameters(self) -> None:
+        """torch.nn.LSTM's initialisation of the weights and biases; gains 1, ln_bias_c 0."""
+        super().reset_parameters()
+        if hasattr(self, "eps"):  # after __init__ (RNNBase's calls this before the norms exist)
+            self._reset_norms()
+
+    @property
+    def _cell_mode(self) -> str:
+        return "ln_lstm"
+
+    def _cell_weight(self, layer, direction) -> Tensor:
+        sfx = f"_l{layer}" + ("_reverse" if direction else "")
+        return torch.cat([getattr(self, name + sfx) for name in self._LN_NAMES])
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", eps={self.eps}"
 
 
 class GRU(_Base):

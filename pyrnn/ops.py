@@ -54,9 +54,10 @@ def _check_devices(input, lengths, **tensors):
 @torch.library.register_fake("pyrnn::forward")
 def _forward_fake(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                   lengths, reverse, save, bptt_clip, norm_out, vanishing_penalty=0.0,
-                  ratio_out=None, omega_out=None, cell_params=()):
+                  ratio_out=None, omega_out=None, cell_params=(), cell_weight=None):
     _check_devices(input, lengths, hx=hx, cx=cx, weight_ih=weight_ih, weight_hh=weight_hh,
-                   bias_ih=bias_ih, bias_hh=bias_hh, weight_hr=weight_hr, norm_out=norm_out)
+                   bias_ih=bias_ih, bias_hh=bias_hh, weight_hr=weight_hr, norm_out=norm_out,
+                   cell_weight=cell_weight)
     T, B = input.shape[0], input.shape[1]
     H, P = weight_hh.shape[0] // GATES[mode], weight_hh.shape[1]
     output = input.new_empty(T, B, P)
@@ -70,10 +71,11 @@ def _forward_fake(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, w
 @torch.library.register_fake("pyrnn::backward")
 def _backward_fake(mode, grad_output, grad_h_n, grad_c_n, input, hx, cx, weight_ih, weight_hh,
                    weight_hr, has_bias, input_grad, lengths, output, workspace, reverse,
-                   bptt_clip, record, vanishing_penalty=0.0, cell_params=()):
+                   bptt_clip, record, vanishing_penalty=0.0, cell_params=(), cell_weight=None):
     _check_devices(input, lengths, grad_output=grad_output, grad_h_n=grad_h_n,
                    grad_c_n=grad_c_n, hx=hx, cx=cx, weight_ih=weight_ih, weight_hh=weight_hh,
-                   weight_hr=weight_hr, output=output, workspace=workspace)
+                   weight_hr=weight_hr, output=output, workspace=workspace,
+                   cell_weight=cell_weight)
     T, B = input.shape[0], input.shape[1]
     GH, P = weight_hh.shape
     H = GH // GATES[mode]
@@ -89,12 +91,14 @@ def _backward_fake(mode, grad_output, grad_h_n, grad_c_n, input, hx, cx, weight_
         input.new_empty(2, T, B) if record else input.new_empty(0),
         input.new_empty(T, B) if vanishing_penalty else input.new_empty(0),
         input.new_empty(()) if vanishing_penalty else input.new_empty(0),
+        input.new_empty(cell_weight.shape) if cell_weight is not None else input.new_empty(0),
     )
 
 
 def _setup_context(ctx, inputs, output):
     (mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse,
-     save, bptt_clip, norm_out, vanishing_penalty, ratio_out, omega_out, params) = inputs
+     save, bptt_clip, norm_out, vanishing_penalty, ratio_out, omega_out, params,
+     cell_weight) = inputs
     out, _, _, workspace = output
     ctx.mode, ctx.reverse, ctx.bptt_clip = mode, reverse, bptt_clip
     ctx.params = list(params)
@@ -109,12 +113,12 @@ def _setup_context(ctx, inputs, output):
     # weight_ih when the input needs no gradient nor the biases, but double backward
     # recomputes the layer from all of them.
     ctx.save_for_backward(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                          lengths, out, workspace)
+                          lengths, out, workspace, cell_weight)
 
 
 def _backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
     (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, out,
-     workspace) = ctx.saved_tensors
+     workspace, cell_weight) = ctx.saved_tensors
     is_lstm = CELLS[ctx.mode]["has_cell"]
     if torch.is_grad_enabled():
         # Double backward (create_graph=True): the fused kernel's gradients are not
@@ -127,21 +131,25 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
                 "(create_graph=True)")
         grads, norms = reference.layer_grads(
             ctx.mode, (input, hx, cx if is_lstm else None, weight_ih, weight_hh, bias_ih,
-                       bias_hh, weight_hr),
+                       bias_hh, weight_hr, cell_weight),
             (grad_output, grad_h_n, grad_c_n if is_lstm else None), lengths, ctx.reverse,
-            ctx.bptt_clip, ctx.needs_input_grad[1:9], ctx.record, ctx.params)
+            ctx.bptt_clip, ctx.needs_input_grad[1:9] + ctx.needs_input_grad[18:19],
+            ctx.record, ctx.params)
         if ctx.record:
             ctx.norm_out.copy_(norms)
-        return (None, *grads, None, None, None, None, None, None, None, None, None)
+        return (None, *grads[:8], None, None, None, None, None, None, None, None, None,
+                grads[8])
     if not ctx.saved:
         raise RuntimeError("pyrnn: this forward ran with save=False, so it cannot be "
                            "differentiated; call it with save=True")
     if grad_output is None:
         grad_output = torch.zeros_like(out)
-    dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms, ratio, omega = torch.ops.pyrnn.backward(
+    (dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms, ratio, omega,
+     dcw) = torch.ops.pyrnn.backward(
         ctx.mode, grad_output, grad_h_n, grad_c_n if is_lstm else None, input, hx,
         cx, weight_ih, weight_hh, weight_hr, ctx.has_bias, ctx.needs_input_grad[1], lengths,
-        out, workspace, ctx.reverse, ctx.bptt_clip, ctx.record, ctx.penalty, ctx.params)
+        out, workspace, ctx.reverse, ctx.bptt_clip, ctx.record, ctx.penalty, ctx.params,
+        cell_weight)
     if ctx.record:
         ctx.norm_out.copy_(norms)
     if ctx.penalty:
@@ -153,7 +161,8 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
             dc if is_lstm else None, dw_ih, dw_hh,
             db_ih if ctx.has_bias else None, db_hh if ctx.has_bias else None,
             dw_hr if weight_hr is not None else None,
-            None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None,
+            dcw if cell_weight is not None else None)
 
 
 torch.library.register_autograd("pyrnn::forward", _backward, setup_context=_setup_context)
@@ -200,7 +209,7 @@ def layer(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], weight_ih:
           norm_out: Optional[Tensor] = None, weight_hr: Optional[Tensor] = None,
           gate_stats_out: Optional[Tensor] = None, vanishing_penalty: float = 0.0,
           ratio_out: Optional[Tensor] = None, omega_out: Optional[Tensor] = None,
-          cell_params=()):
+          cell_params=(), cell_weight: Optional[Tensor] = None):
     """One layer in one direction of the cell ``mode`` (a name in CELLS). Returns
     (output, h_n, c_n); c_n is None unless the cell has a cell state (LSTM).
     cell_params: the cell's constants in the registry's order (see constants()); empty
@@ -209,15 +218,17 @@ def layer(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], weight_ih:
     gate_stats_out, a [2, T, B] tensor, receives the forward's gate statistics (see
     _gate_stats); the gated cells then keep their activated gates even without grad.
     vanishing_penalty (Elman cells): see rnn_tanh; ratio_out [T, B] and omega_out (one
-    element) receive the ratios and omega when the backward runs."""
-    save = _needs_save(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
+    element) receive the ratios and omega when the backward runs.
+    cell_weight: the own weights of a layer-normalised cell (see ln_lstm); else None."""
+    save = _needs_save(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+                       cell_weight)
     cell = CELLS[mode] if mode in CELLS else None
     keep = save or (gate_stats_out is not None and cell is not None and cell["keeps_row"])
     params = [float(v) for v in cell_params]
     out, h_n, c_n, workspace = torch.ops.pyrnn.forward(
         mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
         reverse, keep, float(bptt_clip), norm_out, float(vanishing_penalty), ratio_out,
-        omega_out, params)
+        omega_out, params, cell_weight)
     if gate_stats_out is not None:
         with torch.no_grad():
             gate_stats_out.copy_(_gate_stats(mode, out, workspace, weight_hh.shape[0] //
@@ -281,3 +292,15 @@ def gru(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=Non
     out, h, _ = layer("gru", input, hx, None, weight_ih, weight_hh, bias_ih, bias_hh,
                       lengths, reverse, bptt_clip, norm_out)
     return out, h
+
+
+def ln_lstm(input, hx, cx, weight_ih, weight_hh, cell_weight, bias_ih=None, bias_hh=None,
+            lengths=None, reverse=False, bptt_clip=0.0, norm_out=None, eps=1e-5):
+    """LayerNorm-LSTM (Ba, Kiros and Hinton 2016), gates i, f, g, o:
+    a = LN(W_ih x_t) gamma_ih + b_ih + LN(W_hh h_{t-1}) gamma_hh + b_hh,
+    c_t = f c_{t-1} + i g, h_t = o tanh(LN(c_t) gamma_c + beta_c), with LN the layer norm
+    over the vector (4H entries, or H) of torch.nn.functional.layer_norm (biased variance,
+    eps added to it). cell_weight [10 H] = [gamma_ih 4H | gamma_hh 4H | gamma_c H |
+    beta_c H]. -> (output, h_n, c_n)"""
+    return layer("ln_lstm", input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
+                 reverse, bptt_clip, norm_out, cell_params=[eps], cell_weight=cell_weight)

@@ -49,6 +49,17 @@ def _lstm_step(xg, hg, h, c, k, pre):
     return o * torch.tanh(c_new), c_new, f
 
 
+def _ln_lstm_step(xg, hg, h, c, k, pre, w):
+    # xg and hg arrive layer-normalised (see _run); w = [gamma_ih | gamma_hh | gamma_c |
+    # beta_c], of which the step uses the cell state's gain and bias
+    H = c.shape[1]
+    ai, af, ag, ao = (pre(x) for x in (xg + hg).chunk(4, 1))
+    i, f, g, o = torch.sigmoid(ai), torch.sigmoid(af), torch.tanh(ag), torch.sigmoid(ao)
+    c_new = f * c + i * g
+    c_norm = torch.nn.functional.layer_norm(c_new, (H,), w[8 * H:9 * H], w[9 * H:], k[0])
+    return o * torch.tanh(c_norm), c_new, f
+
+
 def _gru_step(xg, hg, h, c, k, pre):
     xr, xz, xn = xg.chunk(3, 1)
     hr, hz, hn = hg.chunk(3, 1)
@@ -64,7 +75,13 @@ STEPS = {
     "rnn_leaky_relu": _elman(lambda a, k: torch.nn.functional.leaky_relu(a, k[0])),
     "lstm": _lstm_step,
     "gru": _gru_step,
+    "ln_lstm": _ln_lstm_step,
 }
+
+# The layer-normalised cells, whose step takes their own weights (cell_weight) and whose
+# pre-activations _run normalises: xg = LN(W_ih x) gamma_ih + b_ih, hg = LN(W_hh h) gamma_hh
+# + b_hh (see csrc/cells/ln_lstm.h).
+LAYER_NORM = {c["name"] for c in _C.cells() if c["layer_norm"]}
 
 # A unit counts as saturated when its activation is within SATURATION of a bound, where
 # its derivative is small: a sigmoid gate outside [0.05, 0.95] (g (1 - g) < 0.0475, under
@@ -94,6 +111,7 @@ GATE_FACTORS = {
         torch.where(out > 0, torch.ones_like(out), torch.full_like(out, k[0])), out <= 0),
     "lstm": _sigmoid_gate(1, False),
     "gru": _sigmoid_gate(1, True),
+    "ln_lstm": _sigmoid_gate(1, False),
 }
 
 
@@ -112,9 +130,10 @@ def _constants(mode, params):
 
 
 def _run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, reverse,
-         bptt_clip, steps, weight_hr=None, handles=None, params=None):
+         bptt_clip, steps, weight_hr=None, handles=None, params=None, cell_weight=None):
     """``handles``, if a list, receives the clipping hooks' handles (see layer_grads).
-    ``params``: the cell's constants (None: its defaults)."""
+    ``params``: the cell's constants (None: its defaults). ``cell_weight``: the own
+    weights of a layer-normalised cell (LAYER_NORM)."""
     if mode not in STEPS:
         raise ValueError(f"mode: expected one of {', '.join(repr(m) for m in STEPS)}, "
                          f"got {mode!r}")
@@ -125,7 +144,14 @@ def _run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, r
     outputs = [None] * T
     # The input projection does not depend on the state: one product for all T * B rows.
     xg_all = torch.matmul(input, weight_ih.t())  # [T, B, G*H]
-    if bias_ih is not None:
+    norm = mode in LAYER_NORM
+    if norm:
+        if cell_weight is None:
+            raise ValueError(f"cell_weight: mode {mode!r} needs its weights, got None")
+        GH = weight_hh.shape[0]
+        xg_all = torch.nn.functional.layer_norm(xg_all, (GH,), cell_weight[:GH], bias_ih, k[0])
+        step = (lambda f: lambda *a: f(*a, cell_weight))(step)
+    elif bias_ih is not None:
         xg_all = xg_all + bias_ih
     masks = None  # [T, B, 1]: step t runs for sequence b while t < lengths[b]
     if lengths is not None:
@@ -137,7 +163,12 @@ def _run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, r
 
     order = range(T - 1, -1, -1) if reverse else range(T)
     for t in order:
-        hg = h @ weight_hh.t() if bias_hh is None else torch.addmm(bias_hh, h, weight_hh.t())
+        if norm:
+            hg = torch.nn.functional.layer_norm(h @ weight_hh.t(), (GH,),
+                                                cell_weight[GH:2 * GH], bias_hh, k[0])
+        else:
+            hg = h @ weight_hh.t() if bias_hh is None else torch.addmm(bias_hh, h,
+                                                                       weight_hh.t())
         h_new, c_new, gate = step(xg_all[t], hg, h, c, k, pre)
         if weight_hr is not None:
             h_new = h_new @ weight_hr.t()
@@ -193,6 +224,14 @@ def gru(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=Non
     return out, h
 
 
+def ln_lstm(input, hx, cx, weight_ih, weight_hh, cell_weight, bias_ih=None, bias_hh=None,
+            lengths=None, reverse=False, bptt_clip=0.0, steps=None, eps=1e-5):
+    """The LayerNorm-LSTM (csrc/cells/ln_lstm.h, pyrnn.ops.ln_lstm); cell_weight [10 H] =
+    [gamma_ih 4H | gamma_hh 4H | gamma_c H | beta_c H]."""
+    return _run("ln_lstm", input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
+                reverse, bptt_clip, steps, params=[eps], cell_weight=cell_weight)
+
+
 def vanishing_penalty(mode, steps, weight_hh, bptt_clip=0.0, params=None):
     """The regulariser of Pascanu, Mikolov and Bengio (2013) for one Elman layer and
     direction, by autograd, from the ``steps`` record of a run whose loss has been
@@ -229,14 +268,16 @@ def layer_grads(mode, inputs, grads, lengths=None, reverse=False, bptt_clip=0.0,
                 record=False, params=None):
     """Differentiable gradients of one layer.
 
-    inputs: (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr), None where
-            absent; they keep their autograd history, which the returned gradients join.
+    inputs: (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr[,
+            cell_weight]), None where absent; they keep their autograd history, which the
+            returned gradients join.
     grads:  (grad_output [T, B, P], grad_h_n [B, P], grad_c_n [B, H]), None where zero.
-    needs:  eight flags, which of ``inputs`` to differentiate (default: those present).
+    needs:  one flag per input, which of ``inputs`` to differentiate (default: those
+            present).
     record: also return the per-step norms [2, T, B] of dLoss/dh_t (row 0) and, for the
             LSTM, dLoss/dc_t (row 1), as the backward kernel records them (detached).
     params: the cell's constants (None or empty: its defaults).
-    Returns (eight gradients, None where not needed or absent; norms or None). The
+    Returns (one gradient per input, None where not needed or absent; norms or None). The
     gradients are computed with create_graph=True, so they are differentiable in the
     inputs and in ``grads``. bptt_clip clamps the gate gradients of this (first-order)
     backward as the forward's hooks do; a clamp is differentiable (slope 1 inside, 0 where
@@ -248,13 +289,15 @@ def layer_grads(mode, inputs, grads, lengths=None, reverse=False, bptt_clip=0.0,
         # One alias per argument, so that a tensor passed twice (tied weights) gets each
         # argument's own share of the gradient, as the fused backward returns it.
         alias = [None if t is None else t.view_as(t) for t in inputs]
-        x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr = alias
+        x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr = alias[:8]
+        cw = alias[8] if len(alias) > 8 else None
         steps = [] if record else None
         handles = []
         outs = _run(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, lengths, reverse, bptt_clip,
-                    steps, w_hr, handles, params)
+                    steps, w_hr, handles, params, cw)
         pairs = [(o, g) for o, g in zip(outs, grads) if o is not None and g is not None]
-        wrt = [alias[k] for k in range(8) if needs[k] and alias[k] is not None]
+        n = len(alias)
+        wrt = [alias[k] for k in range(n) if needs[k] and alias[k] is not None]
         tracked = []
         if record:
             tracked = [s["h"] for s in steps] + [s["c"] for s in steps if s["c"] is not None]
@@ -270,7 +313,7 @@ def layer_grads(mode, inputs, grads, lengths=None, reverse=False, bptt_clip=0.0,
         for handle in handles:
             handle.remove()
     it = iter(got[:len(wrt)])
-    result = [next(it) if (needs[k] and alias[k] is not None) else None for k in range(8)]
+    result = [next(it) if (needs[k] and alias[k] is not None) else None for k in range(n)]
     norms = None
     if record:
         T, B = x.shape[0], x.shape[1]
@@ -291,9 +334,9 @@ def stack(mode, input, h0, c0, weights, lengths=None, bidirectional=False, bptt_
     """A stack of layers, as torch.nn's multi-layer (and bidirectional) modules run them.
 
     input [T, B, I]; h0 [L*D, B, P] and c0 [L*D, B, H] (c0 None unless the cell has a cell
-    state); weights: one (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr) per layer and
-    direction, in torch.nn's order (layer by layer, forward before reverse), None where
-    absent. steps, if a list, receives one list of step records per layer and direction
+    state); weights: one (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr[, cell_weight])
+    per layer and direction, in torch.nn's order (layer by layer, forward before reverse),
+    None where absent. steps, if a list, receives one list of step records per layer and direction
     (see _run). No dropout. Returns (output [T, B, D*P], h_n [L*D, B, P], c_n or None)."""
     D = 2 if bidirectional else 1
     L = len(weights) // D
@@ -302,11 +345,12 @@ def stack(mode, input, h0, c0, weights, lengths=None, bidirectional=False, bptt_
         outs = []
         for d in range(D):
             k = layer * D + d
-            w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
+            w_ih, w_hh, b_ih, b_hh, w_hr = weights[k][:5]
+            cw = weights[k][5] if len(weights[k]) > 5 else None
             record = [] if steps is not None else None
             out, h, c = _run(mode, layer_input, h0[k], None if c0 is None else c0[k], w_ih,
                              w_hh, b_ih, b_hh, lengths, d == 1, bptt_clip, record, w_hr,
-                             params=params)
+                             params=params, cell_weight=cw)
             if steps is not None:
                 steps.append(record)
             outs.append(out)

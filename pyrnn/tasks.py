@@ -210,14 +210,15 @@ class Result:
 
 def make_module(cell: str, input_size: int, hidden: int, **kw):
     """A pyrnn recurrent module for a cell of the registry (pyrnn.ops.CELLS): rnn_<act> as
-    pyrnn.RNN(nonlinearity=<act>), lstm, gru."""
+    pyrnn.RNN(nonlinearity=<act>), lstm, gru, ln_lstm as pyrnn.LayerNormLSTM."""
     import pyrnn
     from pyrnn import ops
     if cell not in ops.CELLS:
         raise ValueError(f"cell: expected one of {', '.join(ops.CELLS)}, got {cell!r}")
     if cell.startswith("rnn_"):
         return pyrnn.RNN(input_size, hidden, nonlinearity=cell[4:], **kw)
-    return getattr(pyrnn, cell.upper())(input_size, hidden, **kw)
+    modules = {"lstm": pyrnn.LSTM, "gru": pyrnn.GRU, "ln_lstm": pyrnn.LayerNormLSTM}
+    return modules[cell](input_size, hidden, **kw)
 
 
 INITS = ("default", "identity", "orthogonal", "forget-bias", "chrono")

@@ -30,6 +30,11 @@ enum class Act { kTanh = 0, kRelu = 1, kLeakyRelu = 2 };
 //   kKeepsRow   its workspace row (gates and saved values) is needed for backward, so
 //               the forward keeps it; false: the output alone suffices
 //   kProjection it accepts a projection weight_hr (LSTM)
+//   kRowWise    it needs a whole row at once (a mean, a variance over the units): instead
+//               of forward/backward per unit it has forward_row/backward_row, which run
+//               against a row context (ln_lstm.h says what a row context offers)
+//   kLayerNorm  it layer-normalises its pre-activations and has its own weights (w, see
+//               ln_lstm.h); the op normalises the input side before the time loop
 //   kParams     its constants, "name=default" separated by commas ("" for none); their
 //               values reach the cell in k[] (finite, >= 0), in that order
 //
@@ -42,7 +47,10 @@ enum class Act { kTanh = 0, kRelu = 1, kLeakyRelu = 2 };
 //   carry<T, A>(const BwdRow<T>& r, int64_t j, A dc) (kHasCell): dLoss/dc_{t-1} from
 //     the total dLoss/dc_t.
 // A unit reads and writes only its own entries (j, k*H + j) of every buffer, so units
-// may run in any order and in parallel.
+// may run in any order and in parallel. A row cell (kRowWise) has instead
+//   forward_row<T>(const FwdRow<T>& r, X& x) and
+//   backward_row<T>(const BwdRow<T>& r, const RowGrad<T, S>& d, X& x, S& sum_h, S& sum_c)
+// for one row at one step, with a row context x (ln_lstm.h).
 
 // What a cell sees of one batch row at one step of the forward. Every pointer is at the
 // row's first entry.
@@ -58,6 +66,7 @@ struct FwdRow {
   T* c;              // [H] (kHasCell) in: c_{t-1}, out: c_t, in place; else nullptr
   T* saved;          // [kSaved*H] out; nullptr when kSaved = 0
   const double* k;   // the cell's constants (kParams)
+  const T* w = nullptr;  // the cell's own weights (kLayerNorm), else nullptr
 };
 
 // What a cell sees of one batch row at one step of BPTT.
@@ -74,6 +83,7 @@ struct BwdRow {
   T* gh;             // [G*H] out (kSplitGrad): dLoss/d(W_hh h_{t-1} + b_hh); else nullptr
   const double* k;   // the cell's constants
   double clip;       // > 0: clamp every pre-activation gradient to [-clip, clip]
+  const T* w = nullptr;  // the cell's own weights (kLayerNorm), else nullptr
 };
 
 // Storage <-> arithmetic conversions. Cells read every stored value through load<A>()

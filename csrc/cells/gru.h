@@ -19,6 +19,8 @@ struct GruCell {
   static constexpr bool kSplitGrad = true;
   static constexpr bool kKeepsRow = true;
   static constexpr bool kProjection = false;
+  static constexpr bool kRowWise = false;
+  static constexpr bool kLayerNorm = false;
   static constexpr const char* kParams = "";
 
   template <typename T, typename A>

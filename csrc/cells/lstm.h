@@ -17,6 +17,8 @@ struct LstmCell {
   static constexpr bool kSplitGrad = false;
   static constexpr bool kKeepsRow = true;
   static constexpr bool kProjection = true;
+  static constexpr bool kRowWise = false;
+  static constexpr bool kLayerNorm = false;
   static constexpr const char* kParams = "";
 
   template <typename T, typename A>

@@ -6,6 +6,7 @@
 #include <type_traits>
 
 #include "gru.h"
+#include "ln_lstm.h"
 #include "lstm.h"
 #include "rnn.h"
 
@@ -21,7 +22,8 @@ using AllCells = CellList<
     RnnCell<Act::kRelu>,
     RnnCell<Act::kLeakyRelu>,
     LstmCell,
-    GruCell>;
+    GruCell,
+    LnLstmCell>;
 
 // The largest number of constants a cell has (the size of the constants' array).
 constexpr int kMaxCellParams = 4;

@@ -19,6 +19,8 @@ struct RnnCell {
   static constexpr bool kSplitGrad = false;
   static constexpr bool kKeepsRow = false;
   static constexpr bool kProjection = false;
+  static constexpr bool kRowWise = false;
+  static constexpr bool kLayerNorm = false;
   static constexpr const char* kParams = kAct == Act::kLeakyRelu ? "negative_slope=0.01" : "";
 
   template <typename T, typename A>

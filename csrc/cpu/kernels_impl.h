@@ -53,11 +53,13 @@ namespace pyrnn::cpu {
 
 template <class Cell, typename T>
 PYRNN_FLAT void forward_loop(const LoopArgs<T>& p) {
-  forward_steps<Cell, T>(p);
+  if constexpr (Cell::kRowWise) forward_rows<Cell, T>(p);
+  else forward_steps<Cell, T>(p);
 }
 template <class Cell, typename T>
 PYRNN_FLAT void backward_loop(const LoopArgs<T>& p) {
-  backward_steps<Cell, T>(p);
+  if constexpr (Cell::kRowWise) backward_rows<Cell, T>(p);
+  else backward_steps<Cell, T>(p);
 }
 template <typename T>
 PYRNN_FLAT void forward_proj_loop(const LoopArgs<T>& p) {

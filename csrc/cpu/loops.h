@@ -35,6 +35,7 @@ struct LoopArgs {
   T* cT = nullptr;   // forward: running c state, then c_n
   T* hg = nullptr;   // scratch [B, G*H]
   const double* k = nullptr;  // the cell's constants (kParams), or nullptr if it has none
+  const T* cw = nullptr;      // the cell's own weights (Cell::kLayerNorm), else nullptr
   // Optional (forward, float32): with project set, the loop computes each step's input
   // projection x_t @ W_ih^T + b_ih into the first G*H entries of the step's rows itself.
   bool project = false;
@@ -58,6 +59,8 @@ struct LoopArgs {
   double clip = 0;          // <= 0: off
   T* norm_h = nullptr;      // [T, B] or nullptr: ||dLoss/dh_t|| per step and sample
   T* norm_c = nullptr;      // [T, B] or nullptr: ||dLoss/dc_t|| (LSTM)
+  T* dnorm = nullptr;       // [T, B, H] (Cell::kLayerNorm) dLoss/d(LN(c_t) gamma_c + beta_c)
+                            // of every step, 0 at inactive steps
   T* u_out = nullptr;       // [T, B, H] or nullptr (Elman cells): gh_t @ W_hh of every step
                             // t, the part of dLoss/dh_{t-1} that flows through t (the
                             // vanishing-gradient regulariser's u); 0 at inactive steps

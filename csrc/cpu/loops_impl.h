@@ -10,6 +10,7 @@
 #include <omp.h>
 
 #include "../cells/common.h"
+#include "../cells/ln_lstm.h"
 #include "blas.h"
 #include "loops.h"
 #include "simd.h"
@@ -271,6 +272,154 @@ void backward_steps(const LoopArgs<T>& p) {
           if (active(p, t, b)) std::memcpy(dst, p.dh0 + b * H + u0, sizeof(T) * n);
           else std::memset(dst, 0, sizeof(T) * n);
         }
+    }
+  };
+  if (team) {
+#pragma omp parallel
+    body(omp_get_num_threads(), omp_get_thread_num());
+  } else {
+    body(1, 0);
+  }
+}
+
+// The row context of a row cell (cells/ln_lstm.h) on the CPU: one thread runs a whole
+// row, SIMD over its units. The sums accumulate in double (per lane, the lanes added at
+// the end), also for float32: the layer norms' backward subtracts means of products
+// from values of similar size and multiplies the difference by 1/sigma, so float32 sums
+// would lose digits that the float32 reference keeps (tests/test_ln_lstm.py). The order
+// is fixed by the row's length: the same bits for any number of threads.
+template <typename T>
+struct CpuRow {
+  using S = double;
+  template <class F>
+  void each(int64_t n, F&& f) const {
+    over_units<T, T>(0, n, f);
+  }
+  template <class F>
+  double sum(int64_t n, F&& f) const {
+    double tail = 0.0;
+    if constexpr (std::is_same_v<T, float>) {
+      v8d lanes = v8d{} + 0.0;
+      over_units<T, T>(0, n, [&](auto z, int64_t j) {
+        if constexpr (std::is_same_v<decltype(z), T>) tail += double(f(z, j));
+        else lanes += widen(f(z, j));
+      });
+      return hsum(lanes) + tail;
+    } else {
+      over_units<T, T>(0, n, [&](auto z, int64_t j) { tail += f(z, j); });
+      return tail;
+    }
+  }
+};
+
+// The forward of a row cell. A step is two phases with a barrier after each: the
+// recurrent product hg = h_{t-1} W_hh^T, split by columns as in forward_steps; then the
+// rows, split by batch rows (a row's mean and variance stay in one thread; rows do not
+// depend on each other within a step).
+template <class Cell, typename T>
+void forward_rows(const LoopArgs<T>& p) {
+  const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width;
+  const int64_t G = Cell::kGates, GH = G * H;
+  const bool keep_c = W >= (cell_offset<Cell>() + 1) * H;
+  std::memcpy(p.hT, p.h0, sizeof(T) * B * H);
+  std::memcpy(p.cT, p.c0, sizeof(T) * B * H);
+  std::unique_ptr<T[]> other(new T[B * H + 1]);
+  T* bufs[2] = {p.hT, other.get()};
+  const StepGemm<T> gemm(B, GH, H, p.w_hh, true, H);
+  const int64_t per = gemm.panels_per_block();
+  const bool prefix = prefix_active(p);
+  const bool team = per > 1 && 2 * B * GH * H >= (1 << 19);
+  auto body = [&](int64_t nt, int64_t id) {
+    const int64_t q0 = per * id / nt, q1 = per * (id + 1) / nt;
+    const int64_t b0 = B * id / nt, b1 = B * (id + 1) / nt;
+    const CpuRow<T> x;
+    for (int64_t s = 0; s < Tn; ++s) {
+      const int64_t t = p.reverse ? Tn - 1 - s : s;
+      const T* hcur = bufs[s % 2];
+      T* hnext = bufs[(s + 1) % 2];
+      const int64_t rows = rows_running(p, prefix, t);
+      for (int64_t g = 0; g < G; ++g)  // hg[:, my columns] = h_{t-1} @ W_hh^T
+        gemm.run_panels(hcur, rows, H, p.hg, GH, false, g * per + q0, g * per + q1);
+#pragma omp barrier
+      for (int64_t b = b0; b < b1; ++b) {
+        T* yrow = p.y + (t * B + b) * H;
+        T* row = p.ws + (t * B + b) * W;
+        T* h = hnext + b * H;
+        if (!active(p, t, b)) {  // state unchanged, zero output and workspace
+          std::memcpy(h, hcur + b * H, sizeof(T) * H);
+          std::memset(yrow, 0, sizeof(T) * H);
+          std::memset(row, 0, sizeof(T) * W);
+          continue;
+        }
+        T* c = p.cT + b * H;
+        const FwdRow<T> r{H, row, p.hg + b * GH, p.b_hh, hcur + b * H, h, c, row + GH, p.k, p.cw};
+        Cell::template forward_row<T>(r, x);
+        std::memcpy(yrow, h, sizeof(T) * H);
+        if (keep_c) std::memcpy(row + cell_offset<Cell>() * H, c, sizeof(T) * H);
+      }
+#pragma omp barrier
+    }
+  };
+  if (team) {
+#pragma omp parallel
+    body(omp_get_num_threads(), omp_get_thread_num());
+  } else {
+    body(1, 0);
+  }
+  if (Tn % 2) std::memcpy(p.hT, bufs[1], sizeof(T) * B * H);
+}
+
+// BPTT of a row cell, in the same two phases per step: the rows' backward split by batch
+// rows (each writes its gx, gh, dnorm, its running dc, zero into its dh, and its norms),
+// then dh_{t-1} += gh_t @ W_hh split by columns.
+template <class Cell, typename T>
+void backward_rows(const LoopArgs<T>& p) {
+  const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width;
+  const int64_t G = Cell::kGates, GH = G * H;
+  if (p.dhT) std::memcpy(p.dh0, p.dhT, sizeof(T) * B * H);
+  else std::memset(p.dh0, 0, sizeof(T) * B * H);
+  if (p.dcT) std::memcpy(p.dc0, p.dcT, sizeof(T) * B * H);
+  else std::memset(p.dc0, 0, sizeof(T) * B * H);
+  const StepGemm<T> gemm(B, H, GH, p.w_hh, false, H);  // dh[B, H] += gh[B, G*H] @ W_hh
+  const int64_t per = gemm.panels_per_block();
+  const bool prefix = prefix_active(p);
+  const bool team = per > 1 && 2 * B * GH * H >= (1 << 19);
+  auto body = [&](int64_t nt, int64_t id) {
+    const int64_t q0 = per * id / nt, q1 = per * (id + 1) / nt;
+    const int64_t b0 = B * id / nt, b1 = B * (id + 1) / nt;
+    const CpuRow<T> x;
+    for (int64_t s = 0; s < Tn; ++s) {
+      const int64_t t = p.reverse ? s : Tn - 1 - s;  // the forward order, reversed
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r = t * B + b;
+        T* gx = p.gx + r * GH;
+        T* gh = p.gh + r * GH;
+        T* hprev = p.hprev + r * H;
+        T* dn = p.dnorm + r * H;
+        if (!active(p, t, b)) {
+          std::memset(gx, 0, sizeof(T) * GH);
+          std::memset(gh, 0, sizeof(T) * GH);
+          std::memset(hprev, 0, sizeof(T) * H);
+          std::memset(dn, 0, sizeof(T) * H);
+          continue;
+        }
+        const int64_t q = prev_step(p, t, b);
+        const T* row = p.ws + r * W;
+        const T* hp = q >= 0 ? p.y + (q * B + b) * H : p.h0 + b * H;
+        const T* c = row + cell_offset<Cell>() * H;
+        const T* cp = q >= 0 ? p.ws + (q * B + b) * W + cell_offset<Cell>() * H : p.c0 + b * H;
+        std::memcpy(hprev, hp, sizeof(T) * H);
+        const BwdRow<T> cr{H, row, row + GH, p.y + r * H, hp, c, cp, gx, gh, p.k, p.clip, p.cw};
+        const RowGrad<T, T> d{p.dy + r * H, p.dh0 + b * H, p.dc0 + b * H, dn};
+        typename CpuRow<T>::S sum_h = 0, sum_c = 0;
+        Cell::template backward_row<T>(cr, d, x, sum_h, sum_c);
+        if (p.norm_h) p.norm_h[r] = T(std::sqrt(sum_h));
+        if (p.norm_c) p.norm_c[r] = T(std::sqrt(sum_c));
+      }
+#pragma omp barrier
+      // dh_{t-1}[:, my units] += gh_t[B, G*H] @ W_hh[:, my units]  (inactive rows are zero)
+      gemm.run_panels(p.gh + t * B * GH, rows_running(p, prefix, t), GH, p.dh0, H, true, q0, q1);
+#pragma omp barrier
     }
   };
   if (team) {

@@ -66,6 +66,15 @@ inline VecF scale_of(VecF t) {
 inline VecF math_exp(VecF x) { return poly_exp(x); }
 inline VecF math_tanh(VecF x) { return poly_tanh(x); }
 
+// The lanes of a widened to double, and their sum in lane order.
+typedef double v8d __attribute__((vector_size(8 * kSimdLanes)));
+inline v8d widen(VecF a) { return __builtin_convertvector(a.v, v8d); }
+inline double hsum(v8d a) {
+  double s = 0.0;
+  for (int k = 0; k < kSimdLanes; ++k) s += a[k];
+  return s;
+}
+
 inline float hsum(VecF a) {
   float s = 0.f;
   for (int k = 0; k < kSimdLanes; ++k) s += a.v[k];

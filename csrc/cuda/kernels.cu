@@ -1,7 +1,8 @@
 // Fused pointwise kernels of one time step; see kernels.h for the buffer layouts.
 //
-// Launch shape, every kernel: grid (B, ceil(H / threads)), one thread per hidden unit j
-// of sample b = blockIdx.x (P instead of H for the projection's own kernels). When the
+// Launch shape, every kernel but a row cell's: grid (B, ceil(H / threads)), one thread per
+// hidden unit j of sample b = blockIdx.x (P instead of H for the projection's own
+// kernels). A row cell's kernels run one block per sample (grid (B, 1)). When the
 // backward records norms it runs one block per sample (grid (B, 1), up to 1024 threads
 // looping over j), so that the sums of squares over j are a block reduction:
 // deterministic, no atomics, no second pass.
@@ -55,6 +56,103 @@ __device__ A block_sum(A v) {
     for (int o = 16; o > 0; o /= 2) v += __shfl_down_sync(0xffffffffu, v, o);
   }
   return v;
+}
+
+// The row context of a row cell (cells/ln_lstm.h) on the device: one block per row, its
+// threads over the units (j = threadIdx.x, + blockDim.x, ...), a barrier after each pass.
+// The sums are block reductions (fixed order, no atomics), returned to every thread.
+// The bodies exist in device code and in the emulator's C++; nvcc's host pass, which
+// never runs them, sees them empty.
+template <typename A>
+struct DeviceRow {
+  using S = A;
+  template <class F>
+  PYRNN_HD void each(int64_t n, F&& f) const {
+#if defined(__CUDA_ARCH__) || !defined(__CUDACC__)
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) f(A(0), j);
+    __syncthreads();
+#endif
+  }
+  template <class F>
+  PYRNN_HD A sum(int64_t n, F&& f) const {
+#if defined(__CUDA_ARCH__) || !defined(__CUDACC__)
+    __shared__ A total;
+    A s = 0;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) s += f(A(0), j);
+    s = block_sum(s);
+    if (threadIdx.x == 0) total = s;
+    __syncthreads();
+    s = total;
+    __syncthreads();  // every thread has read total before the next sum writes it
+    return s;
+#else
+    return A(0);
+#endif
+  }
+};
+
+// Step t of the forward of a row cell: one block per batch row.
+template <class Cell, typename T, typename A>
+__global__ void __launch_bounds__(kMaxReduceThreads)
+    forward_row_kernel(const StepArgs<T> p, const int64_t t) {
+  const int64_t B = p.batch, H = p.hidden, W = p.width, GH = Cell::kGates * H;
+  const int64_t b = blockIdx.x, r = t * B + b;
+  T* row = p.ws + r * W;
+  T* y = p.y + r * H;
+  if (!active(p, t, b)) {  // state unchanged; zero output and workspace row, as on the CPU
+    for (int64_t j = threadIdx.x; j < W; j += blockDim.x) row[j] = store<T>(A(0));
+    for (int64_t j = threadIdx.x; j < H; j += blockDim.x) y[j] = store<T>(A(0));
+    return;
+  }
+  // the cell reads h_{t-1} only through hg, so h is overwritten in place
+  T* h = p.h + b * H;
+  T* c = p.c + b * H;
+  const FwdRow<T> cr{H, row, p.hg + b * GH, p.b_hh, h, h, c, row + GH, p.k, p.cw};
+  const DeviceRow<A> x;
+  Cell::template forward_row<T>(cr, x);
+  const bool keep_c = W >= (kCellOffset<Cell> + 1) * H;
+  for (int64_t j = threadIdx.x; j < H; j += blockDim.x) {
+    y[j] = h[j];
+    if (keep_c) row[kCellOffset<Cell> * H + j] = c[j];
+  }
+}
+
+// Step t of BPTT of a row cell: one block per batch row.
+template <class Cell, typename T, typename A>
+__global__ void __launch_bounds__(kMaxReduceThreads)
+    backward_row_kernel(const StepArgs<T> p, const int64_t t) {
+  const int64_t B = p.batch, H = p.hidden, W = p.width, GH = Cell::kGates * H;
+  const int64_t b = blockIdx.x, r = t * B + b;
+  T* gx = p.gx + r * GH;
+  T* gh = p.gh + r * GH;
+  T* hprev = p.hprev + r * H;
+  T* dn = p.dnorm + r * H;
+  A* gh_acc = p.gh_acc ? p.gh_acc + b * GH : nullptr;
+  A sum_h = 0, sum_c = 0;
+  if (!active(p, t, b)) {
+    for (int64_t j = threadIdx.x; j < GH; j += blockDim.x) {
+      gx[j] = gh[j] = store<T>(A(0));
+      if (gh_acc) gh_acc[j] = A(0);
+    }
+    for (int64_t j = threadIdx.x; j < H; j += blockDim.x) hprev[j] = dn[j] = store<T>(A(0));
+  } else {
+    const int64_t q = prev_step(p, t, b);
+    const T* row = p.ws + r * W;
+    const T* hp = q >= 0 ? p.y + (q * B + b) * H : p.h0 + b * H;
+    const T* c = row + kCellOffset<Cell> * H;
+    const T* cp = q >= 0 ? p.ws + (q * B + b) * W + kCellOffset<Cell> * H : p.c0 + b * H;
+    for (int64_t j = threadIdx.x; j < H; j += blockDim.x) hprev[j] = hp[j];
+    const BwdRow<T> cr{H, row, row + GH, p.y + r * H, hp, c, cp, gx, gh, p.k, p.clip, p.cw};
+    const RowGrad<T, A> d{p.dy + r * H, p.dh + b * H, p.dc + b * H, dn};
+    const DeviceRow<A> x;
+    Cell::template backward_row<T>(cr, d, x, sum_h, sum_c);
+    if (gh_acc)
+      for (int64_t j = threadIdx.x; j < GH; j += blockDim.x) gh_acc[j] = load<A>(gh[j]);
+  }
+  if (threadIdx.x == 0) {
+    if (p.norm_h) p.norm_h[r] = store<T>(sqrt(sum_h));
+    if (p.norm_c) p.norm_c[r] = store<T>(sqrt(sum_c));
+  }
 }
 
 template <class Cell, typename T, typename A>
@@ -279,7 +377,12 @@ cudaError_t forward_step(int cell, const StepArgs<T>& p, int64_t t, cudaStream_t
   with_cell_at(cell, [&](auto c) {
     using Cell = decltype(c);
     if (p.proj && !Cell::kProjection) return;
-    PYRNN_LAUNCH(grid, threads, 0, stream, forward_step_kernel<Cell, T, acc_t<T>>)(p, t);
+    if constexpr (Cell::kRowWise) {
+      shape_for(p.batch, p.hidden, true, grid, threads);
+      PYRNN_LAUNCH(grid, threads, 0, stream, forward_row_kernel<Cell, T, acc_t<T>>)(p, t);
+    } else {
+      PYRNN_LAUNCH(grid, threads, 0, stream, forward_step_kernel<Cell, T, acc_t<T>>)(p, t);
+    }
     e = cudaGetLastError();
   });
   return e;
@@ -314,8 +417,13 @@ cudaError_t backward_step(int cell, const StepArgs<T>& p, int64_t t, cudaStream_
     } else {
       if (p.proj) return;
     }
-    shape_for(p.batch, p.hidden, p.norm_h != nullptr || p.norm_c != nullptr, grid, threads);
-    PYRNN_LAUNCH(grid, threads, 0, stream, backward_step_kernel<Cell, T, acc_t<T>>)(p, t);
+    if constexpr (Cell::kRowWise) {
+      shape_for(p.batch, p.hidden, true, grid, threads);
+      PYRNN_LAUNCH(grid, threads, 0, stream, backward_row_kernel<Cell, T, acc_t<T>>)(p, t);
+    } else {
+      shape_for(p.batch, p.hidden, p.norm_h != nullptr || p.norm_c != nullptr, grid, threads);
+      PYRNN_LAUNCH(grid, threads, 0, stream, backward_step_kernel<Cell, T, acc_t<T>>)(p, t);
+    }
     e = cudaGetLastError();
   });
   return e;

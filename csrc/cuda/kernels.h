@@ -42,6 +42,7 @@ struct StepArgs {
   const T* b_hh = nullptr;   // [G*H] or nullptr
   const T* w_hh = nullptr;   // [G*H, P]  (read by the time loop's products, loops.h)
   double k[kMaxCellParams] = {};  // the cell's constants (kParams), by value
+  const T* cw = nullptr;     // the cell's own weights (Cell::kLayerNorm), else nullptr
   int64_t proj = 0;          // P of an LSTM projection, 0 without one
   const T* w_hr = nullptr;   // [P, H] (projection)
 
@@ -70,6 +71,8 @@ struct StepArgs {
   A* dhtot = nullptr;        // [T, B, P] total dLoss/dh_t of every step (projection; for
                              // dW_hr = dhtot^T @ mall), zero where inactive
   T* mall = nullptr;         // [T, B, H] m_t of every step (projection), zero where inactive
+  T* dnorm = nullptr;        // [T, B, H] (Cell::kLayerNorm) dLoss/d(LN(c_t) gamma_c + beta_c)
+                             // of every step, zero where inactive
   double clip = 0;           // <= 0: off
   T* norm_h = nullptr;       // [T, B] or nullptr: ||dLoss/dh_t|| per step and sample
   T* norm_c = nullptr;       // [T, B] or nullptr: ||dLoss/dc_t|| (LSTM)

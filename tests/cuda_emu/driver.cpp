@@ -177,6 +177,7 @@ cudaError_t run_forward(Case& c) {
   p.proj = proj;
   p.w_hr = c.ptr<T>("w_hr");
   p.hg = c.make<T>("scratch_hg", B * G * H);
+  p.cw = c.ptr<T>("cw");  // a layer-normalised cell's own weights
   set_constants(c, p);
   p.h = c.make<T>("h_n", B * P);
   std::memcpy(p.h, c.ptr<T>("h0"), sizeof(T) * B * P);
@@ -221,6 +222,8 @@ cudaError_t run_backward(Case& c) {
     has_cell = decltype(cell)::kHasCell;
   });
   p.gh = split ? c.make<T>("gh", Tn * B * GH) : p.gx;
+  p.cw = c.ptr<T>("cw");
+  p.dnorm = p.cw ? c.make<T>("dnorm", Tn * B * H) : nullptr;
   set_constants(c, p);
   p.hprev = c.make<T>("hprev", Tn * B * P);
   // running dLoss/dh, dLoss/dc in A, from grad_h_n / grad_c_n (as cuda_ops.cpp)
