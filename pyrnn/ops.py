@@ -129,12 +129,15 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
                 "vanishing_penalty: the regulariser runs in the fused backward only, which "
                 "cannot be differentiated again; set vanishing_penalty=0 for double backward "
                 "(create_graph=True)")
+        # (needs_input_grad is as long as the arguments the call gave: cell_weight,
+        # the last, may be missing)
+        flags = ctx.needs_input_grad
+        needs = tuple(flags[1:9]) + (len(flags) > 18 and flags[18],)
         grads, norms = reference.layer_grads(
             ctx.mode, (input, hx, cx if is_lstm else None, weight_ih, weight_hh, bias_ih,
                        bias_hh, weight_hr, cell_weight),
             (grad_output, grad_h_n, grad_c_n if is_lstm else None), lengths, ctx.reverse,
-            ctx.bptt_clip, ctx.needs_input_grad[1:9] + ctx.needs_input_grad[18:19],
-            ctx.record, ctx.params)
+            ctx.bptt_clip, needs, ctx.record, ctx.params)
         if ctx.record:
             ctx.norm_out.copy_(norms)
         return (None, *grads[:8], None, None, None, None, None, None, None, None, None,
@@ -219,7 +222,11 @@ def layer(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], weight_ih:
     _gate_stats); the gated cells then keep their activated gates even without grad.
     vanishing_penalty (Elman cells): see rnn_tanh; ratio_out [T, B] and omega_out (one
     element) receive the ratios and omega when the backward runs.
-    cell_weight: the own weights of a layer-normalised cell (see ln_lstm); else None."""
+    cell_weight: the own weights of a layer-normalised cell (see ln_lstm; None: the
+    initial ones); None for the other cells."""
+    if cell_weight is None and CELLS.get(mode, {}).get("layer_norm"):
+        cell_weight = reference.initial_cell_weight(mode, weight_hh.shape[0] // GATES[mode],
+                                                    input)
     save = _needs_save(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                        cell_weight)
     cell = CELLS[mode] if mode in CELLS else None
@@ -294,13 +301,13 @@ def gru(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=Non
     return out, h
 
 
-def ln_lstm(input, hx, cx, weight_ih, weight_hh, cell_weight, bias_ih=None, bias_hh=None,
-            lengths=None, reverse=False, bptt_clip=0.0, norm_out=None, eps=1e-5):
+def ln_lstm(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,
+            reverse=False, bptt_clip=0.0, norm_out=None, cell_weight=None, eps=1e-5):
     """LayerNorm-LSTM (Ba, Kiros and Hinton 2016), gates i, f, g, o:
     a = LN(W_ih x_t) gamma_ih + b_ih + LN(W_hh h_{t-1}) gamma_hh + b_hh,
     c_t = f c_{t-1} + i g, h_t = o tanh(LN(c_t) gamma_c + beta_c), with LN the layer norm
     over the vector (4H entries, or H) of torch.nn.functional.layer_norm (biased variance,
     eps added to it). cell_weight [10 H] = [gamma_ih 4H | gamma_hh 4H | gamma_c H |
-    beta_c H]. -> (output, h_n, c_n)"""
+    beta_c H]; None: the initial one (gains 1, beta_c 0). -> (output, h_n, c_n)"""
     return layer("ln_lstm", input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
                  reverse, bptt_clip, norm_out, cell_params=[eps], cell_weight=cell_weight)

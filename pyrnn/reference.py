@@ -146,9 +146,9 @@ def _run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, r
     xg_all = torch.matmul(input, weight_ih.t())  # [T, B, G*H]
     norm = mode in LAYER_NORM
     if norm:
-        if cell_weight is None:
-            raise ValueError(f"cell_weight: mode {mode!r} needs its weights, got None")
         GH = weight_hh.shape[0]
+        if cell_weight is None:
+            cell_weight = initial_cell_weight(mode, GH // 4, input)
         xg_all = torch.nn.functional.layer_norm(xg_all, (GH,), cell_weight[:GH], bias_ih, k[0])
         step = (lambda f: lambda *a: f(*a, cell_weight))(step)
     elif bias_ih is not None:
@@ -224,12 +224,23 @@ def gru(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=Non
     return out, h
 
 
-def ln_lstm(input, hx, cx, weight_ih, weight_hh, cell_weight, bias_ih=None, bias_hh=None,
-            lengths=None, reverse=False, bptt_clip=0.0, steps=None, eps=1e-5):
+def ln_lstm(input, hx, cx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,
+            reverse=False, bptt_clip=0.0, steps=None, cell_weight=None, eps=1e-5):
     """The LayerNorm-LSTM (csrc/cells/ln_lstm.h, pyrnn.ops.ln_lstm); cell_weight [10 H] =
-    [gamma_ih 4H | gamma_hh 4H | gamma_c H | beta_c H]."""
+    [gamma_ih 4H | gamma_hh 4H | gamma_c H | beta_c H], None for the initial one (gains 1,
+    beta_c 0)."""
     return _run("ln_lstm", input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
                 reverse, bptt_clip, steps, params=[eps], cell_weight=cell_weight)
+
+
+def initial_cell_weight(mode, H, like):
+    """The own weights of a layer-normalised cell as pyrnn.LayerNormLSTM initialises them
+    (gains 1, the cell state's bias 0), with like's dtype and device; None for the other
+    cells."""
+    if mode not in LAYER_NORM:
+        return None
+    return torch.cat([torch.ones(9 * H, dtype=like.dtype, device=like.device),
+                      torch.zeros(H, dtype=like.dtype, device=like.device)])
 
 
 def vanishing_penalty(mode, steps, weight_hh, bptt_clip=0.0, params=None):

@@ -48,15 +48,15 @@ def _grads(fn, args, cots):
 
 def _op(lengths, reverse, clip, eps=1e-5, norm_out=None):
     def fn(x, h0, c0, w_ih, w_hh, cw, b_ih, b_hh):
-        return ops.ln_lstm(x, h0, c0, w_ih, w_hh, cw, b_ih, b_hh, lengths, reverse, clip,
-                           norm_out, eps=eps)
+        return ops.ln_lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, clip,
+                           norm_out, cell_weight=cw, eps=eps)
     return fn
 
 
 def _ref(lengths, reverse, clip, eps=1e-5):
     def fn(x, h0, c0, w_ih, w_hh, cw, b_ih, b_hh):
-        return reference.ln_lstm(x, h0, c0, w_ih, w_hh, cw, b_ih, b_hh, lengths, reverse, clip,
-                                 eps=eps)
+        return reference.ln_lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, clip,
+                                 cell_weight=cw, eps=eps)
     return fn
 
 
@@ -158,7 +158,7 @@ def test_gradcheck_and_double_backward():
     lengths = torch.tensor([3, 2])
 
     def fn(*a):
-        return ops.ln_lstm(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], lengths)
+        return ops.ln_lstm(a[0], a[1], a[2], a[3], a[4], a[6], a[7], lengths, cell_weight=a[5])
     assert torch.autograd.gradcheck(fn, small)
     assert torch.autograd.gradgradcheck(fn, small)
 
@@ -300,14 +300,14 @@ def test_op_checks_cell_weight():
         torch.ops.pyrnn.forward("ln_lstm", x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None,
                                 False, False, 0.0, None)
     with pytest.raises(ValueError, match=r"cell_weight: expected shape \[50\], got \[49\]"):
-        ops.ln_lstm(x, h0, c0, w_ih, w_hh, cw[:-1], b_ih, b_hh)
+        ops.ln_lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, cell_weight=cw[:-1])
     with pytest.raises(TypeError, match="cell_weight: expected dtype"):
-        ops.ln_lstm(x, h0, c0, w_ih, w_hh, cw.float(), b_ih, b_hh)
+        ops.ln_lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, cell_weight=cw.float())
     with pytest.raises(ValueError, match="cell_weight: mode 'lstm' takes none"):
         torch.ops.pyrnn.forward("lstm", x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, None,
                                 False, False, 0.0, None, cell_weight=cw)
     with pytest.raises(ValueError, match="eps: expected a finite number >= 0"):
-        ops.ln_lstm(x, h0, c0, w_ih, w_hh, cw, b_ih, b_hh, eps=-1.0)
+        ops.ln_lstm(x, h0, c0, w_ih, w_hh, b_ih, b_hh, cell_weight=cw, eps=-1.0)
 
 
 def test_clip_norms_and_gate_stats_in_the_module():

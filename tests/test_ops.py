@@ -141,13 +141,17 @@ def test_lengths_freeze_state_and_zero_output(mode):
 def test_no_workspace_without_grad(mode):
     args = make_layer_args(mode, 4, 2, 3, 5, requires_grad=False)
     x, hx, cx, w_ih, w_hh, b_ih, b_hh = args
+    cw = reference.initial_cell_weight(mode, 5, x)
     res = torch.ops.pyrnn.forward(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, None, None, False,
-                                  False, 0.0, None)
+                                  False, 0.0, None, cell_weight=cw)
     assert res[3].numel() == 0
     res = torch.ops.pyrnn.forward(mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, None, None, False,
-                                  True, 0.0, None)
-    expected = {"lstm": 5 * 5, "gru": 4 * 5}.get(mode, 0)
+                                  True, 0.0, None, cell_weight=cw)
+    # the gates, the saved values and c_t; nothing for the Elman cells
+    c = ops.CELLS[mode]
+    expected = 5 * (c["gates"] + c["saved"] + c["has_cell"]) if c["keeps_row"] else 0
     assert res[3].numel() == 4 * 2 * expected
+    assert c["workspace"] * 5 == expected
 
 
 @pytest.mark.parametrize("mode,proj", [(m, False) for m in MODES] + [("lstm", True)])
@@ -160,16 +164,20 @@ def test_opcheck(mode, proj):
         w_hh = torch.randn(20, 3, dtype=x.dtype, requires_grad=True)
         hx = torch.randn(3, 3, dtype=x.dtype, requires_grad=True)
     lengths = torch.tensor([4, 1, 3])
+    cw = reference.initial_cell_weight(mode, 5, x)
+    if cw is not None:
+        cw = (cw + 0.1 * torch.randn_like(cw)).requires_grad_()
     fwd = (mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, True, True, 0.0, None)
-    torch.library.opcheck(torch.ops.pyrnn.forward.default, fwd)
-    out = torch.ops.pyrnn.forward(*fwd)
+    kw = {"cell_weight": cw}
+    torch.library.opcheck(torch.ops.pyrnn.forward.default, fwd, kw)
+    out = torch.ops.pyrnn.forward(*fwd, **kw)
     dy = torch.randn_like(out[0])
     detach = lambda t: None if t is None else t.detach()
     torch.library.opcheck(
         torch.ops.pyrnn.backward.default,
         (mode, dy, None, None, detach(x), detach(hx), detach(cx), detach(w_ih), detach(w_hh),
          detach(w_hr), True, True, lengths, out[0].detach(), out[3].detach(), True, 0.0, True),
-        test_utils=("test_schema", "test_faketensor"))
+        {"cell_weight": detach(cw)}, test_utils=("test_schema", "test_faketensor"))
 
 
 def _proj_args(dtype=torch.float64, seed=0, P=3):

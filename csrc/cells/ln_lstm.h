@@ -26,9 +26,9 @@
 
 namespace pyrnn {
 
-// What a row cell's backward reads and writes besides its BwdRow: the state that the
-// loop carries from step to step (S: its storage, T or a wider type) and the sums of
-// squares of the recorded norms.
+// What a row cell's backward reads and writes besides its BwdRow: the incoming output
+// gradient, the state that the loop carries from step to step (S: its storage, T or a
+// wider type) and the gradient its own weights need.
 template <typename T, typename S>
 struct RowGrad {
   const T* dy;  // [H] dLoss/dy_t
