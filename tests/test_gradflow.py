@@ -7,7 +7,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import pyrnn
 from pyrnn import gradflow, ops, reference
-from conftest import MODES, call_op, make_layer_args
+from conftest import HAS_CELL, MODES, call_op, make_layer_args
 
 # float64 throughout: the kernel's norms and the reference's differ only by rounding
 # (~1e-16 relative per operation, a few hundred operations deep), so 1e-10 is tight.
@@ -42,7 +42,7 @@ def test_op_norms_match_reference(mode, reverse, use_lengths):
     torch.autograd.backward([o for o in ref if o is not None], cot)
     h, c = _reference_norms(steps, T, B)
     torch.testing.assert_close(norms[0], h, **TOL)
-    if mode == "lstm":
+    if HAS_CELL[mode]:
         torch.testing.assert_close(norms[1], c, **TOL)
     else:
         assert torch.all(norms[1] == 0)
@@ -54,7 +54,8 @@ def _module_reference_norms(m, x, lengths, h0, cot_out):
     weights."""
     T, B = x.shape[0], x.shape[1]
     D = 2 if m.bidirectional else 1
-    weights = [m._weights(layer, d) for layer in range(m.num_layers) for d in range(D)]
+    weights = [tuple(m._weights(layer, d)) + (m._cell_weight(layer, d),)
+               for layer in range(m.num_layers) for d in range(D)]
     steps = []
     out, _, _ = reference.stack(m._cell_mode, x, h0, h0 if m.mode == "LSTM" else None, weights,
                                 lengths, m.bidirectional, params=m._cell_params(), steps=steps)
@@ -65,7 +66,7 @@ def _module_reference_norms(m, x, lengths, h0, cot_out):
 
 MODULES = [(pyrnn.RNN, {}), (pyrnn.RNN, {"nonlinearity": "relu"}),
            (pyrnn.RNN, {"nonlinearity": "leaky_relu", "negative_slope": 0.2}),
-           (pyrnn.LSTM, {}), (pyrnn.GRU, {})]
+           (pyrnn.LSTM, {}), (pyrnn.GRU, {}), (pyrnn.LayerNormLSTM, {})]
 
 
 @pytest.mark.parametrize("cls,kw", MODULES)
@@ -93,7 +94,7 @@ def test_module_norms_match_reference(cls, kw, layers, bidirectional, packed):
     assert rec.hidden.shape == (layers * D, T, B)
     h, c = _module_reference_norms(m, x, lengths, h0, cot)
     torch.testing.assert_close(rec.hidden, h, **TOL)
-    if cls is pyrnn.LSTM:
+    if m.mode == "LSTM":  # pyrnn.LSTM and LayerNormLSTM
         torch.testing.assert_close(rec.cell, c, **TOL)
     else:
         assert rec.cell is None
@@ -193,7 +194,7 @@ def _reference_gate_stats(mode, steps, T, B, params=()):
     out = torch.zeros(2, T, B, dtype=torch.float64)
     for s in steps:
         g, h = s["gate"], s["h"].detach()
-        if mode == "lstm":
+        if mode in ("lstm", "ln_lstm"):  # the forget gate
             factor, sat = g, (g < 0.05) | (g > 0.95)
         elif mode == "gru":
             factor, sat = 1 - g, (g < 0.05) | (g > 0.95)
@@ -226,7 +227,8 @@ def test_gate_stats_match_reference(cls, kw, grad):
         m(pack_padded_sequence(x, lengths, enforce_sorted=False))
     rec = m.gate_stats
     mode = m._cell_mode
-    weights = [[None if w is None else w.detach() for w in m._weights(layer, d)]
+    weights = [[None if w is None else w.detach()
+                for w in list(m._weights(layer, d)) + [m._cell_weight(layer, d)]]
                for layer in range(2) for d in range(2)]
     h0 = torch.zeros(4, B, H, dtype=torch.float64)
     steps = []
