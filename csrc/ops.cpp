@@ -81,7 +81,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     } else if (!in_loop)
       cpu::matmul(input.data_ptr<scalar_t>(), T * B, d.I, w_ih.data_ptr<scalar_t>(), GH, true,
                   ws.data_ptr<scalar_t>(), W, b_ih.defined() ? b_ih.data_ptr<scalar_t>() : nullptr);
-    cpu::LoopArgs<scalar_t> p;
+    cpu::ForwardArgs<scalar_t> p;
     p.steps = T; p.batch = B; p.hidden = H; p.width = W; p.reverse = reverse;
     p.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
     p.ws = ws.data_ptr<scalar_t>();
@@ -90,8 +90,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     p.c0 = cx.defined() ? cx.data_ptr<scalar_t>() : nullptr;
     p.w_hh = w_hh.data_ptr<scalar_t>();
     p.b_hh = b_hh.defined() ? b_hh.data_ptr<scalar_t>() : nullptr;
-    p.hT = h_n.data_ptr<scalar_t>();
-    p.cT = m.has_cell ? c_n.data_ptr<scalar_t>() : nullptr;
+    p.h_n = h_n.data_ptr<scalar_t>();
+    p.c_n = m.has_cell ? c_n.data_ptr<scalar_t>() : nullptr;
     p.hg = hg.data_ptr<scalar_t>();
     p.k = consts.data();
     p.cw = cw.defined() ? cw.data_ptr<scalar_t>() : nullptr;
@@ -272,7 +272,7 @@ BackwardResult backward_cpu(
   Tensor u_rows = vanishing_penalty != 0.0 ? at::empty({T, B, H}, opt) : Tensor();
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_backward", [&] {
-    cpu::LoopArgs<scalar_t> p;
+    cpu::BackwardArgs<scalar_t> p;
     p.steps = T; p.batch = B; p.hidden = H; p.width = W; p.reverse = reverse;
     p.lengths = lengths.defined() ? lengths.data_ptr<int64_t>() : nullptr;
     p.ws = W ? const_cast<scalar_t*>(ws.data_ptr<scalar_t>()) : nullptr;
@@ -281,8 +281,8 @@ BackwardResult backward_cpu(
     p.c0 = cx.defined() ? cx.data_ptr<scalar_t>() : nullptr;
     p.w_hh = w_hh.data_ptr<scalar_t>();
     p.dy = dy.data_ptr<scalar_t>();
-    p.dhT = dhT.defined() ? dhT.data_ptr<scalar_t>() : nullptr;
-    p.dcT = dcT.defined() ? dcT.data_ptr<scalar_t>() : nullptr;
+    p.dh_n = dhT.defined() ? dhT.data_ptr<scalar_t>() : nullptr;
+    p.dc_n = dcT.defined() ? dcT.data_ptr<scalar_t>() : nullptr;
     p.gx = gx.data_ptr<scalar_t>();
     p.gh = gh.data_ptr<scalar_t>();
     p.hprev = hprev.data_ptr<scalar_t>();
@@ -298,7 +298,7 @@ BackwardResult backward_cpu(
     if (w_hr.defined()) {
       p.proj = P;
       p.w_hr = w_hr.data_ptr<scalar_t>();
-      p.m = dm.data_ptr<scalar_t>();
+      p.dm = dm.data_ptr<scalar_t>();
       p.dhtot = dhtot.data_ptr<scalar_t>();
       p.mall = mall.data_ptr<scalar_t>();
       cpu::backward_proj_loop<scalar_t>(p);

@@ -33,7 +33,9 @@
 
 namespace PYRNN_ISA::cpu {
 using ::pyrnn::cpu::KernelsOf;
-using ::pyrnn::cpu::LoopArgs;
+using ::pyrnn::cpu::BackwardArgs;
+using ::pyrnn::cpu::ForwardArgs;
+using ::pyrnn::cpu::LayerArgs;
 }
 
 #ifdef PYRNN_TARGET
@@ -52,21 +54,21 @@ PYRNN_PRAGMA_TARGET(PYRNN_TARGET)
 namespace pyrnn::cpu {
 
 template <class Cell, typename T>
-PYRNN_FLAT void forward_loop(const LoopArgs<T>& p) {
+PYRNN_FLAT void forward_loop(const ForwardArgs<T>& p) {
   if constexpr (Cell::kRowWise) forward_rows<Cell, T>(p);
   else forward_steps<Cell, T>(p);
 }
 template <class Cell, typename T>
-PYRNN_FLAT void backward_loop(const LoopArgs<T>& p) {
+PYRNN_FLAT void backward_loop(const BackwardArgs<T>& p) {
   if constexpr (Cell::kRowWise) backward_rows<Cell, T>(p);
   else backward_steps<Cell, T>(p);
 }
 template <typename T>
-PYRNN_FLAT void forward_proj_loop(const LoopArgs<T>& p) {
+PYRNN_FLAT void forward_proj_loop(const ForwardArgs<T>& p) {
   forward_proj_steps(p);
 }
 template <typename T>
-PYRNN_FLAT void backward_proj_loop(const LoopArgs<T>& p) {
+PYRNN_FLAT void backward_proj_loop(const BackwardArgs<T>& p) {
   backward_proj_steps(p);
 }
 
@@ -145,8 +147,8 @@ void column_sums(const double* A, int64_t M, int64_t N, double* out) {
 // The loops of every cell of the registry, in its order.
 template <typename T, class... Cells>
 struct CellLoops {
-  static constexpr void (*forward[])(const LoopArgs<T>&) = {&forward_loop<Cells, T>...};
-  static constexpr void (*backward[])(const LoopArgs<T>&) = {&backward_loop<Cells, T>...};
+  static constexpr void (*forward[])(const ForwardArgs<T>&) = {&forward_loop<Cells, T>...};
+  static constexpr void (*backward[])(const BackwardArgs<T>&) = {&backward_loop<Cells, T>...};
 };
 
 template <typename T, class... Cells>

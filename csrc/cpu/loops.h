@@ -11,7 +11,7 @@
 //                      computed it) and the activated gates on exit, then
 //                      Cell::kSaved*H saved values, then (LSTM) c_t
 //   y:      [T, B, H]  output; zero at steps past a sequence's length
-//   h0, hT: [B, H]     (c0, cT likewise for LSTM)
+//   h0, h_n: [B, H]    (c0, c_n likewise for a cell with a cell state)
 //   w_hh:   [G*H, H],  b_hh: [G*H] or nullptr
 //   lengths:[B] or nullptr: step t of sequence b runs iff t < lengths[b], in either
 //           direction, so a reversed sequence starts at its own last step.
@@ -20,69 +20,84 @@
 
 namespace pyrnn::cpu {
 
+// What the forward and BPTT of a layer both read: its shape and the forward's inputs.
 template <typename T>
-struct LoopArgs {
+struct LayerArgs {
   int64_t steps = 0, batch = 0, hidden = 0, width = 0;  // T, B, H, W
   bool reverse = false;
   const int64_t* lengths = nullptr;
-  T* ws = nullptr;
-  T* y = nullptr;
-  const T* h0 = nullptr;
-  const T* c0 = nullptr;
-  const T* w_hh = nullptr;
-  const T* b_hh = nullptr;
-  T* hT = nullptr;   // forward: running h state, then h_n
-  T* cT = nullptr;   // forward: running c state, then c_n
-  T* hg = nullptr;   // scratch [B, G*H]
+  const T* h0 = nullptr;      // [B, P]
+  const T* c0 = nullptr;      // [B, H] (a cell with a cell state), else nullptr
+  const T* w_hh = nullptr;    // [G*H, P]
   const double* k = nullptr;  // the cell's constants (kParams), or nullptr if it has none
   const T* cw = nullptr;      // the cell's own weights (Cell::kLayerNorm), else nullptr
-  // Optional (forward, float32): with project set, the loop computes each step's input
+  // LSTM with a projection h_t = W_hr (o_t * tanh(c_t)): h, y, h0, h_n, dh0, hprev and
+  // dy are P wide instead of H; the rest keeps H.
+  int64_t proj = 0;           // P (0: no projection, P = H)
+  const T* w_hr = nullptr;    // [P, H]
+};
+
+// The forward: what it reads (LayerArgs and below), writes and uses as scratch.
+template <typename T>
+struct ForwardArgs : LayerArgs<T> {
+  T* ws = nullptr;            // [T, B, W] in: the input projection (unless project);
+                              // out: what BPTT needs (see above)
+  const T* b_hh = nullptr;    // [G*H] or nullptr
+  T* y = nullptr;             // [T, B, P] out
+  T* h_n = nullptr;           // [B, P] out: h_n (the loop keeps its running state here)
+  T* c_n = nullptr;           // [B, H] out: c_n, likewise (a cell with a cell state)
+  T* hg = nullptr;            // [B, G*H] scratch: h_{t-1} @ W_hh^T
+  T* m = nullptr;             // [B, H] scratch (projection): m_t = o * tanh(c_t)
+  T* hnew = nullptr;          // [B, P] scratch (projection): m_t @ W_hr^T
+  // Optional (float32): with project set, the loop computes each step's input
   // projection x_t @ W_ih^T + b_ih into the first G*H entries of the step's rows itself.
   bool project = false;
-  const T* x = nullptr;     // [T, B, I] (nullptr when it is empty)
-  const T* w_ih = nullptr;  // [G*H, I]
-  const T* b_ih = nullptr;  // [G*H] or nullptr
-  int64_t input = 0;        // I
-  bool ws_one_step = false; // (with project) ws holds the rows of one step only, reused at
-                            // every step: a forward that saves nothing
+  const T* x = nullptr;       // [T, B, I] (nullptr when it is empty)
+  const T* w_ih = nullptr;    // [G*H, I]
+  const T* b_ih = nullptr;    // [G*H] or nullptr
+  int64_t input = 0;          // I
+  bool ws_one_step = false;   // (with project) ws holds the rows of one step only, reused
+                              // at every step: a forward that saves nothing
+};
 
-  // backward only
-  const T* dy = nullptr;    // [T, B, H]
-  const T* dhT = nullptr;   // [B, H] or nullptr
-  const T* dcT = nullptr;   // [B, H] or nullptr
-  T* gx = nullptr;          // [T, B, G*H] gate gradients, input side
-  T* gh = nullptr;          // [T, B, G*H] gate gradients, recurrent side (Cell::kSplitGrad;
-                            // else == gx)
-  T* hprev = nullptr;       // [T, B, H] h_{t-1} of every active step (for dW_hh)
-  T* dh0 = nullptr;         // [B, H] running dLoss/dh, then dLoss/dh0
-  T* dc0 = nullptr;         // [B, H] running dLoss/dc, then dLoss/dc0
-  double clip = 0;          // <= 0: off
-  T* norm_h = nullptr;      // [T, B] or nullptr: ||dLoss/dh_t|| per step and sample
-  T* norm_c = nullptr;      // [T, B] or nullptr: ||dLoss/dc_t|| (LSTM)
-  T* dnorm = nullptr;       // [T, B, H] (Cell::kLayerNorm) dLoss/d(LN(c_t) gamma_c + beta_c)
-                            // of every step, 0 at inactive steps
-  T* u_out = nullptr;       // [T, B, H] or nullptr (Elman cells): gh_t @ W_hh of every step
-                            // t, the part of dLoss/dh_{t-1} that flows through t (the
-                            // vanishing-gradient regulariser's u); 0 at inactive steps
-
-  // LSTM with a projection h_t = W_hr (o_t * tanh(c_t)): h, y, h0, hT, dh0, hprev and
-  // dy are P wide instead of H; the rest keeps H.
-  int64_t proj = 0;          // P
-  const T* w_hr = nullptr;   // [P, H]
-  T* m = nullptr;            // [B, H] scratch: o * tanh(c) (forward), dLoss/dm (backward)
-  T* hnew = nullptr;         // [B, P] scratch (forward)
-  T* dhtot = nullptr;        // [T, B, P] total dLoss/dh_t of every step (backward)
-  T* mall = nullptr;         // [T, B, H] o * tanh(c) of every step (backward)
+// BPTT: what it reads (LayerArgs, the forward's results, the incoming gradients) and
+// writes.
+template <typename T>
+struct BackwardArgs : LayerArgs<T> {
+  const T* ws = nullptr;      // [T, B, W] the forward's workspace
+  const T* y = nullptr;       // [T, B, P] the forward's output
+  const T* dy = nullptr;      // [T, B, P] dLoss/dy
+  const T* dh_n = nullptr;    // [B, P] dLoss/dh_n or nullptr (zero)
+  const T* dc_n = nullptr;    // [B, H] dLoss/dc_n or nullptr (zero)
+  T* gx = nullptr;            // [T, B, G*H] out: gate gradients, input side
+  T* gh = nullptr;            // [T, B, G*H] out: gate gradients, recurrent side
+                              // (Cell::kSplitGrad; else == gx)
+  T* hprev = nullptr;         // [T, B, P] out: h_{t-1} of every active step (for dW_hh)
+  T* dh0 = nullptr;           // [B, P] out: dLoss/dh0 (the loop keeps the running
+                              // dLoss/dh_t here)
+  T* dc0 = nullptr;           // [B, H] out: dLoss/dc0, likewise
+  double clip = 0;            // <= 0: off
+  T* norm_h = nullptr;        // [T, B] out or nullptr: ||dLoss/dh_t|| per step and sample
+  T* norm_c = nullptr;        // [T, B] out or nullptr: ||dLoss/dc_t|| (a cell state)
+  T* u_out = nullptr;         // [T, B, H] out or nullptr (Elman cells): gh_t @ W_hh of
+                              // every step t, the part of dLoss/dh_{t-1} that flows
+                              // through t (the vanishing-gradient regulariser's u); 0 at
+                              // inactive steps
+  T* dnorm = nullptr;         // [T, B, H] out (Cell::kLayerNorm): dLoss/d(LN(c_t) gamma_c
+                              // + beta_c) of every step, 0 at inactive steps
+  T* dm = nullptr;            // [B, H] scratch (projection): dLoss/dm_t
+  T* dhtot = nullptr;         // [T, B, P] out (projection): total dLoss/dh_t of every step
+  T* mall = nullptr;          // [T, B, H] out (projection): m_t of every step
 };
 
 // The entry points of one compiled copy of the loops (kernels_impl.h), for one T; the
 // loops are indexed by the cell's place in the registry (AllCells).
 template <typename T>
 struct KernelsOf {
-  void (*const* forward)(const LoopArgs<T>&);   // [number of cells]
-  void (*const* backward)(const LoopArgs<T>&);  // [number of cells]
-  void (*forward_proj)(const LoopArgs<T>&);
-  void (*backward_proj)(const LoopArgs<T>&);
+  void (*const* forward)(const ForwardArgs<T>&);   // [number of cells]
+  void (*const* backward)(const BackwardArgs<T>&);  // [number of cells]
+  void (*forward_proj)(const ForwardArgs<T>&);
+  void (*backward_proj)(const BackwardArgs<T>&);
   void (*matmul)(const T*, int64_t, int64_t, const T*, int64_t, bool, T*, int64_t, const T*);
   void (*matmul_tn)(const T*, int64_t, int64_t, const T*, int64_t, T*);
   void (*column_sums)(const T*, int64_t, int64_t, T*);
@@ -110,10 +125,10 @@ const char* baseline_isa();
 
 // The forward and BPTT of the cell at index `cell` of the registry, in the copy of the
 // capability in use (dispatch.cpp).
-void forward_loop(int cell, const LoopArgs<float>& p);
-void forward_loop(int cell, const LoopArgs<double>& p);
-void backward_loop(int cell, const LoopArgs<float>& p);
-void backward_loop(int cell, const LoopArgs<double>& p);
+void forward_loop(int cell, const ForwardArgs<float>& p);
+void forward_loop(int cell, const ForwardArgs<double>& p);
+void backward_loop(int cell, const BackwardArgs<float>& p);
+void backward_loop(int cell, const BackwardArgs<double>& p);
 
 // C[M, N] = A[M, K] @ op(Wm) (+ bias[N] on every row) for all rows at once (the
 // products outside the time loop): op(Wm) = Wm^T for Wm [N, K] (transposed) or Wm for
@@ -126,9 +141,9 @@ void matmul(const double* A, int64_t M, int64_t K, const double* Wm, int64_t N, 
 
 // The LSTM with a projection (p.proj > 0), for T = float and T = double.
 template <typename T>
-void forward_proj_loop(const LoopArgs<T>& p);
+void forward_proj_loop(const ForwardArgs<T>& p);
 template <typename T>
-void backward_proj_loop(const LoopArgs<T>& p);
+void backward_proj_loop(const BackwardArgs<T>& p);
 
 // C[M, N] = A^T @ Bm for A [K, M] and Bm [K, N] (the weight gradients: K = T*B rows).
 // Every product here gives the same bits for any number of threads.

@@ -18,21 +18,21 @@
 namespace pyrnn::cpu {
 
 template <typename T>
-inline bool active(const LoopArgs<T>& p, int64_t t, int64_t b) {
+inline bool active(const LayerArgs<T>& p, int64_t t, int64_t b) {
   return p.lengths == nullptr || t < p.lengths[b];
 }
 
 // With lengths sorted longest first (PackedSequence order), the sequences still running
 // at step t are a prefix of the batch: the products of a step then skip the rest.
 template <typename T>
-inline bool prefix_active(const LoopArgs<T>& p) {
+inline bool prefix_active(const LayerArgs<T>& p) {
   if (!p.lengths) return false;
   for (int64_t b = 1; b < p.batch; ++b)
     if (p.lengths[b] > p.lengths[b - 1]) return false;
   return true;
 }
 template <typename T>
-inline int64_t rows_running(const LoopArgs<T>& p, bool prefix, int64_t t) {
+inline int64_t rows_running(const LayerArgs<T>& p, bool prefix, int64_t t) {
   int64_t n = p.batch;
   if (prefix)
     while (n > 0 && p.lengths[n - 1] <= t) --n;
@@ -41,7 +41,7 @@ inline int64_t rows_running(const LoopArgs<T>& p, bool prefix, int64_t t) {
 
 // Index of the step that ran just before step t of sequence b, or -1 if t was its first.
 template <typename T>
-inline int64_t prev_step(const LoopArgs<T>& p, int64_t t, int64_t b) {
+inline int64_t prev_step(const LayerArgs<T>& p, int64_t t, int64_t b) {
   if (!p.reverse) return t - 1;
   const int64_t last = p.lengths ? p.lengths[b] : p.steps;
   return t + 1 < last ? t + 1 : -1;
@@ -93,14 +93,14 @@ inline float lane_sum(VecF a) { return hsum(a); }
 // recurrent product for its columns, then the pointwise update of its units, then meets
 // the others at one barrier. h is double-buffered (every thread reads all of h_{t-1}).
 template <class Cell, typename T>
-void forward_steps(const LoopArgs<T>& p) {
+void forward_steps(const ForwardArgs<T>& p) {
   const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width;
   const int64_t G = Cell::kGates, GH = G * H;
   const bool keep_c = Cell::kHasCell && W >= (cell_offset<Cell>() + 1) * H;
-  std::memcpy(p.hT, p.h0, sizeof(T) * B * H);
-  if (Cell::kHasCell) std::memcpy(p.cT, p.c0, sizeof(T) * B * H);
+  std::memcpy(p.h_n, p.h0, sizeof(T) * B * H);
+  if (Cell::kHasCell) std::memcpy(p.c_n, p.c0, sizeof(T) * B * H);
   std::unique_ptr<T[]> other(new T[B * H + 1]);
-  T* bufs[2] = {p.hT, other.get()};
+  T* bufs[2] = {p.h_n, other.get()};
   const StepGemm<T> gemm(B, GH, H, p.w_hh, true, H);
   // The input projection, when the loop computes it (float32): the same panel layout, so
   // each thread projects the columns of its own units, just before it needs them.
@@ -141,7 +141,7 @@ void forward_steps(const LoopArgs<T>& p) {
           for (int64_t k = 0; k < W / H; ++k) std::memset(row + k * H + u0, 0, sizeof(T) * (u1 - u0));
           continue;
         }
-        T* c = Cell::kHasCell ? p.cT + b * H : nullptr;
+        T* c = Cell::kHasCell ? p.c_n + b * H : nullptr;
         const FwdRow<T> r{H, row, p.hg + b * GH, p.b_hh, hcur + b * H, h, c,
                           Cell::kSaved ? row + GH : nullptr, p.k};
         over_units<T, T>(u0, u1, [&](auto zero, int64_t j) {
@@ -160,7 +160,7 @@ void forward_steps(const LoopArgs<T>& p) {
   } else {
     body(1, 0);
   }
-  if (Tn % 2) std::memcpy(p.hT, bufs[1], sizeof(T) * B * H);
+  if (Tn % 2) std::memcpy(p.h_n, bufs[1], sizeof(T) * B * H);
 }
 
 // BPTT with one team of threads (float32; float64 on one thread), sliced like the forward: a thread owns
@@ -170,13 +170,13 @@ void forward_steps(const LoopArgs<T>& p) {
 // (fixed by H, not by the threads), double-buffered, and the panels' sums added in
 // order after that barrier: the same bits for any number of threads.
 template <class Cell, typename T>
-void backward_steps(const LoopArgs<T>& p) {
+void backward_steps(const BackwardArgs<T>& p) {
   const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width;
   const int64_t G = Cell::kGates, GH = G * H;
-  if (p.dhT) std::memcpy(p.dh0, p.dhT, sizeof(T) * B * H);
+  if (p.dh_n) std::memcpy(p.dh0, p.dh_n, sizeof(T) * B * H);
   else std::memset(p.dh0, 0, sizeof(T) * B * H);
   if (Cell::kHasCell) {
-    if (p.dcT) std::memcpy(p.dc0, p.dcT, sizeof(T) * B * H);
+    if (p.dc_n) std::memcpy(p.dc0, p.dc_n, sizeof(T) * B * H);
     else std::memset(p.dc0, 0, sizeof(T) * B * H);
   }
   const StepGemm<T> gemm(B, H, GH, p.w_hh, false, H);  // dh[B, H] += gh[B, G*H] @ W_hh
@@ -317,14 +317,14 @@ struct CpuRow {
 // rows, split by batch rows (a row's mean and variance stay in one thread; rows do not
 // depend on each other within a step).
 template <class Cell, typename T>
-void forward_rows(const LoopArgs<T>& p) {
+void forward_rows(const ForwardArgs<T>& p) {
   const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width;
   const int64_t G = Cell::kGates, GH = G * H;
   const bool keep_c = W >= (cell_offset<Cell>() + 1) * H;
-  std::memcpy(p.hT, p.h0, sizeof(T) * B * H);
-  std::memcpy(p.cT, p.c0, sizeof(T) * B * H);
+  std::memcpy(p.h_n, p.h0, sizeof(T) * B * H);
+  std::memcpy(p.c_n, p.c0, sizeof(T) * B * H);
   std::unique_ptr<T[]> other(new T[B * H + 1]);
-  T* bufs[2] = {p.hT, other.get()};
+  T* bufs[2] = {p.h_n, other.get()};
   const StepGemm<T> gemm(B, GH, H, p.w_hh, true, H);
   const int64_t per = gemm.panels_per_block();
   const bool prefix = prefix_active(p);
@@ -351,7 +351,7 @@ void forward_rows(const LoopArgs<T>& p) {
           std::memset(row, 0, sizeof(T) * W);
           continue;
         }
-        T* c = p.cT + b * H;
+        T* c = p.c_n + b * H;
         const FwdRow<T> r{H, row, p.hg + b * GH, p.b_hh, hcur + b * H, h, c, row + GH, p.k, p.cw};
         Cell::template forward_row<T>(r, x);
         std::memcpy(yrow, h, sizeof(T) * H);
@@ -366,19 +366,19 @@ void forward_rows(const LoopArgs<T>& p) {
   } else {
     body(1, 0);
   }
-  if (Tn % 2) std::memcpy(p.hT, bufs[1], sizeof(T) * B * H);
+  if (Tn % 2) std::memcpy(p.h_n, bufs[1], sizeof(T) * B * H);
 }
 
 // BPTT of a row cell, in the same two phases per step: the rows' backward split by batch
 // rows (each writes its gx, gh, dnorm, its running dc, zero into its dh, and its norms),
 // then dh_{t-1} += gh_t @ W_hh split by columns.
 template <class Cell, typename T>
-void backward_rows(const LoopArgs<T>& p) {
+void backward_rows(const BackwardArgs<T>& p) {
   const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width;
   const int64_t G = Cell::kGates, GH = G * H;
-  if (p.dhT) std::memcpy(p.dh0, p.dhT, sizeof(T) * B * H);
+  if (p.dh_n) std::memcpy(p.dh0, p.dh_n, sizeof(T) * B * H);
   else std::memset(p.dh0, 0, sizeof(T) * B * H);
-  if (p.dcT) std::memcpy(p.dc0, p.dcT, sizeof(T) * B * H);
+  if (p.dc_n) std::memcpy(p.dc0, p.dc_n, sizeof(T) * B * H);
   else std::memset(p.dc0, 0, sizeof(T) * B * H);
   const StepGemm<T> gemm(B, H, GH, p.w_hh, false, H);  // dh[B, H] += gh[B, G*H] @ W_hh
   const int64_t per = gemm.panels_per_block();
@@ -435,20 +435,20 @@ void backward_rows(const LoopArgs<T>& p) {
 // h_t = m_t W_hr^T. Backward: dm_t = dh_t W_hr, the cell's backward on dm_t, and
 // dh_{t-1} = gates' gradients @ W_hh; dh_t and m_t of every step are kept for dW_hr.
 template <typename T>
-void forward_proj_steps(const LoopArgs<T>& p) {
+void forward_proj_steps(const ForwardArgs<T>& p) {
   using Cell = LstmCell;
   const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width, P = p.proj;
   const int64_t GH = 4 * H;
   const bool keep_c = W >= (cell_offset<Cell>() + 1) * H;
-  std::memcpy(p.hT, p.h0, sizeof(T) * B * P);
-  std::memcpy(p.cT, p.c0, sizeof(T) * B * H);
+  std::memcpy(p.h_n, p.h0, sizeof(T) * B * P);
+  std::memcpy(p.c_n, p.c0, sizeof(T) * B * H);
   const StepGemm<T> recurrent(B, GH, P, p.w_hh, true, GH);
   const StepGemm<T> projection(B, P, H, p.w_hr, true, P);
   const bool prefix = prefix_active(p);
   for (int64_t s = 0; s < Tn; ++s) {
     const int64_t t = p.reverse ? Tn - 1 - s : s;
     const int rows = int(rows_running(p, prefix, t));
-    recurrent.run(p.hT, rows, P, p.hg, GH, false);
+    recurrent.run(p.h_n, rows, P, p.hg, GH, false);
 #pragma omp parallel for schedule(static) if (B * GH >= kParallelUnits)
     for (int64_t b = 0; b < B; ++b) {
       T* row = p.ws + (t * B + b) * W;
@@ -456,7 +456,7 @@ void forward_proj_steps(const LoopArgs<T>& p) {
         std::memset(row, 0, sizeof(T) * W);
         continue;
       }
-      T* c = p.cT + b * H;
+      T* c = p.c_n + b * H;
       T* m = p.m + b * H;
       const T* hg = p.hg + b * GH;
       const FwdRow<T> r{H, row, hg, p.b_hh, nullptr, m, c, nullptr, p.k};
@@ -473,20 +473,20 @@ void forward_proj_steps(const LoopArgs<T>& p) {
         std::memset(yrow, 0, sizeof(T) * P);
         continue;
       }
-      std::memcpy(p.hT + b * P, p.hnew + b * P, sizeof(T) * P);
+      std::memcpy(p.h_n + b * P, p.hnew + b * P, sizeof(T) * P);
       std::memcpy(yrow, p.hnew + b * P, sizeof(T) * P);
     }
   }
 }
 
 template <typename T>
-void backward_proj_steps(const LoopArgs<T>& p) {
+void backward_proj_steps(const BackwardArgs<T>& p) {
   using Cell = LstmCell;
   const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width, P = p.proj;
   const int64_t GH = 4 * H;
-  if (p.dhT) std::memcpy(p.dh0, p.dhT, sizeof(T) * B * P);
+  if (p.dh_n) std::memcpy(p.dh0, p.dh_n, sizeof(T) * B * P);
   else std::memset(p.dh0, 0, sizeof(T) * B * P);
-  if (p.dcT) std::memcpy(p.dc0, p.dcT, sizeof(T) * B * H);
+  if (p.dc_n) std::memcpy(p.dc0, p.dc_n, sizeof(T) * B * H);
   else std::memset(p.dc0, 0, sizeof(T) * B * H);
   const StepGemm<T> recurrent(B, P, GH, p.w_hh, false, P);
   const StepGemm<T> projection(B, H, P, p.w_hr, false, H);
@@ -512,7 +512,7 @@ void backward_proj_steps(const LoopArgs<T>& p) {
       }
       if (p.norm_h) p.norm_h[r] = std::sqrt(sum);
     }
-    projection.run(dht, rows, P, p.m, H, false);  // dm_t[B, H] = dh_t @ W_hr
+    projection.run(dht, rows, P, p.dm, H, false);  // dm_t[B, H] = dh_t @ W_hr
 #pragma omp parallel for schedule(static) if (B * GH >= kParallelUnits)
     for (int64_t b = 0; b < B; ++b) {
       const int64_t r = t * B + b;
@@ -531,7 +531,7 @@ void backward_proj_steps(const LoopArgs<T>& p) {
       const T* c = row + cell_offset<Cell>() * H;
       const T* cp = q >= 0 ? p.ws + (q * B + b) * W + cell_offset<Cell>() * H : p.c0 + b * H;
       std::memcpy(hprev, q >= 0 ? p.y + (q * B + b) * P : p.h0 + b * P, sizeof(T) * P);
-      const T* dm = p.m + b * H;
+      const T* dm = p.dm + b * H;
       T* dc_state = p.dc0 + b * H;
       T sum_c = 0;
       const BwdRow<T> cr{H, row, nullptr, nullptr, nullptr, c, cp, gx, nullptr, p.k, p.clip};
