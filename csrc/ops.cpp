@@ -70,7 +70,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   Tensor h_n = at::empty({B, P}, opt);
   Tensor c_n = m.has_cell ? at::empty({B, H}, opt) : at::empty({0}, opt);
   Tensor hg = at::empty({B, GH}, opt);
-  Tensor scratch = w_hr.defined() ? at::empty({B, H + P}, opt) : Tensor();  // m_t, h_t
+  Tensor scratch = w_hr.defined() ? at::empty({B, H}, opt) : Tensor();  // m_t
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_forward", [&] {
     if (m.layer_norm) {  // ws[..., :G*H] = LN(x @ W_ih^T) * gamma_ih + b_ih
@@ -107,9 +107,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
       p.proj = P;
       p.w_hr = w_hr.data_ptr<scalar_t>();
       p.m = scratch.data_ptr<scalar_t>();
-      p.hnew = p.m + B * H;
-      cpu::forward_proj_loop<scalar_t>(p);
-      return;
     }
     cpu::forward_loop(m.id, p);
   });
@@ -301,8 +298,6 @@ BackwardResult backward_cpu(
       p.dm = dm.data_ptr<scalar_t>();
       p.dhtot = dhtot.data_ptr<scalar_t>();
       p.mall = mall.data_ptr<scalar_t>();
-      cpu::backward_proj_loop<scalar_t>(p);
-      return;
     }
     cpu::backward_loop(m.id, p);
   });

@@ -46,6 +46,10 @@ enum class Act { kTanh = 0, kRelu = 1, kLeakyRelu = 2 };
 //     [-clip, clip] when clip > 0.
 //   carry<T, A>(const BwdRow<T>& r, int64_t j, A dc) (kHasCell): dLoss/dc_{t-1} from
 //     the total dLoss/dc_t.
+//   output<T, A>(const BwdRow<T>& r, int64_t j) (kProjection): the cell's output m_t at
+//     unit j, recomputed from what the forward kept (the projection's weight gradient
+//     needs m_t of every step; with a projection the cell's forward writes m_t where
+//     FwdRow::h points and reads no h_{t-1}, and its backward gets dLoss/dm_t as dh).
 // A unit reads and writes only its own entries (j, k*H + j) of every buffer, so units
 // may run in any order and in parallel. A row cell (kRowWise) has instead
 //   forward_row<T>(const FwdRow<T>& r, X& x) and

@@ -63,6 +63,13 @@ struct LstmCell {
     direct = A(0);
   }
 
+  // (kProjection) The cell's output m_t = o * tanh(c_t) again, from what the forward
+  // kept: the projection's weight gradient needs it at every step.
+  template <typename T, typename A>
+  PYRNN_HD static A output(const BwdRow<T>& r, int64_t j) {
+    return ld<A>(r.gates + 3 * r.H + j) * math_tanh(ld<A>(r.c + j));
+  }
+
   // dLoss/dc_{t-1} from the total dLoss/dc_t: the additive path through the forget gate.
   template <typename T, typename A>
   PYRNN_HD static A carry(const BwdRow<T>& r, int64_t j, A dct) {

@@ -124,18 +124,6 @@ void forward_loop(int cell, const ForwardArgs<double>& p) { of<double>().forward
 void backward_loop(int cell, const BackwardArgs<float>& p) { of<float>().backward[cell](p); }
 void backward_loop(int cell, const BackwardArgs<double>& p) { of<double>().backward[cell](p); }
 
-template <typename T>
-void forward_proj_loop(const ForwardArgs<T>& p) {
-  of<T>().forward_proj(p);
-}
-template <typename T>
-void backward_proj_loop(const BackwardArgs<T>& p) {
-  of<T>().backward_proj(p);
-}
-template void forward_proj_loop<float>(const ForwardArgs<float>&);
-template void forward_proj_loop<double>(const ForwardArgs<double>&);
-template void backward_proj_loop<float>(const BackwardArgs<float>&);
-template void backward_proj_loop<double>(const BackwardArgs<double>&);
 
 void matmul(const float* A, int64_t M, int64_t K, const float* Wm, int64_t N, bool transposed,
             float* C, int64_t ldc, const float* bias) {

@@ -63,15 +63,6 @@ PYRNN_FLAT void backward_loop(const BackwardArgs<T>& p) {
   if constexpr (Cell::kRowWise) backward_rows<Cell, T>(p);
   else backward_steps<Cell, T>(p);
 }
-template <typename T>
-PYRNN_FLAT void forward_proj_loop(const ForwardArgs<T>& p) {
-  forward_proj_steps(p);
-}
-template <typename T>
-PYRNN_FLAT void backward_proj_loop(const BackwardArgs<T>& p) {
-  backward_proj_steps(p);
-}
-
 PYRNN_FLAT void matmul(const float* A, int64_t M, int64_t K, const float* Wm, int64_t N,
                        bool transposed, float* C, int64_t ldc, const float* bias) {
   if (M == 0 || N == 0) return;
@@ -154,7 +145,6 @@ struct CellLoops {
 template <typename T, class... Cells>
 constexpr KernelsOf<T> table(CellList<Cells...>) {
   return {CellLoops<T, Cells...>::forward, CellLoops<T, Cells...>::backward,
-          &forward_proj_loop<T>, &backward_proj_loop<T>,
           static_cast<void (*)(const T*, int64_t, int64_t, const T*, int64_t, bool, T*, int64_t,
                                const T*)>(&matmul),
           static_cast<void (*)(const T*, int64_t, int64_t, const T*, int64_t, T*)>(&matmul_tn),

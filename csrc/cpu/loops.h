@@ -48,7 +48,6 @@ struct ForwardArgs : LayerArgs<T> {
   T* c_n = nullptr;           // [B, H] out: c_n, likewise (a cell with a cell state)
   T* hg = nullptr;            // [B, G*H] scratch: h_{t-1} @ W_hh^T
   T* m = nullptr;             // [B, H] scratch (projection): m_t = o * tanh(c_t)
-  T* hnew = nullptr;          // [B, P] scratch (projection): m_t @ W_hr^T
   // Optional (float32): with project set, the loop computes each step's input
   // projection x_t @ W_ih^T + b_ih into the first G*H entries of the step's rows itself.
   bool project = false;
@@ -96,8 +95,6 @@ template <typename T>
 struct KernelsOf {
   void (*const* forward)(const ForwardArgs<T>&);   // [number of cells]
   void (*const* backward)(const BackwardArgs<T>&);  // [number of cells]
-  void (*forward_proj)(const ForwardArgs<T>&);
-  void (*backward_proj)(const BackwardArgs<T>&);
   void (*matmul)(const T*, int64_t, int64_t, const T*, int64_t, bool, T*, int64_t, const T*);
   void (*matmul_tn)(const T*, int64_t, int64_t, const T*, int64_t, T*);
   void (*column_sums)(const T*, int64_t, int64_t, T*);
@@ -138,12 +135,6 @@ void matmul(const float* A, int64_t M, int64_t K, const float* Wm, int64_t N, bo
             float* C, int64_t ldc, const float* bias);
 void matmul(const double* A, int64_t M, int64_t K, const double* Wm, int64_t N, bool transposed,
             double* C, int64_t ldc, const double* bias);
-
-// The LSTM with a projection (p.proj > 0), for T = float and T = double.
-template <typename T>
-void forward_proj_loop(const ForwardArgs<T>& p);
-template <typename T>
-void backward_proj_loop(const BackwardArgs<T>& p);
 
 // C[M, N] = A^T @ Bm for A [K, M] and Bm [K, N] (the weight gradients: K = T*B rows).
 // Every product here gives the same bits for any number of threads.

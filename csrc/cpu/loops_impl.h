@@ -92,16 +92,24 @@ inline float lane_sum(VecF a) { return hsum(a); }
 // slice of hidden units [u0, u1) across all gate blocks: per step it computes the
 // recurrent product for its columns, then the pointwise update of its units, then meets
 // the others at one barrier. h is double-buffered (every thread reads all of h_{t-1}).
+// With a projection (p.proj = P > 0, a cell with kProjection) the cell writes
+// m_t = o * tanh(c_t) for its units, and a second phase after a barrier computes
+// h_t = m_t W_hr^T, each thread for its own slice [v0, v1) of the P columns.
 template <class Cell, typename T>
 void forward_steps(const ForwardArgs<T>& p) {
   const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width;
   const int64_t G = Cell::kGates, GH = G * H;
+  const bool proj = Cell::kProjection && p.proj > 0;
+  const int64_t P = proj ? p.proj : H;  // the width of h
   const bool keep_c = Cell::kHasCell && W >= (cell_offset<Cell>() + 1) * H;
-  std::memcpy(p.h_n, p.h0, sizeof(T) * B * H);
+  std::memcpy(p.h_n, p.h0, sizeof(T) * B * P);
   if (Cell::kHasCell) std::memcpy(p.c_n, p.c0, sizeof(T) * B * H);
-  std::unique_ptr<T[]> other(new T[B * H + 1]);
+  std::unique_ptr<T[]> other(new T[B * P + 1]);
   T* bufs[2] = {p.h_n, other.get()};
-  const StepGemm<T> gemm(B, GH, H, p.w_hh, true, H);
+  const StepGemm<T> gemm(B, GH, P, p.w_hh, true, H);
+  // h_t[B, P] = m_t[B, H] @ W_hr^T (projection), in panels of the P columns
+  std::unique_ptr<StepGemm<T>> pgemm;
+  if (proj) pgemm.reset(new StepGemm<T>(B, P, H, p.w_hr, true, P));
   // The input projection, when the loop computes it (float32): the same panel layout, so
   // each thread projects the columns of its own units, just before it needs them.
   std::unique_ptr<PackedGemm> xgemm;
@@ -109,14 +117,18 @@ void forward_steps(const ForwardArgs<T>& p) {
     if (p.project) xgemm.reset(new PackedGemm(B, GH, p.input, p.w_ih, true, H));
   }
   const int64_t per = gemm.panels_per_block();
+  const int64_t pper = proj ? pgemm->panels_per_block() : 0;
   const bool prefix = prefix_active(p);
   // One thread when the step is small, and for float64 (whose BLAS must not be called
   // from inside a parallel region: it would start a nested team on every call).
-  const bool team = per > 1 && 2 * B * GH * (H + p.input * p.project) >= (1 << 19);
+  const bool team = per > 1 && 2 * B * GH * (P + p.input * p.project) >= (1 << 19);
   auto body = [&](int64_t nt, int64_t id) {
     const int64_t q0 = per * id / nt, q1 = per * (id + 1) / nt;
     const int64_t u0 = std::min(q0 * gemm.panel_width(), H);
     const int64_t u1 = std::min(q1 * gemm.panel_width(), H);
+    const int64_t pq0 = pper * id / nt, pq1 = pper * (id + 1) / nt;
+    const int64_t v0 = proj ? std::min(pq0 * pgemm->panel_width(), P) : 0;
+    const int64_t v1 = proj ? std::min(pq1 * pgemm->panel_width(), P) : 0;
     for (int64_t s = 0; s < Tn; ++s) {
       const int64_t t = p.reverse ? Tn - 1 - s : s;
       const T* hcur = bufs[s % 2];
@@ -130,26 +142,43 @@ void forward_steps(const ForwardArgs<T>& p) {
                               false, g * per + q0, g * per + q1, p.b_ih);
       }
       for (int64_t g = 0; g < G; ++g)  // hg[:, my columns] = h_{t-1} @ W_hh^T
-        gemm.run_panels(hcur, rows, H, p.hg, GH, false, g * per + q0, g * per + q1);
+        gemm.run_panels(hcur, rows, P, p.hg, GH, false, g * per + q0, g * per + q1);
       for (int64_t b = 0; b < B && u1 > u0; ++b) {
-        T* yrow = p.y + (t * B + b) * H;
+        T* yrow = p.y + (t * B + b) * P;
         T* row = p.ws + (ws_step * B + b) * W;
-        T* h = hnext + b * H;
+        // the cell's output: h_t, or m_t with a projection
+        T* h = proj ? p.m + b * H : hnext + b * H;
         if (!active(p, t, b)) {  // state unchanged, zero output and workspace
-          std::memcpy(h + u0, hcur + b * H + u0, sizeof(T) * (u1 - u0));
-          std::memset(yrow + u0, 0, sizeof(T) * (u1 - u0));
+          if (!proj) {
+            std::memcpy(h + u0, hcur + b * H + u0, sizeof(T) * (u1 - u0));
+            std::memset(yrow + u0, 0, sizeof(T) * (u1 - u0));
+          }
           for (int64_t k = 0; k < W / H; ++k) std::memset(row + k * H + u0, 0, sizeof(T) * (u1 - u0));
           continue;
         }
         T* c = Cell::kHasCell ? p.c_n + b * H : nullptr;
-        const FwdRow<T> r{H, row, p.hg + b * GH, p.b_hh, hcur + b * H, h, c,
+        const FwdRow<T> r{H, row, p.hg + b * GH, p.b_hh, proj ? nullptr : hcur + b * H, h, c,
                           Cell::kSaved ? row + GH : nullptr, p.k};
         over_units<T, T>(u0, u1, [&](auto zero, int64_t j) {
           using V = decltype(zero);
           Cell::template forward<T, V>(r, j);
-          st(yrow + j, ld<V>(h + j));
+          if (!proj) st(yrow + j, ld<V>(h + j));
         });
         if (keep_c) std::memcpy(row + cell_offset<Cell>() * H + u0, c + u0, sizeof(T) * (u1 - u0));
+      }
+      if (proj) {
+#pragma omp barrier
+        // h_t[:, my columns] = m_t @ W_hr^T; where t is inactive the state stays
+        pgemm->run_panels(p.m, rows, H, hnext, P, false, pq0, pq1);
+        for (int64_t b = 0; b < B && v1 > v0; ++b) {
+          T* yrow = p.y + (t * B + b) * P;
+          if (active(p, t, b)) {
+            std::memcpy(yrow + v0, hnext + b * P + v0, sizeof(T) * (v1 - v0));
+          } else {
+            std::memcpy(hnext + b * P + v0, hcur + b * P + v0, sizeof(T) * (v1 - v0));
+            std::memset(yrow + v0, 0, sizeof(T) * (v1 - v0));
+          }
+        }
       }
 #pragma omp barrier
     }
@@ -160,48 +189,91 @@ void forward_steps(const ForwardArgs<T>& p) {
   } else {
     body(1, 0);
   }
-  if (Tn % 2) std::memcpy(p.h_n, bufs[1], sizeof(T) * B * H);
+  if (Tn % 2) std::memcpy(p.h_n, bufs[1], sizeof(T) * B * P);
 }
 
-// BPTT with one team of threads (float32; float64 on one thread), sliced like the forward: a thread owns
-// the hidden units [u0, u1), so the pointwise backward of its units reads the dh it
-// produced itself in the step before. One barrier per step, before the recurrent product
-// (which reads every unit's gate gradients). The norms are summed per panel of units
-// (fixed by H, not by the threads), double-buffered, and the panels' sums added in
-// order after that barrier: the same bits for any number of threads.
+// BPTT with one team of threads (float32; float64 on one thread), sliced like the
+// forward: a thread owns the hidden units [u0, u1), so the pointwise backward of its
+// units reads the dh it produced itself in the step before. One barrier per step, before
+// the recurrent product (which reads every unit's gate gradients). The norms are summed
+// per panel of units (fixed by H, not by the threads), double-buffered, and the panels'
+// sums added in order after that barrier: the same bits for any number of threads.
+// With a projection (P > 0) each step first forms the total dLoss/dh_t [P] per batch
+// row (rows split between the threads; its norm in one thread), then, after a barrier,
+// dm_t = dh_t W_hr for the thread's units, on which the cell runs; the recurrent product
+// then gives dLoss/dh_{t-1} [P] for the thread's slice of the P columns, and a barrier
+// ends the step (the next one reads whole rows of it).
 template <class Cell, typename T>
 void backward_steps(const BackwardArgs<T>& p) {
   const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width;
   const int64_t G = Cell::kGates, GH = G * H;
-  if (p.dh_n) std::memcpy(p.dh0, p.dh_n, sizeof(T) * B * H);
-  else std::memset(p.dh0, 0, sizeof(T) * B * H);
+  const bool proj = Cell::kProjection && p.proj > 0;
+  const int64_t P = proj ? p.proj : H;  // the width of h
+  if (p.dh_n) std::memcpy(p.dh0, p.dh_n, sizeof(T) * B * P);
+  else std::memset(p.dh0, 0, sizeof(T) * B * P);
   if (Cell::kHasCell) {
     if (p.dc_n) std::memcpy(p.dc0, p.dc_n, sizeof(T) * B * H);
     else std::memset(p.dc0, 0, sizeof(T) * B * H);
   }
-  const StepGemm<T> gemm(B, H, GH, p.w_hh, false, H);  // dh[B, H] += gh[B, G*H] @ W_hh
-  const int64_t per = gemm.panels_per_block();
+  // dh[B, P] += gh[B, G*H] @ W_hh
+  const StepGemm<T> gemm(B, P, GH, p.w_hh, false, P);
+  // dm[B, H] = dh_t[B, P] @ W_hr (projection); its panels are then the threads' units
+  std::unique_ptr<StepGemm<T>> mgemm;
+  if (proj) mgemm.reset(new StepGemm<T>(B, H, P, p.w_hr, false, H));
+  const StepGemm<T>& units = proj ? *mgemm : gemm;
+  const int64_t per = units.panels_per_block(), pw = units.panel_width();
+  const int64_t dper = gemm.panels_per_block();
   const bool prefix = prefix_active(p);
   const bool record = p.norm_h != nullptr;
-  const int64_t pw = gemm.panel_width();
   // partial sums of squares: [2 buffers][panel][h, c][B]
   std::unique_ptr<T[]> part(new T[2 * per * 2 * B + 1]);
   // One thread when the step is small, and for float64 (whose BLAS must not be called
   // from inside a parallel region: it would start a nested team on every call).
-  const bool team = per > 1 && 2 * B * GH * H >= (1 << 19);
+  const bool team = per > 1 && 2 * B * GH * P >= (1 << 19);
   auto body = [&](int64_t nt, int64_t id) {
     const int64_t q0 = per * id / nt, q1 = per * (id + 1) / nt;
-    const int64_t u0 = std::min(q0 * gemm.panel_width(), H);
-    const int64_t u1 = std::min(q1 * gemm.panel_width(), H);
+    const int64_t u0 = std::min(q0 * pw, H);
+    const int64_t u1 = std::min(q1 * pw, H);
     const int64_t n = u1 - u0;
+    const int64_t dq0 = dper * id / nt, dq1 = dper * (id + 1) / nt;
+    const int64_t b0 = B * id / nt, b1 = B * (id + 1) / nt;
     for (int64_t s = 0; s < Tn; ++s) {
       const int64_t t = p.reverse ? s : Tn - 1 - s;  // the forward order, reversed
       T* buf = part.get() + (s % 2) * per * 2 * B;
+      const int64_t rows = rows_running(p, prefix, t);
+      if (proj) {
+        // total dLoss/dh_t = output path + recurrent path, its norm, and h_{t-1}; the
+        // running dh starts over (no path to h_{t-1} but through W_hh)
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t r = t * B + b;
+          T* d = p.dhtot + r * P;
+          T* hprev = p.hprev + r * P;
+          if (!active(p, t, b)) {
+            std::memset(d, 0, sizeof(T) * P);
+            std::memset(hprev, 0, sizeof(T) * P);
+            if (record) p.norm_h[r] = T(0);
+            continue;
+          }
+          const int64_t q = prev_step(p, t, b);
+          std::memcpy(hprev, q >= 0 ? p.y + (q * B + b) * P : p.h0 + b * P, sizeof(T) * P);
+          const T* dy = p.dy + r * P;
+          T* dh = p.dh0 + b * P;
+          T sum = 0;
+          for (int64_t j = 0; j < P; ++j) {
+            d[j] = dy[j] + dh[j];
+            sum += d[j] * d[j];
+          }
+          if (record) p.norm_h[r] = std::sqrt(sum);
+          std::memset(dh, 0, sizeof(T) * P);
+        }
+#pragma omp barrier
+        // dm_t[:, my units] = dh_t @ W_hr
+        mgemm->run_panels(p.dhtot + t * B * P, rows, P, p.dm, H, false, q0, q1);
+      }
       for (int64_t b = 0; b < B; ++b) {
         const int64_t r = t * B + b;
         T* gx = p.gx + r * GH;
         T* gh = p.gh + r * GH;
-        T* hprev = p.hprev + r * H;
         if (record)
           for (int64_t q = q0; q < q1; ++q) buf[q * 2 * B + b] = buf[q * 2 * B + B + b] = T(0);
         if (n <= 0) continue;
@@ -210,23 +282,27 @@ void backward_steps(const BackwardArgs<T>& p) {
             std::memset(gx + g * H + u0, 0, sizeof(T) * n);
             if (Cell::kSplitGrad) std::memset(gh + g * H + u0, 0, sizeof(T) * n);
           }
-          std::memset(hprev + u0, 0, sizeof(T) * n);
+          if (proj) std::memset(p.mall + r * H + u0, 0, sizeof(T) * n);
+          else std::memset(p.hprev + r * H + u0, 0, sizeof(T) * n);
           continue;
         }
         const int64_t q = prev_step(p, t, b);
         const T* row = p.ws + r * W;
-        const T* hp = q >= 0 ? p.y + (q * B + b) * H : p.h0 + b * H;
+        const T* hp = proj ? nullptr : q >= 0 ? p.y + (q * B + b) * H : p.h0 + b * H;
         const T* c = nullptr;
         const T* cp = nullptr;
         if (Cell::kHasCell) {
           c = row + cell_offset<Cell>() * H;
           cp = q >= 0 ? p.ws + (q * B + b) * W + cell_offset<Cell>() * H : p.c0 + b * H;
         }
-        const BwdRow<T> cr{H, row, Cell::kSaved ? row + GH : nullptr, p.y + r * H, hp, c, cp,
+        const BwdRow<T> cr{H, row, Cell::kSaved ? row + GH : nullptr,
+                           proj ? nullptr : p.y + r * H, hp, c, cp,
                            gx, Cell::kSplitGrad ? gh : nullptr, p.k, p.clip};
-        std::memcpy(hprev + u0, hp + u0, sizeof(T) * n);
-        const T* dy = p.dy + r * H;
-        T* dh_state = p.dh0 + b * H;
+        if (!proj) std::memcpy(p.hprev + r * H + u0, hp + u0, sizeof(T) * n);
+        const T* dy = proj ? nullptr : p.dy + r * H;
+        const T* dm = proj ? p.dm + b * H : nullptr;
+        T* mrow = proj ? p.mall + r * H : nullptr;
+        T* dh_state = p.dh0 + b * P;
         T* dc_state = Cell::kHasCell ? p.dc0 + b * H : nullptr;
         // one panel at a time when recording (its sums go to its own slot), else all units
         for (int64_t v0 = u0; v0 < u1; v0 += record ? pw : n) {
@@ -234,7 +310,7 @@ void backward_steps(const BackwardArgs<T>& p) {
           T sum_h = 0, sum_c = 0;
           over_units<T, T>(v0, v1, [&](auto zero, int64_t j) {
             using V = decltype(zero);
-            const V dh = ld<V>(dy + j) + ld<V>(dh_state + j);
+            const V dh = proj ? ld<V>(dm + j) : ld<V>(dy + j) + ld<V>(dh_state + j);
             V dc = zero, direct = zero;
             if constexpr (Cell::kHasCell) dc = ld<V>(dc_state + j);
             Cell::template backward<T, V>(cr, j, dh, dc, direct);
@@ -243,7 +319,10 @@ void backward_steps(const BackwardArgs<T>& p) {
               if (record) sum_c += lane_sum(dc * dc);
               st(dc_state + j, Cell::template carry<T, V>(cr, j, dc));
             }
-            st(dh_state + j, direct);
+            if constexpr (Cell::kProjection) {
+              if (proj) st(mrow + j, Cell::template output<T, V>(cr, j));
+            }
+            if (!proj) st(dh_state + j, direct);
           });
           if (record) {
             T* slot = buf + v0 / pw * 2 * B;
@@ -260,18 +339,21 @@ void backward_steps(const BackwardArgs<T>& p) {
             sh += buf[q * 2 * B + b];
             sc += buf[q * 2 * B + B + b];
           }
-          p.norm_h[t * B + b] = std::sqrt(sh);
+          if (!proj) p.norm_h[t * B + b] = std::sqrt(sh);
           if (p.norm_c) p.norm_c[t * B + b] = std::sqrt(sc);
         }
       }
-      // dh_{t-1}[:, my units] += gh_t[B, G*H] @ W_hh[:, my units]  (inactive rows are zero)
-      gemm.run_panels(p.gh + t * B * GH, rows_running(p, prefix, t), GH, p.dh0, H, true, q0, q1);
+      // dh_{t-1}[:, my columns] += gh_t[B, G*H] @ W_hh[:, my columns]  (inactive rows are 0)
+      gemm.run_panels(p.gh + t * B * GH, rows, GH, p.dh0, P, true, dq0, dq1);
       if (p.u_out && n > 0)  // an Elman cell leaves 0 in dh before the product (direct)
         for (int64_t b = 0; b < B; ++b) {
           T* dst = p.u_out + (t * B + b) * H + u0;
           if (active(p, t, b)) std::memcpy(dst, p.dh0 + b * H + u0, sizeof(T) * n);
           else std::memset(dst, 0, sizeof(T) * n);
         }
+      if (proj) {
+#pragma omp barrier
+      }
     }
   };
   if (team) {
@@ -427,127 +509,6 @@ void backward_rows(const BackwardArgs<T>& p) {
     body(omp_get_num_threads(), omp_get_thread_num());
   } else {
     body(1, 0);
-  }
-}
-
-// LSTM with a projection: the recurrent state is h_t = W_hr m_t, m_t = o_t * tanh(c_t).
-// Per step: hg = h_{t-1} W_hh^T, the cell's pointwise update (writing m_t), then
-// h_t = m_t W_hr^T. Backward: dm_t = dh_t W_hr, the cell's backward on dm_t, and
-// dh_{t-1} = gates' gradients @ W_hh; dh_t and m_t of every step are kept for dW_hr.
-template <typename T>
-void forward_proj_steps(const ForwardArgs<T>& p) {
-  using Cell = LstmCell;
-  const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width, P = p.proj;
-  const int64_t GH = 4 * H;
-  const bool keep_c = W >= (cell_offset<Cell>() + 1) * H;
-  std::memcpy(p.h_n, p.h0, sizeof(T) * B * P);
-  std::memcpy(p.c_n, p.c0, sizeof(T) * B * H);
-  const StepGemm<T> recurrent(B, GH, P, p.w_hh, true, GH);
-  const StepGemm<T> projection(B, P, H, p.w_hr, true, P);
-  const bool prefix = prefix_active(p);
-  for (int64_t s = 0; s < Tn; ++s) {
-    const int64_t t = p.reverse ? Tn - 1 - s : s;
-    const int rows = int(rows_running(p, prefix, t));
-    recurrent.run(p.h_n, rows, P, p.hg, GH, false);
-#pragma omp parallel for schedule(static) if (B * GH >= kParallelUnits)
-    for (int64_t b = 0; b < B; ++b) {
-      T* row = p.ws + (t * B + b) * W;
-      if (!active(p, t, b)) {
-        std::memset(row, 0, sizeof(T) * W);
-        continue;
-      }
-      T* c = p.c_n + b * H;
-      T* m = p.m + b * H;
-      const T* hg = p.hg + b * GH;
-      const FwdRow<T> r{H, row, hg, p.b_hh, nullptr, m, c, nullptr, p.k};
-      over_units<T, T>(H, [&](auto zero, int64_t j) {
-        using V = decltype(zero);
-        Cell::template forward<T, V>(r, j);
-      });
-      if (keep_c) std::memcpy(row + cell_offset<Cell>() * H, c, sizeof(T) * H);
-    }
-    projection.run(p.m, rows, H, p.hnew, P, false);  // h_t[B, P] = m_t @ W_hr^T
-    for (int64_t b = 0; b < B; ++b) {
-      T* yrow = p.y + (t * B + b) * P;
-      if (!active(p, t, b)) {
-        std::memset(yrow, 0, sizeof(T) * P);
-        continue;
-      }
-      std::memcpy(p.h_n + b * P, p.hnew + b * P, sizeof(T) * P);
-      std::memcpy(yrow, p.hnew + b * P, sizeof(T) * P);
-    }
-  }
-}
-
-template <typename T>
-void backward_proj_steps(const BackwardArgs<T>& p) {
-  using Cell = LstmCell;
-  const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width, P = p.proj;
-  const int64_t GH = 4 * H;
-  if (p.dh_n) std::memcpy(p.dh0, p.dh_n, sizeof(T) * B * P);
-  else std::memset(p.dh0, 0, sizeof(T) * B * P);
-  if (p.dc_n) std::memcpy(p.dc0, p.dc_n, sizeof(T) * B * H);
-  else std::memset(p.dc0, 0, sizeof(T) * B * H);
-  const StepGemm<T> recurrent(B, P, GH, p.w_hh, false, P);
-  const StepGemm<T> projection(B, H, P, p.w_hr, false, H);
-  const bool prefix = prefix_active(p);
-  for (int64_t s = 0; s < Tn; ++s) {
-    const int64_t t = p.reverse ? s : Tn - 1 - s;
-    const int rows = int(rows_running(p, prefix, t));
-    T* dht = p.dhtot + t * B * P;
-    for (int64_t b = 0; b < B; ++b) {  // total dLoss/dh_t = output path + recurrent path
-      const int64_t r = t * B + b;
-      T* d = dht + b * P;
-      if (!active(p, t, b)) {
-        std::memset(d, 0, sizeof(T) * P);
-        if (p.norm_h) p.norm_h[r] = T(0);
-        continue;
-      }
-      const T* dy = p.dy + r * P;
-      const T* dh = p.dh0 + b * P;
-      T sum = 0;
-      for (int64_t j = 0; j < P; ++j) {
-        d[j] = dy[j] + dh[j];
-        sum += d[j] * d[j];
-      }
-      if (p.norm_h) p.norm_h[r] = std::sqrt(sum);
-    }
-    projection.run(dht, rows, P, p.dm, H, false);  // dm_t[B, H] = dh_t @ W_hr
-#pragma omp parallel for schedule(static) if (B * GH >= kParallelUnits)
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t r = t * B + b;
-      T* gx = p.gx + r * GH;
-      T* hprev = p.hprev + r * P;
-      T* mrow = p.mall + r * H;
-      if (!active(p, t, b)) {
-        std::memset(gx, 0, sizeof(T) * GH);
-        std::memset(hprev, 0, sizeof(T) * P);
-        std::memset(mrow, 0, sizeof(T) * H);
-        if (p.norm_c) p.norm_c[r] = T(0);
-        continue;
-      }
-      const int64_t q = prev_step(p, t, b);
-      const T* row = p.ws + r * W;
-      const T* c = row + cell_offset<Cell>() * H;
-      const T* cp = q >= 0 ? p.ws + (q * B + b) * W + cell_offset<Cell>() * H : p.c0 + b * H;
-      std::memcpy(hprev, q >= 0 ? p.y + (q * B + b) * P : p.h0 + b * P, sizeof(T) * P);
-      const T* dm = p.dm + b * H;
-      T* dc_state = p.dc0 + b * H;
-      T sum_c = 0;
-      const BwdRow<T> cr{H, row, nullptr, nullptr, nullptr, c, cp, gx, nullptr, p.k, p.clip};
-      over_units<T, T>(H, [&](auto zero, int64_t j) {
-        using V = decltype(zero);
-        V dc = ld<V>(dc_state + j), direct = zero;
-        Cell::template backward<T, V>(cr, j, ld<V>(dm + j), dc, direct);
-        sum_c += lane_sum(dc * dc);
-        st(dc_state + j, Cell::template carry<T, V>(cr, j, dc));
-        st(mrow + j, ld<V>(row + 3 * H + j) * math_tanh(ld<V>(c + j)));
-      });
-      if (p.norm_c) p.norm_c[r] = std::sqrt(sum_c);
-      std::memset(p.dh0 + b * P, 0, sizeof(T) * P);  // no path to h_{t-1} but through W_hh
-    }
-    // dh_{t-1} += gates' gradients[B, 4H] @ W_hh[4H, P]   (inactive rows are zero)
-    recurrent.run(p.gx + t * B * GH, rows, GH, p.dh0, P, true);
   }
 }
 

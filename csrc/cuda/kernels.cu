@@ -338,7 +338,7 @@ __global__ void __launch_bounds__(kMaxReduceThreads)
       Cell::template backward<T, A>(cr, j, dm[j], dc, direct);
       sum_c += dc * dc;
       dc_state[j] = Cell::template carry<T, A>(cr, j, dc);
-      mrow[j] = store<T>(load<A>(row[3 * H + j]) * math_tanh(load<A>(c[j])));
+      mrow[j] = store<T>(Cell::template output<T, A>(cr, j));
       if (gh_acc) {
 #pragma unroll
         for (int k = 0; k < 4; ++k) gh_acc[k * H + j] = load<A>(gx[k * H + j]);
