@@ -51,6 +51,21 @@ struct LnLstmCell {
   static constexpr bool kLayerNorm = true;
   static constexpr const char* kParams = "eps=1e-05";
 
+  // The mean of v[0, n) and 1 / sqrt(its biased variance + eps), in two passes.
+  template <typename T, class X>
+  PYRNN_HD static void moments(X& x, const T* v, int64_t n, typename X::S eps,
+                               typename X::S& mean, typename X::S& rstd) {
+    using S = typename X::S;
+    const S m = x.sum(n, [&](auto z, int64_t j) { return ld<decltype(z)>(v + j); }) / S(n);
+    const S var = x.sum(n, [&](auto z, int64_t j) {
+      using V = decltype(z);
+      const V d = ld<V>(v + j) - V(m);
+      return d * d;
+    }) / S(n);
+    mean = m;
+    rstd = S(1) / sqrt(var + eps);
+  }
+
   template <typename T, class X>
   PYRNN_HD static void forward_row(const FwdRow<T>& r, X& x) {
     using S = typename X::S;
@@ -62,13 +77,8 @@ struct LnLstmCell {
     T* xh = r.saved;           // normalised hg
     T* xc = r.saved + GH;      // normalised c_t
     T* stat = r.saved + GH + H;
-    const S mh = x.sum(GH, [&](auto z, int64_t j) { return ld<decltype(z)>(r.hg + j); }) / S(GH);
-    const S vh = x.sum(GH, [&](auto z, int64_t j) {
-      using V = decltype(z);
-      const V d = ld<V>(r.hg + j) - V(mh);
-      return d * d;
-    }) / S(GH);
-    const S rh = S(1) / sqrt(vh + eps);
+    S mh, rh;
+    moments(x, r.hg, GH, eps, mh, rh);
     x.each(H, [&](auto z, int64_t j) {
       using V = decltype(z);
       V a[4];
@@ -86,13 +96,8 @@ struct LnLstmCell {
       st(r.gates + 2 * H + j, g);
       st(r.gates + 3 * H + j, o);
     });
-    const S mc = x.sum(H, [&](auto z, int64_t j) { return ld<decltype(z)>(r.c + j); }) / S(H);
-    const S vc = x.sum(H, [&](auto z, int64_t j) {
-      using V = decltype(z);
-      const V d = ld<V>(r.c + j) - V(mc);
-      return d * d;
-    }) / S(H);
-    const S rc = S(1) / sqrt(vc + eps);
+    S mc, rc;
+    moments(x, r.c, H, eps, mc, rc);
     x.each(H, [&](auto z, int64_t j) {
       using V = decltype(z);
       const V n = (ld<V>(r.c + j) - V(mc)) * V(rc);

@@ -78,6 +78,19 @@ inline void over_units(int64_t H, F&& f) {
   over_units<T, A>(0, H, f);
 }
 
+// Runs body(nt, id) on a team of OpenMP threads (nt of them, id = 0 .. nt-1), or with
+// team false on this thread alone (nt = 1): the loops below are written as such a body,
+// which meets the other threads at barriers.
+template <class F>
+inline void run_team(bool team, F&& body) {
+  if (team) {
+#pragma omp parallel
+    body(omp_get_num_threads(), omp_get_thread_num());
+  } else {
+    body(1, 0);
+  }
+}
+
 // Rows of a step are split across threads when a step has at least this many gate units.
 constexpr int64_t kParallelUnits = 4096;
 
@@ -95,11 +108,10 @@ inline float lane_sum(VecF a) { return hsum(a); }
 // With a projection (p.proj = P > 0, a cell with kProjection) the cell writes
 // m_t = o * tanh(c_t) for its units, and a second phase after a barrier computes
 // h_t = m_t W_hr^T, each thread for its own slice [v0, v1) of the P columns.
-template <class Cell, typename T>
-void forward_steps(const ForwardArgs<T>& p) {
+template <class Cell, typename T, bool proj>
+void forward_steps_of(const ForwardArgs<T>& p) {
   const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width;
   const int64_t G = Cell::kGates, GH = G * H;
-  const bool proj = Cell::kProjection && p.proj > 0;
   const int64_t P = proj ? p.proj : H;  // the width of h
   const bool keep_c = Cell::kHasCell && W >= (cell_offset<Cell>() + 1) * H;
   std::memcpy(p.h_n, p.h0, sizeof(T) * B * P);
@@ -183,12 +195,7 @@ void forward_steps(const ForwardArgs<T>& p) {
 #pragma omp barrier
     }
   };
-  if (team) {
-#pragma omp parallel
-    body(omp_get_num_threads(), omp_get_thread_num());
-  } else {
-    body(1, 0);
-  }
+  run_team(team, body);
   if (Tn % 2) std::memcpy(p.h_n, bufs[1], sizeof(T) * B * P);
 }
 
@@ -203,11 +210,10 @@ void forward_steps(const ForwardArgs<T>& p) {
 // dm_t = dh_t W_hr for the thread's units, on which the cell runs; the recurrent product
 // then gives dLoss/dh_{t-1} [P] for the thread's slice of the P columns, and a barrier
 // ends the step (the next one reads whole rows of it).
-template <class Cell, typename T>
-void backward_steps(const BackwardArgs<T>& p) {
+template <class Cell, typename T, bool proj>
+void backward_steps_of(const BackwardArgs<T>& p) {
   const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width;
   const int64_t G = Cell::kGates, GH = G * H;
-  const bool proj = Cell::kProjection && p.proj > 0;
   const int64_t P = proj ? p.proj : H;  // the width of h
   if (p.dh_n) std::memcpy(p.dh0, p.dh_n, sizeof(T) * B * P);
   else std::memset(p.dh0, 0, sizeof(T) * B * P);
@@ -356,12 +362,24 @@ void backward_steps(const BackwardArgs<T>& p) {
       }
     }
   };
-  if (team) {
-#pragma omp parallel
-    body(omp_get_num_threads(), omp_get_thread_num());
-  } else {
-    body(1, 0);
+  run_team(team, body);
+}
+
+// The loops above with the projection as a compile-time choice, so that the loops
+// without one carry none of its branches.
+template <class Cell, typename T>
+void forward_steps(const ForwardArgs<T>& p) {
+  if constexpr (Cell::kProjection) {
+    if (p.proj > 0) return forward_steps_of<Cell, T, true>(p);
   }
+  forward_steps_of<Cell, T, false>(p);
+}
+template <class Cell, typename T>
+void backward_steps(const BackwardArgs<T>& p) {
+  if constexpr (Cell::kProjection) {
+    if (p.proj > 0) return backward_steps_of<Cell, T, true>(p);
+  }
+  backward_steps_of<Cell, T, false>(p);
 }
 
 // The row context of a row cell (cells/ln_lstm.h) on the CPU: one thread runs a whole
@@ -442,12 +460,7 @@ void forward_rows(const ForwardArgs<T>& p) {
 #pragma omp barrier
     }
   };
-  if (team) {
-#pragma omp parallel
-    body(omp_get_num_threads(), omp_get_thread_num());
-  } else {
-    body(1, 0);
-  }
+  run_team(team, body);
   if (Tn % 2) std::memcpy(p.h_n, bufs[1], sizeof(T) * B * H);
 }
 
@@ -504,12 +517,7 @@ void backward_rows(const BackwardArgs<T>& p) {
 #pragma omp barrier
     }
   };
-  if (team) {
-#pragma omp parallel
-    body(omp_get_num_threads(), omp_get_thread_num());
-  } else {
-    body(1, 0);
-  }
+  run_team(team, body);
 }
 
 }  // namespace pyrnn::cpu
