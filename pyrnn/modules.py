@@ -414,13 +414,15 @@ class _Base(nn.RNNBase):
         elif dtype in _UPCAST:
             # float16 and bfloat16 run in float32 and return in their own dtype.
             dtype = torch.float32
-        x = x.to(dtype)
+        if x.dtype != dtype:
+            x = x.to(dtype)
         if states is None:
             h0 = x.new_zeros(LD, B, P)
             c0 = x.new_zeros(LD, B, H) if is_lstm else None
         else:
-            h0 = states[0].to(dtype)
-            c0 = states[1].to(dtype) if is_lstm else None
+            h0 = states[0] if states[0].dtype == dtype else states[0].to(dtype)
+            c0 = None if not is_lstm else states[1] if states[1].dtype == dtype else \
+                states[1].to(dtype)
 
         store = None
         if self.record_grad_norms and torch.is_grad_enabled():
@@ -458,7 +460,8 @@ class _Base(nn.RNNBase):
             for d in range(D):
                 k = layer * D + d
                 w_ih, w_hh, b_ih, b_hh, w_hr = (
-                    None if w is None else w.to(dtype) for w in self._weights(layer, d))
+                    w if w is None or w.dtype == dtype else w.to(dtype)
+                    for w in self._weights(layer, d))
                 cw = self._cell_weight(layer, d)
                 cw = None if cw is None else cw.to(dtype)
                 out, h, c = ops.layer(
@@ -477,8 +480,8 @@ class _Base(nn.RNNBase):
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
         output = layer_input
-        h_n = torch.stack(h_n)
-        c_n = torch.stack(c_n) if is_lstm else None
+        h_n = h_n[0].unsqueeze(0) if LD == 1 else torch.stack(h_n)
+        c_n = None if not is_lstm else c_n[0].unsqueeze(0) if LD == 1 else torch.stack(c_n)
 
         if out_dtype != dtype:
             output, h_n = output.to(out_dtype), h_n.to(out_dtype)

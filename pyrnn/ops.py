@@ -15,6 +15,7 @@ the other cells). It is written in place when the backward runs (also under
 torch.compile, where it must be a graph input such as a module buffer, not a tensor
 created inside the compiled region).
 """
+import contextlib
 from typing import Optional
 
 import torch
@@ -129,10 +130,8 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
                 "vanishing_penalty: the regulariser runs in the fused backward only, which "
                 "cannot be differentiated again; set vanishing_penalty=0 for double backward "
                 "(create_graph=True)")
-        # (needs_input_grad is as long as the arguments the call gave: cell_weight,
-        # the last, may be missing)
-        flags = ctx.needs_input_grad
-        needs = tuple(flags[1:9]) + (len(flags) > 18 and flags[18],)
+        flags = ctx.needs_input_grad  # by argument of the op (and the key set last)
+        needs = tuple(flags[1:9]) + (flags[18],)
         grads, norms = reference.layer_grads(
             ctx.mode, (input, hx, cx if is_lstm else None, weight_ih, weight_hh, bias_ih,
                        bias_hh, weight_hr, cell_weight),
@@ -147,12 +146,13 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
                            "differentiated; call it with save=True")
     if grad_output is None:
         grad_output = torch.zeros_like(out)
-    (dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms, ratio, omega,
-     dcw) = torch.ops.pyrnn.backward(
-        ctx.mode, grad_output, grad_h_n, grad_c_n if is_lstm else None, input, hx,
-        cx, weight_ih, weight_hh, weight_hr, ctx.has_bias, ctx.needs_input_grad[1], lengths,
-        out, workspace, ctx.reverse, ctx.bptt_clip, ctx.record, ctx.penalty, ctx.params,
-        cell_weight)
+    with _below_autograd():  # grad mode is off here: the call records nothing
+        (dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms, ratio, omega,
+         dcw) = torch.ops.pyrnn.backward(
+            ctx.mode, grad_output, grad_h_n, grad_c_n if is_lstm else None, input, hx,
+            cx, weight_ih, weight_hh, weight_hr, ctx.has_bias, ctx.needs_input_grad[1],
+            lengths, out, workspace, ctx.reverse, ctx.bptt_clip, ctx.record, ctx.penalty,
+            ctx.params, cell_weight)
     if ctx.record:
         ctx.norm_out.copy_(norms)
     if ctx.penalty:
@@ -168,7 +168,39 @@ def _backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
             dcw if cell_weight is not None else None)
 
 
-torch.library.register_autograd("pyrnn::forward", _backward, setup_context=_setup_context)
+class _Layer(torch.autograd.Function):
+    """pyrnn::forward as autograd sees it: args are the op's arguments, all of them (the
+    dispatcher leaves out those at their defaults; _forward_autograd puts them back),
+    and last the dispatch key set of the call."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            result = _FORWARD.redispatch(args[-1] & torch._C._after_autograd_keyset, *args[:-1])
+        _setup_context(ctx, args[:-1], result)
+        return result
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (*_backward(ctx, *grads), None)
+
+
+_FORWARD = torch.ops.pyrnn.forward.default
+_FORWARD_DEFAULTS = tuple(a.default_value for a in _FORWARD._schema.arguments)
+
+
+def _forward_autograd(keyset, *args):
+    # The autograd kernel of pyrnn::forward. It does what torch.library.register_autograd
+    # would make of _backward and _setup_context, without its per-call walk over the
+    # schema (which at a small shape costs more than the kernel).
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+        return _Layer.apply(*args, *_FORWARD_DEFAULTS[len(args):], keyset)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _FORWARD.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
+_LIB = torch.library.Library("pyrnn", "IMPL")
+_LIB.impl("forward", _forward_autograd, "Autograd", with_keyset=True)
 
 
 def _no_double_backward(ctx, *grads):
@@ -190,6 +222,18 @@ torch.library.register_autograd("pyrnn::backward", _no_double_backward,
 def _needs_save(*tensors):
     return torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in tensors)
+
+
+def _below_autograd():
+    """A context in which a call of an op that records nothing for autograd goes straight
+    to its kernel. The autograd kernel that torch.library registers for pyrnn::forward and
+    pyrnn::backward does the same in that case (it redispatches below autograd), but only
+    after the call has crossed from C++ into Python and back once more, which at a small
+    shape costs as much as the kernel itself. Not taken under torch.compile (which traces
+    the call as it is) or a functorch transform (whose levels must see the call)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return contextlib.nullcontext()
+    return torch._C._AutoDispatchBelowAutograd()
 
 
 def _gate_stats(mode, out, workspace, H, lengths, params):
@@ -232,10 +276,11 @@ def layer(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], weight_ih:
     cell = CELLS[mode] if mode in CELLS else None
     keep = save or (gate_stats_out is not None and cell is not None and cell["keeps_row"])
     params = [float(v) for v in cell_params]
-    out, h_n, c_n, workspace = torch.ops.pyrnn.forward(
-        mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
-        reverse, keep, float(bptt_clip), norm_out, float(vanishing_penalty), ratio_out,
-        omega_out, params, cell_weight)
+    with contextlib.nullcontext() if save else _below_autograd():
+        out, h_n, c_n, workspace = torch.ops.pyrnn.forward(
+            mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
+            reverse, keep, float(bptt_clip), norm_out, float(vanishing_penalty), ratio_out,
+            omega_out, params, cell_weight)
     if gate_stats_out is not None:
         with torch.no_grad():
             gate_stats_out.copy_(_gate_stats(mode, out, workspace, weight_hh.shape[0] //

@@ -1,0 +1,120 @@
+"""What a call of a pyrnn module costs besides its arithmetic, on the CPU.
+
+For each cell, at S4 (T=100, B=1, H=64, where the arithmetic is small) and at T=1 (where
+it is next to nothing), it times, interleaved in rounds in one process:
+
+  module   the pyrnn module (pyrnn.LSTM, ...): argument checks, states, the layer loop
+  layer    pyrnn.ops.layer, the op with its autograd wrapper, for the same layer
+  kernel   torch.ops.pyrnn.forward (and .backward) called below autograd: the dispatcher,
+           the C++ checks and allocation, the weight packing and the time loop
+  torch.nn the torch.nn module with the same weights
+
+so that module - layer is the module's Python, layer - kernel the autograd wrapper's,
+and the T=1 kernel time is the op's fixed cost. Each side runs twice in a round and the
+second call is timed (warm caches: the sides leave each other's data in cache
+unevenly). Medians over rounds, microseconds.
+
+    python benchmarks/bench_overhead.py [--rounds 200] [--threads 2]
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+import pyrnn
+
+SHAPES = {"S4": (100, 1, 64), "T1": (1, 1, 64)}
+CELLS = {"rnn_tanh": "RNN", "lstm": "LSTM", "gru": "GRU"}
+
+
+def sides(mode, T, B, H, train):
+    ref = getattr(torch.nn, CELLS[mode])(H, H)
+    mod = pyrnn.convert(ref)
+    x = torch.randn(T, B, H)
+    h0 = torch.zeros(B, H)
+    w = [mod.weight_ih_l0, mod.weight_hh_l0, mod.bias_ih_l0, mod.bias_hh_l0]
+    cx = h0 if mode == "lstm" else None
+    g = torch.randn(T, B, H)
+
+    def forward_op():
+        return torch.ops.pyrnn.forward(mode, x, h0, cx, *w, None, None, False, train, 0.0,
+                                       None, 0.0, None, None, [], None)
+
+    if not train:
+        def run(f):
+            def call():
+                with torch.no_grad():
+                    f()
+            return call
+        kernel_fn = forward_op
+    else:
+        def run(f):
+            def call():
+                out = f()
+                out = out[0] if isinstance(out, tuple) else out
+                out.backward(g)
+            return call
+
+        def kernel_fn():
+            out, _, _, ws = forward_op()
+            torch.ops.pyrnn.backward(mode, g, None, None, x, h0, cx, w[0], w[1], None, True,
+                                     False, None, out, ws, False, 0.0, False, 0.0, [], None)
+
+    def kernel():
+        with torch._C._AutoDispatchBelowAutograd():
+            kernel_fn()
+
+    return {
+        "module": run(lambda: mod(x)),
+        "layer": run(lambda: pyrnn.ops.layer(mode, x, h0, cx, *w)),
+        "kernel": kernel,
+        "torch.nn": run(lambda: ref(x)),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    info = f"(pyrnn CPU loops: {pyrnn._C.cpu_capability()})"
+    print(f"{_cpu_model()}; torch {torch.__version__}, {args.threads} threads; "
+          f"{args.rounds} rounds, medians in microseconds {info}")
+    print(f"{'cell':9}{'shape':6}{'pass':10}{'module':>9}{'layer':>9}{'kernel':>9}"
+          f"{'torch.nn':>10}{'module py':>11}{'wrapper':>9}")
+    for mode in CELLS:
+        for shape, (T, B, H) in SHAPES.items():
+            for train in (False, True):
+                fns = sides(mode, T, B, H, train)
+                for f in fns.values():
+                    for _ in range(20):
+                        f()
+                times = {k: [] for k in fns}
+                for _ in range(args.rounds):
+                    for k, f in fns.items():
+                        f()  # untimed: the timed call finds its data in cache
+                        t = time.perf_counter()
+                        f()
+                        times[k].append(time.perf_counter() - t)
+                med = {k: statistics.median(v) * 1e6 for k, v in times.items()}
+                print(f"{mode:9}{shape:6}{'training' if train else 'inference':10}"
+                      f"{med['module']:9.0f}{med['layer']:9.0f}{med['kernel']:9.0f}"
+                      f"{med['torch.nn']:10.0f}{med['module'] - med['layer']:11.0f}"
+                      f"{med['layer'] - med['kernel']:9.0f}")
+
+
+def _cpu_model():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()
