@@ -98,6 +98,49 @@ def _unpack(seq: PackedSequence):
 _UPCAST = (torch.float16, torch.bfloat16)
 
 
+# The cells torch.nn has: under autocast their modules return what torch.nn's return.
+_TORCH_NN_CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+
+
+def _autocast_dtypes(cell: str, x: Tensor, h0, c0, packed: bool, proj: bool):
+    """The dtypes of the results torch.nn returns under CPU autocast: (output and h, c).
+    torch.nn runs its products in the autocast dtype and its pointwise steps in the
+    dtype that the product and the previous state promote to, so the state keeps the
+    wider of the two: an Elman state is the activation of a product alone (the autocast
+    dtype); a GRU state and an LSTM cell state mix in the previous one (float32 unless
+    the initial state, or else the input, is in the lower dtype), and an LSTM's h follows
+    its cell state unless a projection (a product) makes it. torch.nn's LSTM on oneDNN
+    (unpacked input without a projection, where oneDNN takes the input's dtype) returns
+    all three in the autocast dtype. h0, c0: the given initial states (or None)."""
+    low = torch.get_autocast_dtype("cpu")
+    if cell.startswith("rnn_"):
+        return low, None
+    h_prev = torch.promote_types(low, (h0 if h0 is not None else x).dtype)
+    if cell == "gru":
+        return h_prev, None
+    c = torch.promote_types(low, (c0 if c0 is not None else x).dtype)
+    if proj:
+        return low, c
+    if not packed and _onednn_lstm(x):
+        return low, low
+    return c, c
+
+
+def _onednn_lstm(x: Tensor) -> bool:
+    """Whether torch.nn.LSTM runs this input on oneDNN (ATen's use_mkldnn)."""
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    if x.numel() == 0:
+        return False
+    if x.dtype == torch.float32:
+        return True
+    if x.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if x.dtype == torch.float16:
+        return not torch.is_grad_enabled() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return False
+
+
 def _type_name(t: Tensor) -> str:
     """ATen's name of a tensor's dtype (Float, Double, ...), as in ATen's own messages."""
     return t.new_empty(0, device="cpu").type().rsplit(".", 1)[-1].replace("Tensor", "")
@@ -407,10 +450,15 @@ class _Base(nn.RNNBase):
         H = self.hidden_size
         P = self.proj_size if self.proj_size > 0 else H  # width of h
 
-        out_dtype = dtype = x.dtype
+        out_dtype = c_dtype = dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
-            # The fused kernels run in float32 under autocast (see README, "Precision").
-            out_dtype = dtype = torch.float32
+            # The fused kernels run in float32 under autocast (see README, "Precision")
+            # and return, on the CPU, what torch.nn returns.
+            out_dtype = c_dtype = dtype = torch.float32
+            if x.device.type == "cpu" and self._cell_mode in _TORCH_NN_CELLS:
+                out_dtype, c_dtype = _autocast_dtypes(
+                    self._cell_mode, x, states[0] if states else None,
+                    states[1] if states and is_lstm else None, packed, self.proj_size > 0)
         elif dtype in _UPCAST:
             # float16 and bfloat16 run in float32 and return in their own dtype.
             dtype = torch.float32
@@ -485,7 +533,8 @@ class _Base(nn.RNNBase):
 
         if out_dtype != dtype:
             output, h_n = output.to(out_dtype), h_n.to(out_dtype)
-            c_n = c_n.to(out_dtype) if c_n is not None else None
+        if c_n is not None and c_dtype != dtype:
+            c_n = c_n.to(c_dtype)
         if packed:
             data = output.reshape(T * B, output.shape[2]).index_select(0, rows)
             output = PackedSequence(data, batch_sizes, sorted_idx, unsorted_idx)
@@ -678,9 +727,16 @@ class _CellMixin:
                 if t.dtype != w.dtype:
                     raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got "
                                        f"{_type_name(t)} and {_type_name(w)}")
-        out_dtype = dtype = x.dtype
+        out_dtype = c_dtype = dtype = x.dtype
         if autocast:
-            out_dtype = dtype = torch.float32
+            out_dtype = c_dtype = dtype = torch.float32
+            if x.device.type == "cpu" and self._mode in _TORCH_NN_CELLS:
+                # what torch.nn's cell returns: its step as in _autocast_dtypes, the
+                # initial state zeros in the input's dtype when not given
+                low = torch.get_autocast_dtype("cpu")
+                prev = states[-1].dtype if hx is not None else x.dtype
+                out_dtype = c_dtype = low if self._mode.startswith("rnn_") else \
+                    torch.promote_types(low, prev)
         elif dtype in _UPCAST:
             dtype = torch.float32  # float16 and bfloat16 run in float32
         h0 = states[0].to(dtype)
@@ -692,7 +748,7 @@ class _CellMixin:
                             cell_params=self._cell_params())
         h = h.to(out_dtype) if batched else h.squeeze(0).to(out_dtype)
         if c is not None:
-            c = c.to(out_dtype) if batched else c.squeeze(0).to(out_dtype)
+            c = c.to(c_dtype) if batched else c.squeeze(0).to(c_dtype)
         return h, c
 
 

@@ -1,4 +1,4 @@
-"""torch.compile, pickling, cells, DistributedDataParallel and autocast."""
+"""torch.compile, pickling, cells and DistributedDataParallel (autocast: test_autocast.py)."""
 import copy
 import io
 import os
@@ -122,19 +122,6 @@ def test_ddp_gloo_matches_single_process(tmp_path):
     for n, p in m.named_parameters():
         # float32; the two halves are summed in another order than the full batch
         torch.testing.assert_close(ddp_grads[n], p.grad, rtol=1e-5, atol=1e-6)
-
-
-def test_autocast_bfloat16_equals_float32():
-    torch.manual_seed(0)
-    m = pyrnn.LSTM(8, 16, num_layers=2)
-    x = torch.randn(10, 4, 8)
-    ref, _ = m(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, (h, c) = m(x)
-    # the recurrent kernels run in float32 under autocast (documented), so the result
-    # equals the float32 one
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("cls", [pyrnn.RNN, pyrnn.LSTM, pyrnn.GRU])
