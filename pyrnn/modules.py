@@ -322,19 +322,27 @@ class _Base(nn.RNNBase):
                                            device=w.device)
 
     def _weights(self, layer, direction):
-        """(weight_ih, weight_hh, bias_ih, bias_hh, weight_hr) of one layer and direction."""
+        """(weight_ih, weight_hh, bias_ih, bias_hh, weight_hr) of one layer and direction,
+        as getattr finds them (a parametrization or torch.func.functional_call may stand
+        in for a parameter); a registered parameter is read from _parameters directly,
+        which is what getattr would find, at a fraction of the cost."""
         sfx = f"_l{layer}" + ("_reverse" if direction else "")
-        w = [getattr(self, "weight_ih" + sfx), getattr(self, "weight_hh" + sfx)]
-        w += [getattr(self, "bias_ih" + sfx), getattr(self, "bias_hh" + sfx)] if self.bias else [None, None]
-        w.append(getattr(self, "weight_hr" + sfx) if self.proj_size > 0 else None)
-        return w
+        names = ["weight_ih" + sfx, "weight_hh" + sfx]
+        names += ["bias_ih" + sfx, "bias_hh" + sfx] if self.bias else [None, None]
+        names.append("weight_hr" + sfx if self.proj_size > 0 else None)
+        return [None if n is None else self._param(n) for n in names]
 
     # The checks below follow torch.nn's own, in its order, with its exception types and
     # messages (torch/nn/modules/rnn.py and ATen's RNN.cpp), so that code written against
     # torch.nn sees the same errors; pyrnn adds detail after torch.nn's wording only.
 
+    def _param(self, name):
+        """The parameter ``name`` as getattr finds it (see _weights)."""
+        params = self._parameters
+        return params[name] if name in params else getattr(self, name)
+
     def _check_input(self, input: Tensor, batch_sizes) -> None:
-        w = self.weight_ih_l0
+        w = self._param("weight_ih_l0")
         if input.dtype != w.dtype and not torch._C._is_any_autocast_enabled():
             raise ValueError(
                 f"RNN input dtype ({input.dtype}) does not match weight dtype ({w.dtype}). "
@@ -369,13 +377,14 @@ class _Base(nn.RNNBase):
     def _check_attributes(self, input: Tensor, states) -> None:
         """ATen's checks that torch.nn runs inside its kernels: devices, hidden dtypes and a
         non-empty sequence."""
+        device = input.device
         for name, tensors in (("hidden", states), ("parameter", self._flat_weights)):
             for t in tensors:
-                if t is not None and t.device != input.device:
+                if t is not None and t.device != device:
                     raise RuntimeError(
                         f"Input and {name} tensors are not at the same device, found input "
-                        f"tensor at {input.device} and {name} tensor at {t.device}")
-        w = self.weight_hh_l0
+                        f"tensor at {device} and {name} tensor at {t.device}")
+        w = self._param("weight_hh_l0")
         for h in states:
             if h.dtype != w.dtype and not torch._C._is_any_autocast_enabled():
                 raise RuntimeError(
@@ -451,7 +460,7 @@ class _Base(nn.RNNBase):
         P = self.proj_size if self.proj_size > 0 else H  # width of h
 
         out_dtype = c_dtype = dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
+        if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type):
             # The fused kernels run in float32 under autocast (see README, "Precision")
             # and return, on the CPU, what torch.nn returns.
             out_dtype = c_dtype = dtype = torch.float32
@@ -464,9 +473,9 @@ class _Base(nn.RNNBase):
             dtype = torch.float32
         if x.dtype != dtype:
             x = x.to(dtype)
-        if states is None:
-            h0 = x.new_zeros(LD, B, P)
-            c0 = x.new_zeros(LD, B, H) if is_lstm else None
+        if states is None:  # zeros, one tensor for every layer (the ops only read it)
+            h0 = [x.new_zeros(B, P)] * LD
+            c0 = None if not is_lstm else h0 if P == H else [x.new_zeros(B, H)] * LD
         else:
             h0 = states[0] if states[0].dtype == dtype else states[0].to(dtype)
             c0 = None if not is_lstm else states[1] if states[1].dtype == dtype else \
@@ -503,6 +512,7 @@ class _Base(nn.RNNBase):
 
         layer_input = x
         h_n, c_n = [], []
+        cell_params = _constants(self, mode)
         for layer in range(self.num_layers):
             outs = []
             for d in range(D):
@@ -519,7 +529,7 @@ class _Base(nn.RNNBase):
                     vanishing_penalty=self.vanishing_penalty if omega is not None else 0.0,
                     ratio_out=None if ratios is None else ratios[k],
                     omega_out=None if omega is None else omega[k:k + 1],
-                    cell_params=self._cell_params(), cell_weight=cw)
+                    cell_params=cell_params, cell_weight=cw)
                 outs.append(out)
                 h_n.append(h)
                 if is_lstm:
