@@ -1,7 +1,9 @@
 """What a call of a pyrnn module costs besides its arithmetic, on the CPU.
 
-For each cell, at S4 (T=100, B=1, H=64, where the arithmetic is small) and at T=1 (where
-it is next to nothing), it times, interleaved in rounds in one process:
+For each cell, at S4 (T=100, B=1, H=64, where the arithmetic is small), at T=1 (where it
+is next to nothing) and at one step of B=32, H=512 (T1big: a step of a decoder, where
+packing the weights is as much work as the step), it times, interleaved in rounds in one
+process:
 
   module   the pyrnn module (pyrnn.LSTM, ...): argument checks, states, the layer loop
   layer    pyrnn.ops.layer, the op with its autograd wrapper, for the same layer
@@ -24,7 +26,7 @@ import torch
 
 import pyrnn
 
-SHAPES = {"S4": (100, 1, 64), "T1": (1, 1, 64)}
+SHAPES = {"S4": (100, 1, 64), "T1": (1, 1, 64), "T1big": (1, 32, 512)}
 CELLS = {"rnn_tanh": "RNN", "lstm": "LSTM", "gru": "GRU"}
 
 
@@ -83,7 +85,7 @@ def main():
     info = f"(pyrnn CPU loops: {pyrnn._C.cpu_capability()})"
     print(f"{_cpu_model()}; torch {torch.__version__}, {args.threads} threads; "
           f"{args.rounds} rounds, medians in microseconds {info}")
-    print(f"{'cell':9}{'shape':6}{'pass':10}{'module':>9}{'layer':>9}{'kernel':>9}"
+    print(f"{'cell':9}{'shape':7}{'pass':10}{'module':>9}{'layer':>9}{'kernel':>9}"
           f"{'torch.nn':>10}{'module py':>11}{'wrapper':>9}")
     for mode in CELLS:
         for shape, (T, B, H) in SHAPES.items():
@@ -100,7 +102,7 @@ def main():
                         f()
                         times[k].append(time.perf_counter() - t)
                 med = {k: statistics.median(v) * 1e6 for k, v in times.items()}
-                print(f"{mode:9}{shape:6}{'training' if train else 'inference':10}"
+                print(f"{mode:9}{shape:7}{'training' if train else 'inference':10}"
                       f"{med['module']:9.0f}{med['layer']:9.0f}{med['kernel']:9.0f}"
                       f"{med['torch.nn']:10.0f}{med['module'] - med['layer']:11.0f}"
                       f"{med['layer'] - med['kernel']:9.0f}")

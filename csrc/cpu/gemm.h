@@ -13,11 +13,75 @@
 #include <cstring>
 #include <memory>
 
+#include <omp.h>
+
 #include "simd.h"
 
 namespace pyrnn::cpu {
 
 typedef float vgf __attribute__((vector_size(4 * kSimdLanes)));
+
+// The packed weights' memory, kept by each thread for its next calls. A fresh buffer of
+// megabytes comes from the system as new pages, zeroed and faulted in on first touch, at
+// about the cost of the packing itself; the loops pack their weights on every call, so
+// they reuse the buffers of the last ones (up to kKeep of them and kKeepBytes in all).
+class PackBuffers {
+  struct List;
+
+ public:
+  struct Release {
+    List* owner;
+    void operator()(vgf* p) const { if (p) owner->give_back(p); }
+  };
+  using Ptr = std::unique_ptr<vgf[], Release>;
+
+  // A buffer of at least n vectors (contents undefined), to be released on this thread.
+  static Ptr take(int64_t n) {
+    List& l = list();
+    return Ptr(l.take(n), Release{&l});
+  }
+
+ private:
+  static constexpr int kKeep = 8;
+  static constexpr int64_t kKeepBytes = int64_t(64) << 20;
+  struct List {
+    vgf* buf[kKeep] = {};
+    int64_t size[kKeep] = {};
+    bool busy[kKeep] = {};
+    int count = 0;
+    ~List() {
+      for (int i = 0; i < count; ++i) delete[] buf[i];
+    }
+    vgf* take(int64_t n) {
+      int best = -1;  // the smallest free buffer that fits
+      for (int i = 0; i < count; ++i)
+        if (!busy[i] && size[i] >= n && (best < 0 || size[i] < size[best])) best = i;
+      if (best >= 0) {
+        busy[best] = true;
+        return buf[best];
+      }
+      vgf* p = new vgf[n];
+      int64_t bytes = n * int64_t(sizeof(vgf));
+      for (int i = 0; i < count; ++i) bytes += size[i] * int64_t(sizeof(vgf));
+      if (count < kKeep && bytes <= kKeepBytes) {  // kept for later calls
+        buf[count] = p; size[count] = n; busy[count] = true; ++count;
+      }
+      return p;
+    }
+    void give_back(vgf* p) {
+      for (int i = 0; i < count; ++i)
+        if (buf[i] == p) {
+          busy[i] = false;
+          return;
+        }
+      delete[] p;  // not kept
+    }
+  };
+  static List& list() {
+    static thread_local List l;
+    return l;
+  }
+};
 
 class PackedGemm {
  public:
@@ -34,9 +98,14 @@ class PackedGemm {
              int64_t block = 0)
       : M_(M), N_(N), K_(K), block_(block > 0 ? block : (N > 0 ? N : 1)),
         per_block_((block_ + kNR - 1) / kNR), panels_(N / block_ * per_block_) {
-    packed_.reset(new vgf[panels_ * K * kV + 1]);
-    float* dst = reinterpret_cast<float*>(packed_.get());
+    packed_ = PackBuffers::take(panels_ * K * kV + 1);
+    float* base = reinterpret_cast<float*>(packed_.get());
+    // A pure copy, so the threads may split it (from outside a parallel region, and when
+    // the weights are large enough to pay for waking them: a one-step call with H = 512
+    // spends about as long packing as multiplying).
+#pragma omp parallel for schedule(static) if (panels_ > 1 && panels_ * K * kNR >= (1 << 17) && !omp_in_parallel())
     for (int64_t p = 0; p < panels_; ++p) {
+      float* dst = base + p * K * kNR;
       const int64_t n0 = first_column(p), cols = columns(p);
       for (int64_t k = 0; k < K; ++k)
         for (int64_t c = 0; c < kNR; ++c) {
@@ -209,7 +278,7 @@ class PackedGemm {
   }
 
   int64_t M_, N_, K_, block_, per_block_, panels_;
-  std::unique_ptr<vgf[]> packed_;
+  PackBuffers::Ptr packed_;
 };
 
 }  // namespace pyrnn::cpu
