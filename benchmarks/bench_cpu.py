@@ -8,7 +8,7 @@ the two sides interleaved (A B A B ...) in one process, and prints per row:
     ratio pyrnn / torch.nn (lower is better; pairs share the machine's state, which
     drifts on a shared machine);
   - the share of a roofline: the step's matmul FLOPs over the time, divided by the
-    float32 matmul throughput measured in this process;
+    float32 matmul throughput measured in this process just before and after the row;
   - the bytes saved for backward by each side (saved_tensors_hooks), and their ratio.
 
     python benchmarks/bench_cpu.py            # the full table
@@ -148,9 +148,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     reps = args.reps or (3 if args.quick else 15)
 
-    peak = matmul_gflops()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"float32 matmul {peak:.1f} GFLOP/s (512^3), {reps} reps, medians")
+          f"float32 matmul {matmul_gflops():.1f} GFLOP/s (512^3; each row's roofline uses the "
+          f"throughput measured just before and after it), {reps} reps, medians")
     hdr = (f"{'cell':8} {'shape':5} {'pass':8} {'torch.nn ms':>11} {'pyrnn ms':>9} {'ratio':>6} "
            f"{'roofline':>8} {'saved MB nn':>11} {'pyrnn':>7} {'ratio':>6}")
     if args.reference:
@@ -172,7 +172,10 @@ def main(argv=None):
                 else:
                     a, b = run_fwdbwd(nn_m, x, g), run_fwdbwd(ours, x, g)
                     fl = 3 * flops  # backward: dh W_hh, dW_ih, dW_hh (dX not needed here)
+                # torch.mm's throughput, taken around the row: this machine's speed drifts
+                before = matmul_gflops(reps=7)
                 tn, tp, ratio = bench_pair(a, b, reps)
+                peak = (before + matmul_gflops(reps=7)) / 2
                 row = dict(cell=cell, shape=sname, T=T, B=B, H=H, pass_=pas, torch_ms=tn * 1e3,
                            pyrnn_ms=tp * 1e3, ratio=ratio,
                            roofline=fl / tp / 1e9 / peak,

@@ -25,6 +25,7 @@ import time
 import torch
 
 import pyrnn
+from bench_runtimes import cpu_model
 
 SHAPES = {"S4": (100, 1, 64), "T1": (1, 1, 64), "T1big": (1, 32, 512)}
 CELLS = {"rnn_tanh": "RNN", "lstm": "LSTM", "gru": "GRU"}
@@ -83,7 +84,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     info = f"(pyrnn CPU loops: {pyrnn._C.cpu_capability()})"
-    print(f"{_cpu_model()}; torch {torch.__version__}, {args.threads} threads; "
+    print(f"{cpu_model()}; torch {torch.__version__}, {args.threads} threads; "
           f"{args.rounds} rounds, medians in microseconds {info}")
     print(f"{'cell':9}{'shape':7}{'pass':10}{'module':>9}{'layer':>9}{'kernel':>9}"
           f"{'torch.nn':>10}{'module py':>11}{'wrapper':>9}")
@@ -106,16 +107,6 @@ def main():
                       f"{med['module']:9.0f}{med['layer']:9.0f}{med['kernel']:9.0f}"
                       f"{med['torch.nn']:10.0f}{med['module'] - med['layer']:11.0f}"
                       f"{med['layer'] - med['kernel']:9.0f}")
-
-
-def _cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":
