@@ -11,6 +11,9 @@ import torch
 from torch import Tensor, nn
 
 _TORCH_CLASS = {"RNN_TANH": nn.RNN, "RNN_RELU": nn.RNN, "LSTM": nn.LSTM, "GRU": nn.GRU}
+# The cells of the registry that torch.nn has (pyrnn.ops.CELLS names them all): their
+# modules export as torch.nn's and follow torch.nn's dtypes under autocast.
+TORCH_NN_CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 
 
 @torch._dynamo.assume_constant_result
@@ -76,7 +79,7 @@ def _reference_forward(module: nn.RNNBase, input, hx=None):
 
 def module_forward(module: nn.RNNBase, input, hx=None):
     """The forward of pyrnn.RNN, LSTM or GRU during an ONNX export: torch.nn's own."""
-    if module._cell_mode in ("rnn_leaky_relu", "ln_lstm"):
+    if module._cell_mode not in TORCH_NN_CELLS:
         return _reference_forward(module, input, hx)
     if module.proj_size > 0:
         from torch.onnx.errors import OnnxExporterError

@@ -98,10 +98,6 @@ def _unpack(seq: PackedSequence):
 _UPCAST = (torch.float16, torch.bfloat16)
 
 
-# The cells torch.nn has: under autocast their modules return what torch.nn's return.
-_TORCH_NN_CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
-
-
 def _autocast_dtypes(cell: str, x: Tensor, h0, c0, packed: bool, proj: bool):
     """The dtypes of the results torch.nn returns under CPU autocast: (output and h, c).
     torch.nn runs its products in the autocast dtype and its pointwise steps in the
@@ -464,7 +460,7 @@ class _Base(nn.RNNBase):
             # The fused kernels run in float32 under autocast (see README, "Precision")
             # and return, on the CPU, what torch.nn returns.
             out_dtype = c_dtype = dtype = torch.float32
-            if x.device.type == "cpu" and self._cell_mode in _TORCH_NN_CELLS:
+            if x.device.type == "cpu" and self._cell_mode in _export.TORCH_NN_CELLS:
                 out_dtype, c_dtype = _autocast_dtypes(
                     self._cell_mode, x, states[0] if states else None,
                     states[1] if states and is_lstm else None, packed, self.proj_size > 0)
@@ -740,7 +736,7 @@ class _CellMixin:
         out_dtype = c_dtype = dtype = x.dtype
         if autocast:
             out_dtype = c_dtype = dtype = torch.float32
-            if x.device.type == "cpu" and self._mode in _TORCH_NN_CELLS:
+            if x.device.type == "cpu" and self._mode in _export.TORCH_NN_CELLS:
                 # what torch.nn's cell returns: its step as in _autocast_dtypes, the
                 # initial state zeros in the input's dtype when not given
                 low = torch.get_autocast_dtype("cpu")
