@@ -151,3 +151,26 @@ def test_cells_pyrnn_adds_stay_float32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out, _ = m(x)
         assert out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("cls", [pyrnn.RNN, pyrnn.LSTM, pyrnn.GRU])
+def test_recording_clipping_and_stats_as_float32(cls):
+    # The layers run in float32 under autocast; with a loss whose gradient is exact in the
+    # lower dtype (a sum: ones), the backward sees the float32 run's gradients, so the
+    # recorded norms, the gate statistics and the clipped weight gradients are the float32
+    # run's, bit for bit.
+    torch.manual_seed(0)
+    m = cls(6, 8, num_layers=2, bidirectional=True, record_grad_norms=True,
+            record_gate_stats=True, bptt_clip=0.05)
+    x = torch.randn(9, 3, 6)
+    runs = []
+    for low in (None, torch.bfloat16):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=low or torch.bfloat16, enabled=low is not None):
+            y, _ = m(x)
+        y.float().sum().backward()
+        runs.append((m.grad_norms.hidden.clone(), m.gate_stats.factor.clone(),
+                     [p.grad.clone() for p in m.parameters()]))
+    (n32, s32, g32), (n16, s16, g16) = runs
+    assert torch.equal(n32, n16) and torch.equal(s32, s16)
+    assert all(torch.equal(a, b) for a, b in zip(g32, g16))
