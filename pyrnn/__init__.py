@@ -21,7 +21,8 @@ if _C.cpu_capability_error():  # PYRNN_CPU_CAPABILITY names a copy this CPU can'
 from . import ops, reference
 from ._C import has_cuda as _has_cuda
 from . import gradflow, init
-from .modules import (GRU, LSTM, RNN, GateStats, GradNorms, GRUCell, LayerNormLSTM, LSTMCell,
+from .modules import (GRU, LSTM, RNN, GateStats, GradNorms, GRUCell, LayerNormLSTM,
+                      LayerNormLSTMCell, LSTMCell,
                       RNNCell, convert, to_torch)
 
 __version__ = "0.1.0"
@@ -32,5 +33,5 @@ def backends():
     return ["cpu"] + (["cuda"] if _has_cuda() else [])
 
 
-__all__ = ["RNN", "LSTM", "GRU", "LayerNormLSTM", "RNNCell", "LSTMCell", "GRUCell", "convert", "to_torch", "ops",
+__all__ = ["RNN", "LSTM", "GRU", "LayerNormLSTM", "LayerNormLSTMCell", "RNNCell", "LSTMCell", "GRUCell", "convert", "to_torch", "ops",
            "reference", "gradflow", "init", "backends", "GradNorms", "GateStats"]

@@ -94,7 +94,21 @@ def module_forward(module: nn.RNNBase, input, hx=None):
 
 def cell_step(cell: nn.RNNCellBase, input: Tensor, hx):
     """(h', c') of pyrnn.RNNCell, LSTMCell or GRUCell during an ONNX export: torch.nn's own
-    cell forward (c' is None except for the LSTM cell; hx is (h, c) or None for it)."""
+    cell forward (c' is None except for the LSTM cells; hx is (h, c) or None for them);
+    the leaky-ReLU step and the LayerNorm-LSTM's reference step as plain operators."""
+    if cell._mode not in TORCH_NN_CELLS and cell._mode != "rnn_leaky_relu":
+        # a cell torch.nn lacks (the LayerNorm-LSTM): pyrnn.reference's step, one layer
+        from . import reference
+
+        batched = input.dim() == 2
+        x = (input if batched else input.unsqueeze(0)).unsqueeze(0)
+        h, c = (x.new_zeros(1, x.shape[1], cell.hidden_size),) * 2 if hx is None else (
+            s.reshape(1, x.shape[1], cell.hidden_size) for s in hx)
+        weights = [(cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, None,
+                    cell._cell_weight())]
+        _, h_n, c_n = reference.stack(cell._mode, x, h, c, weights,
+                                      params=cell._cell_params())
+        return (h_n[0], c_n[0]) if batched else (h_n[0, 0], c_n[0, 0])
     if isinstance(cell, nn.LSTMCell):
         return nn.LSTMCell.forward(cell, input, hx)
     if getattr(cell, "nonlinearity", None) == "leaky_relu":

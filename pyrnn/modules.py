@@ -137,6 +137,13 @@ def _onednn_lstm(x: Tensor) -> bool:
     return False
 
 
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
+            0 < eps < float("inf")):
+        raise ValueError(f"eps: expected a finite number > 0, got {eps!r}")
+    return float(eps)
+
+
 def _type_name(t: Tensor) -> str:
     """ATen's name of a tensor's dtype (Float, Double, ...), as in ATen's own messages."""
     return t.new_empty(0, device="cpu").type().rsplit(".", 1)[-1].replace("Tensor", "")
@@ -627,12 +634,10 @@ class LayerNormLSTM(_Base):
             raise ValueError("proj_size: LayerNormLSTM takes no projection, got "
                              f"proj_size={kwargs['proj_size']}")
         kwargs.pop("proj_size", None)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (
-                0 < eps < float("inf")):
-            raise ValueError(f"eps: expected a finite number > 0, got {eps!r}")
+        eps = _check_eps(eps)
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, 0, device=device, dtype=dtype, **kwargs)
-        self.eps = float(eps)
+        self.eps = eps
         H = hidden_size
         factory = dict(device=device, dtype=dtype)
         for layer in range(num_layers):
@@ -687,6 +692,10 @@ class _CellMixin:
 
     def _cell_params(self) -> list:
         return _constants(self, self._mode)
+
+    def _cell_weight(self) -> Optional[Tensor]:
+        """The cell's own weights (a layer-normalised cell), else None."""
+        return None
 
     def _step(self, input, hx):
         """input [B, I] or [I]; hx None, a tensor, or (h, c) for the LSTM cell."""
@@ -749,9 +758,11 @@ class _CellMixin:
         c0 = states[1].to(dtype) if is_lstm else None
         b_ih = self.bias_ih.to(dtype) if self.bias else None
         b_hh = self.bias_hh.to(dtype) if self.bias else None
+        cw = self._cell_weight()
         _, h, c = ops.layer(self._mode, x.to(dtype).unsqueeze(0), h0, c0,
                             self.weight_ih.to(dtype), self.weight_hh.to(dtype), b_ih, b_hh,
-                            cell_params=self._cell_params())
+                            cell_params=self._cell_params(),
+                            cell_weight=None if cw is None else cw.to(dtype))
         h = h.to(out_dtype) if batched else h.squeeze(0).to(out_dtype)
         if c is not None:
             c = c.to(c_dtype) if batched else c.squeeze(0).to(c_dtype)
@@ -805,6 +816,48 @@ class GRUCell(_CellMixin, nn.GRUCell):
 
     def forward(self, input, hx=None):
         return self._step(input, hx)[0]
+
+
+class LayerNormLSTMCell(_CellMixin, nn.LSTMCell):
+    """One step of pyrnn.LayerNormLSTM (the same formulation and kernels): torch.nn.LSTMCell's
+    arguments, weights, states and results, plus the gains ln_gain_ih and ln_gain_hh
+    [4 * hidden_size] (initialised to 1), ln_gain_c [hidden_size] (1) and ln_bias_c
+    [hidden_size] (0), and eps, the layer norms' epsilon. No torch.nn counterpart."""
+
+    _mode = "ln_lstm"
+    _name = "LayerNormLSTMCell"
+    _LN_NAMES = LayerNormLSTM._LN_NAMES
+
+    def __init__(self, input_size, hidden_size, bias=True, eps=1e-5, device=None, dtype=None):
+        eps = _check_eps(eps)
+        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
+        self.eps = eps
+        H = hidden_size
+        for name, n in zip(self._LN_NAMES, (4 * H, 4 * H, H, H)):
+            self.register_parameter(name, nn.Parameter(torch.empty(n, device=device,
+                                                                   dtype=dtype)))
+        self._reset_norms()
+
+    def _reset_norms(self):
+        with torch.no_grad():
+            for name in self._LN_NAMES:
+                getattr(self, name).fill_(0.0 if name == "ln_bias_c" else 1.0)
+
+    def reset_parameters(self) -> None:
+        """torch.nn.LSTMCell's initialisation of the weights and biases; gains 1,
+        ln_bias_c 0."""
+        super().reset_parameters()
+        if hasattr(self, "eps"):  # after __init__ (torch.nn's calls this first)
+            self._reset_norms()
+
+    def _cell_weight(self) -> Tensor:
+        return torch.cat([getattr(self, name) for name in self._LN_NAMES])
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", eps={self.eps}"
+
+    def forward(self, input, hx=None):
+        return self._step(input, hx)
 
 
 _REPLACEMENTS = {nn.RNN: RNN, nn.LSTM: LSTM, nn.GRU: GRU,

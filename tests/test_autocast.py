@@ -151,6 +151,10 @@ def test_cells_pyrnn_adds_stay_float32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out, _ = m(x)
         assert out.dtype == torch.float32
+    for m in (pyrnn.RNNCell(3, 5, nonlinearity="leaky_relu"), pyrnn.LayerNormLSTMCell(3, 5)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x[0])
+        assert (out[0] if isinstance(out, tuple) else out).dtype == torch.float32
 
 
 @pytest.mark.parametrize("cls", [pyrnn.RNN, pyrnn.LSTM, pyrnn.GRU])

@@ -364,3 +364,84 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path):
     # float32 through a different sequence of operations: within 1e-5 of values near 1
     torch.testing.assert_close(torch.from_numpy(y), e_y, rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.from_numpy(c), e_c, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- the cell
+
+def _cell_and_module(dtype=F64, eps=1e-3):
+    torch.manual_seed(5)
+    cell = pyrnn.LayerNormLSTMCell(I, H, eps=eps, dtype=dtype)
+    _perturb(cell)
+    m = pyrnn.LayerNormLSTM(I, H, eps=eps, dtype=dtype)
+    with torch.no_grad():
+        for name, p in cell.named_parameters():
+            getattr(m, name + "_l0").copy_(p)
+    return cell, m
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_cell_steps_are_the_module(dtype):
+    # The cell runs the module's op with T = 1: step by step over a sequence it gives the
+    # module's results, batched and unbatched: bit for bit in float32 (pyrnn's kernel sums
+    # every row alike, whatever the number of rows), within a few roundings in float64
+    # (whose products come from the BLAS, whose kernels depend on the number of rows).
+    cell, m = _cell_and_module(dtype)
+    if dtype == F64:
+        def same(a, b):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+            return True
+    else:
+        same = torch.equal
+    x = _rand(T, B, I, dtype=dtype, seed=3)
+    h0, c0 = _rand(B, H, dtype=dtype, seed=4), _rand(B, H, dtype=dtype, seed=5)
+    y, (h_n, c_n) = m(x, (h0.unsqueeze(0), c0.unsqueeze(0)))
+    h, c = h0, c0
+    for t in range(T):
+        h, c = cell(x[t], (h, c))
+        assert same(h, y[t])
+    assert same(h, h_n[0]) and same(c, c_n[0])
+    hu, cu = cell(x[0, 1], (h0[1], c0[1]))
+    assert hu.shape == (H,) and same(hu, y[0, 1])
+    h1, _ = cell(x[0])  # no state given: zeros
+    y1, _ = m(x[:1])
+    assert same(h1, y1[0])
+
+
+def test_cell_gradcheck_and_init():
+    cell, _ = _cell_and_module(F64)
+    x = _rand(B, I, seed=6).requires_grad_()
+    h0 = _rand(B, H, seed=7).requires_grad_()
+    c0 = _rand(B, H, seed=8).requires_grad_()
+    params = list(cell.parameters())
+
+    def f(x, h0, c0, *ps):
+        with torch.nn.utils.stateless._reparametrize_module(
+                cell, dict(zip([n for n, _ in cell.named_parameters()], ps))):
+            return cell(x, (h0, c0))
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *params))
+    fresh = pyrnn.LayerNormLSTMCell(3, 4)
+    assert torch.equal(fresh.ln_gain_ih, torch.ones(16)) and torch.equal(fresh.ln_gain_c,
+                                                                        torch.ones(4))
+    assert torch.equal(fresh.ln_bias_c, torch.zeros(4))
+    assert "eps=1e-05" in repr(fresh)
+    for bad in (0, -1.0, float("inf"), True, "1e-5"):
+        with pytest.raises(ValueError, match="eps: expected a finite number > 0"):
+            pyrnn.LayerNormLSTMCell(3, 4, eps=bad)
+
+
+def test_cell_onnx_export_runs_in_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    cell, _ = _cell_and_module(torch.float32)
+    cell.eval()
+    x, h0, c0 = _rand(B, I, dtype=torch.float32), _rand(B, H, dtype=torch.float32, seed=1), \
+        _rand(B, H, dtype=torch.float32, seed=2)
+    path = tmp_path / "ln_lstm_cell.onnx"
+    torch.onnx.export(cell, (x, (h0, c0)), str(path), input_names=["x", "h0", "c0"],
+                      output_names=["h", "c"], dynamo=False)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    h, c = sess.run(None, {"x": x.numpy(), "h0": h0.numpy(), "c0": c0.numpy()})
+    with torch.no_grad():
+        e_h, e_c = cell(x, (h0, c0))
+    # float32 through a different sequence of operations: within 1e-5 of values near 1
+    torch.testing.assert_close(torch.from_numpy(h), e_h, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(c), e_c, rtol=0, atol=1e-5)
