@@ -78,6 +78,19 @@ inline void over_units(int64_t H, F&& f) {
   over_units<T, A>(0, H, f);
 }
 
+// BPTT's running gradients start as the incoming ones: dh0 [B, P] = dLoss/dh_n and, for
+// a cell with a cell state, dc0 [B, H] = dLoss/dc_n (zero where they are not given).
+template <typename T>
+inline void start_grads(const BackwardArgs<T>& p, int64_t P, bool has_cell) {
+  const int64_t B = p.batch, H = p.hidden;
+  if (p.dh_n) std::memcpy(p.dh0, p.dh_n, sizeof(T) * B * P);
+  else std::memset(p.dh0, 0, sizeof(T) * B * P);
+  if (has_cell) {
+    if (p.dc_n) std::memcpy(p.dc0, p.dc_n, sizeof(T) * B * H);
+    else std::memset(p.dc0, 0, sizeof(T) * B * H);
+  }
+}
+
 // Runs body(nt, id) on a team of OpenMP threads (nt of them, id = 0 .. nt-1), or with
 // team false on this thread alone (nt = 1): the loops below are written as such a body,
 // which meets the other threads at barriers.
@@ -90,9 +103,6 @@ inline void run_team(bool team, F&& body) {
     body(1, 0);
   }
 }
-
-// Rows of a step are split across threads when a step has at least this many gate units.
-constexpr int64_t kParallelUnits = 4096;
 
 template <typename A>
 inline A lane_sum(A a) {
@@ -215,12 +225,7 @@ void backward_steps_of(const BackwardArgs<T>& p) {
   const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width;
   const int64_t G = Cell::kGates, GH = G * H;
   const int64_t P = proj ? p.proj : H;  // the width of h
-  if (p.dh_n) std::memcpy(p.dh0, p.dh_n, sizeof(T) * B * P);
-  else std::memset(p.dh0, 0, sizeof(T) * B * P);
-  if (Cell::kHasCell) {
-    if (p.dc_n) std::memcpy(p.dc0, p.dc_n, sizeof(T) * B * H);
-    else std::memset(p.dc0, 0, sizeof(T) * B * H);
-  }
+  start_grads(p, P, Cell::kHasCell);
   // dh[B, P] += gh[B, G*H] @ W_hh
   const StepGemm<T> gemm(B, P, GH, p.w_hh, false, P);
   // dm[B, H] = dh_t[B, P] @ W_hr (projection); its panels are then the threads' units
@@ -471,10 +476,7 @@ template <class Cell, typename T>
 void backward_rows(const BackwardArgs<T>& p) {
   const int64_t Tn = p.steps, B = p.batch, H = p.hidden, W = p.width;
   const int64_t G = Cell::kGates, GH = G * H;
-  if (p.dh_n) std::memcpy(p.dh0, p.dh_n, sizeof(T) * B * H);
-  else std::memset(p.dh0, 0, sizeof(T) * B * H);
-  if (p.dc_n) std::memcpy(p.dc0, p.dc_n, sizeof(T) * B * H);
-  else std::memset(p.dc0, 0, sizeof(T) * B * H);
+  start_grads(p, H, true);
   const StepGemm<T> gemm(B, H, GH, p.w_hh, false, H);  // dh[B, H] += gh[B, G*H] @ W_hh
   const int64_t per = gemm.panels_per_block();
   const bool prefix = prefix_active(p);

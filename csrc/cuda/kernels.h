@@ -93,7 +93,7 @@ cudaError_t project_step(const StepArgs<T>& p, int64_t t, cudaStream_t stream);
 
 // Step t of BPTT: for every b, what one iteration of the `for b` loop of
 // cpu::backward_loop does, including the norms when norm_h / norm_c are set. With a
-// projection (LSTM), the cell's part of cpu::backward_proj_loop's step on dm, after
+// projection (LSTM), the cell's part of the CPU loop's projected step on dm, after
 // project_grad_step and dm = dhtot_t @ W_hr.
 template <typename T>
 cudaError_t backward_step(int cell, const StepArgs<T>& p, int64_t t, cudaStream_t stream);
