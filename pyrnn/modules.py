@@ -98,16 +98,20 @@ def _unpack(seq: PackedSequence):
 _UPCAST = (torch.float16, torch.bfloat16)
 
 
-def _autocast_dtypes(cell: str, x: Tensor, h0, c0, packed: bool, proj: bool):
-    """The dtypes of the results torch.nn returns under CPU autocast: (output and h, c).
-    torch.nn runs its products in the autocast dtype and its pointwise steps in the
+def _autocast_dtypes(cell: str, x: Tensor, h0, c0, proj: bool = False, onednn: bool = False):
+    """The dtypes of the results torch.nn returns under autocast: (output and h, c). On the
+    CPU torch.nn runs its products in the autocast dtype and its pointwise steps in the
     dtype that the product and the previous state promote to, so the state keeps the
     wider of the two: an Elman state is the activation of a product alone (the autocast
     dtype); a GRU state and an LSTM cell state mix in the previous one (float32 unless
     the initial state, or else the input, is in the lower dtype), and an LSTM's h follows
     its cell state unless a projection (a product) makes it. torch.nn's LSTM on oneDNN
-    (unpacked input without a projection, where oneDNN takes the input's dtype) returns
-    all three in the autocast dtype. h0, c0: the given initial states (or None)."""
+    (onednn: a module's unpacked input without a projection, where oneDNN takes the
+    input's dtype) returns all three in the autocast dtype. h0, c0: the given initial
+    states (or None). The cells pyrnn adds, and every cell on CUDA: float32 (the kernels'
+    dtype under autocast)."""
+    if x.device.type != "cpu" or cell not in _export.TORCH_NN_CELLS:
+        return torch.float32, torch.float32
     low = torch.get_autocast_dtype("cpu")
     if cell.startswith("rnn_"):
         return low, None
@@ -117,7 +121,7 @@ def _autocast_dtypes(cell: str, x: Tensor, h0, c0, packed: bool, proj: bool):
     c = torch.promote_types(low, (c0 if c0 is not None else x).dtype)
     if proj:
         return low, c
-    if not packed and _onednn_lstm(x):
+    if onednn and _onednn_lstm(x):
         return low, low
     return c, c
 
@@ -466,11 +470,10 @@ class _Base(nn.RNNBase):
         if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type):
             # The fused kernels run in float32 under autocast (see README, "Precision")
             # and return, on the CPU, what torch.nn returns.
-            out_dtype = c_dtype = dtype = torch.float32
-            if x.device.type == "cpu" and self._cell_mode in _export.TORCH_NN_CELLS:
-                out_dtype, c_dtype = _autocast_dtypes(
-                    self._cell_mode, x, states[0] if states else None,
-                    states[1] if states and is_lstm else None, packed, self.proj_size > 0)
+            dtype = torch.float32
+            out_dtype, c_dtype = _autocast_dtypes(
+                mode, x, states[0] if states else None, states[1] if states and is_lstm else None,
+                proj=self.proj_size > 0, onednn=not packed)
         elif dtype in _UPCAST:
             # float16 and bfloat16 run in float32 and return in their own dtype.
             dtype = torch.float32
@@ -648,6 +651,7 @@ class LayerNormLSTM(_Base):
         self._reset_norms()
 
     def _reset_norms(self):
+        """The layer norms' gains to 1 and biases to 0 (the cell's too, LayerNormLSTMCell)."""
         with torch.no_grad():
             for name, p in self.named_parameters():
                 if name.startswith("ln_"):
@@ -743,15 +747,10 @@ class _CellMixin:
                     raise RuntimeError(f"mat1 and mat2 must have the same dtype, but got "
                                        f"{_type_name(t)} and {_type_name(w)}")
         out_dtype = c_dtype = dtype = x.dtype
-        if autocast:
-            out_dtype = c_dtype = dtype = torch.float32
-            if x.device.type == "cpu" and self._mode in _export.TORCH_NN_CELLS:
-                # what torch.nn's cell returns: its step as in _autocast_dtypes, the
-                # initial state zeros in the input's dtype when not given
-                low = torch.get_autocast_dtype("cpu")
-                prev = states[-1].dtype if hx is not None else x.dtype
-                out_dtype = c_dtype = low if self._mode.startswith("rnn_") else \
-                    torch.promote_types(low, prev)
+        if autocast:  # torch.nn's cells run on no oneDNN kernel
+            dtype = torch.float32
+            given = states if hx is not None else [None, None]
+            out_dtype, c_dtype = _autocast_dtypes(self._mode, x, given[0], given[-1])
         elif dtype in _UPCAST:
             dtype = torch.float32  # float16 and bfloat16 run in float32
         h0 = states[0].to(dtype)
@@ -838,10 +837,7 @@ class LayerNormLSTMCell(_CellMixin, nn.LSTMCell):
                                                                    dtype=dtype)))
         self._reset_norms()
 
-    def _reset_norms(self):
-        with torch.no_grad():
-            for name in self._LN_NAMES:
-                getattr(self, name).fill_(0.0 if name == "ln_bias_c" else 1.0)
+    _reset_norms = LayerNormLSTM._reset_norms
 
     def reset_parameters(self) -> None:
         """torch.nn.LSTMCell's initialisation of the weights and biases; gains 1,

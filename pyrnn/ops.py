@@ -175,8 +175,7 @@ class _Layer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *args):
-        with torch._C._AutoDispatchBelowAutograd():
-            result = _FORWARD.redispatch(args[-1] & torch._C._after_autograd_keyset, *args[:-1])
+        result = _forward_below_autograd(args[-1], args[:-1])
         _setup_context(ctx, args[:-1], result)
         return result
 
@@ -189,14 +188,19 @@ _FORWARD = torch.ops.pyrnn.forward.default
 _FORWARD_DEFAULTS = tuple(a.default_value for a in _FORWARD._schema.arguments)
 
 
+def _forward_below_autograd(keyset, args):
+    """pyrnn::forward's kernel below autograd, for the call's dispatch key set."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return _FORWARD.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
 def _forward_autograd(keyset, *args):
     # The autograd kernel of pyrnn::forward. It does what torch.library.register_autograd
     # would make of _backward and _setup_context, without its per-call walk over the
     # schema (which at a small shape costs more than the kernel).
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
         return _Layer.apply(*args, *_FORWARD_DEFAULTS[len(args):], keyset)
-    with torch._C._AutoDispatchBelowAutograd():
-        return _FORWARD.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+    return _forward_below_autograd(keyset, args)
 
 
 _LIB = torch.library.Library("pyrnn", "IMPL")
@@ -226,10 +230,10 @@ def _needs_save(*tensors):
 
 def _below_autograd():
     """A context in which a call of an op that records nothing for autograd goes straight
-    to its kernel. The autograd kernel that torch.library registers for pyrnn::forward and
-    pyrnn::backward does the same in that case (it redispatches below autograd), but only
-    after the call has crossed from C++ into Python and back once more, which at a small
-    shape costs as much as the kernel itself. Not taken under torch.compile (which traces
+    to its kernel. The autograd kernels of pyrnn::forward (_forward_autograd) and
+    pyrnn::backward (torch.library's) do the same in that case (they redispatch below
+    autograd), but only after the call has crossed from C++ into Python and back once
+    more, which at a small shape costs as much as the kernel itself. Not taken under torch.compile (which traces
     the call as it is) or a functorch transform (whose levels must see the call)."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return contextlib.nullcontext()
