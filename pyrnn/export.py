@@ -93,29 +93,30 @@ def module_forward(module: nn.RNNBase, input, hx=None):
 
 
 def cell_step(cell: nn.RNNCellBase, input: Tensor, hx):
-    """(h', c') of pyrnn.RNNCell, LSTMCell or GRUCell during an ONNX export: torch.nn's own
-    cell forward (c' is None except for the LSTM cells; hx is (h, c) or None for them);
-    the leaky-ReLU step and the LayerNorm-LSTM's reference step as plain operators."""
-    if cell._mode not in TORCH_NN_CELLS and cell._mode != "rnn_leaky_relu":
-        # a cell torch.nn lacks (the LayerNorm-LSTM): pyrnn.reference's step, one layer
-        from . import reference
+    """(h', c') of a pyrnn cell during an ONNX export (c' is None except for the LSTM
+    cells; hx is (h, c) or None for them): torch.nn's own cell forward for the cells
+    torch.nn has, the reference's step as plain operators for the others (the leaky-ReLU
+    Elman cell, the LayerNorm-LSTM), as module_forward does for the layers."""
+    if cell._mode in TORCH_NN_CELLS:
+        if isinstance(cell, nn.LSTMCell):
+            return nn.LSTMCell.forward(cell, input, hx)
+        base = nn.GRUCell if isinstance(cell, nn.GRUCell) else nn.RNNCell
+        return base.forward(cell, input, hx), None
+    from . import ops, reference
 
-        batched = input.dim() == 2
-        x = (input if batched else input.unsqueeze(0)).unsqueeze(0)
-        h, c = (x.new_zeros(1, x.shape[1], cell.hidden_size),) * 2 if hx is None else (
-            s.reshape(1, x.shape[1], cell.hidden_size) for s in hx)
-        weights = [(cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, None,
-                    cell._cell_weight())]
-        _, h_n, c_n = reference.stack(cell._mode, x, h, c, weights,
-                                      params=cell._cell_params())
-        return (h_n[0], c_n[0]) if batched else (h_n[0, 0], c_n[0, 0])
-    if isinstance(cell, nn.LSTMCell):
-        return nn.LSTMCell.forward(cell, input, hx)
-    if getattr(cell, "nonlinearity", None) == "leaky_relu":
-        h = torch.zeros(input.shape[:-1] + (cell.hidden_size,), dtype=input.dtype,
-                        device=input.device) if hx is None else hx
-        a = nn.functional.linear(input, cell.weight_ih, cell.bias_ih)
-        a = a + nn.functional.linear(h, cell.weight_hh, cell.bias_hh)
-        return nn.functional.leaky_relu(a, cell.negative_slope), None
-    base = nn.GRUCell if isinstance(cell, nn.GRUCell) else nn.RNNCell
-    return base.forward(cell, input, hx), None
+    has_cell = ops.CELLS[cell._mode]["has_cell"]
+    batched = input.dim() == 2
+    x = (input if batched else input.unsqueeze(0)).unsqueeze(0)  # [1, B, I]
+    shape = (1, x.shape[1], cell.hidden_size)
+    if hx is None:
+        h = c = x.new_zeros(shape)
+    else:
+        h, c = (s.reshape(shape) for s in (hx if has_cell else (hx, hx)))
+    weights = [(cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, None,
+                cell._cell_weight())]
+    _, h_n, c_n = reference.stack(cell._mode, x, h, c if has_cell else None, weights,
+                                  params=cell._cell_params())
+    h_n, c_n = h_n[0], (c_n[0] if has_cell else None)  # the one layer
+    if not batched:
+        h_n, c_n = h_n[0], (c_n[0] if has_cell else None)
+    return h_n, c_n

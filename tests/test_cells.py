@@ -289,3 +289,25 @@ def test_constants_by_name():
     assert ops.constants("lstm") == []
     with pytest.raises(TypeError, match="takes the constants \\['negative_slope'\\]"):
         ops.constants("rnn_leaky_relu", slope=0.3)
+
+
+@pytest.mark.parametrize("unbatched,with_hx", [(False, False), (False, True), (True, True)])
+def test_leaky_cell_export_runs_in_onnxruntime(tmp_path, unbatched, with_hx):
+    # The cell exports as the reference's step (plain operators, LeakyRelu among them).
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    m = pyrnn.RNNCell(I, H, nonlinearity="leaky_relu", negative_slope=0.2).eval()
+    x = torch.randn(I) if unbatched else torch.randn(B, I)
+    args = (x, torch.randn(x.shape[:-1] + (H,))) if with_hx else (x,)
+    with torch.no_grad():
+        want = m(*args)
+    path = tmp_path / "leaky_cell.onnx"
+    names = ["x", "h"][:len(args)]
+    torch.onnx.export(m, args, path, dynamo=False, input_names=names)
+    import onnx
+    op_types = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "LeakyRelu" in op_types and "RNN" not in op_types, op_types
+    got, = ort.InferenceSession(str(path)).run(None, {n: a.numpy() for n, a in zip(names, args)})
+    # float32, the same operations in another order: a few ulps of |values| ~ 1
+    torch.testing.assert_close(torch.from_numpy(got), want, rtol=0, atol=1e-5)
