@@ -20,6 +20,7 @@ fi
 export PATH="$CUDA_HOME/bin:$PATH"
 work="$(mktemp -d "${TMPDIR:-/tmp}/pyrnn-cuda.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
+trap 'exit 143' TERM INT  # (so that the EXIT trap runs when .ci/run stops this build)
 t0=$SECONDS
 
 torch_pin="$(grep -E '^torch==' requirements.txt)"
