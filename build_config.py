@@ -28,7 +28,10 @@ NVCC_FLAGS = " ".join(_lines("csrc/cuda/nvcc.flags")).split()
 # The C++ standard, and flags for every C++ file (OpenMP comes on top: -fopenmp for
 # setup.py, OpenMP::OpenMP_CXX for CMake).
 CXX_STANDARD = 20
-CXX_FLAGS = ["-O3", "-Wno-psabi", "-fvisibility=hidden"]
+# -g0: no debug information (Python's CFLAGS, which setup.py's compile starts from,
+# carry -g; CMake's Release build has none), which takes a third off the compile of
+# ops.cpp (78 s -> 48 s on one core).
+CXX_FLAGS = ["-O3", "-g0", "-Wno-psabi", "-fvisibility=hidden"]
 
 
 def march_flags(environ=os.environ):

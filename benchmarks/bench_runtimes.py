@@ -2,6 +2,13 @@
 OpenVINO for inference, JAX for training. The runtimes that are not installed are left
 out (ONNX Runtime comes with requirements.txt; `pip install openvino jax` adds the others).
 
+A second table times bfloat16 autocast (`torch.autocast("cpu", dtype=torch.bfloat16)`,
+the backward outside it, as torch's documentation has it): pyrnn against torch.nn for
+LSTM and GRU at S1-S3, where torch.nn runs its products in bfloat16 and pyrnn keeps them
+in float32 (see the README). Where torch.nn raises under autocast (its oneDNN LSTM on a
+CPU without bfloat16 instructions) the row says so, and torch.nn is timed once more with
+oneDNN switched off, its other CPU path.
+
 Inference: each side runs the same float32 weights, input_size = hidden_size, one layer;
 ONNX Runtime and OpenVINO run the model torch.onnx exports from torch.nn (its RNN, LSTM
 and GRU operators), OpenVINO in float32 and in its default precision for this CPU.
@@ -12,8 +19,10 @@ of the ratio pyrnn / that side (lower is better for pyrnn).
 
     python benchmarks/bench_runtimes.py            # S1-S4, every cell
     python benchmarks/bench_runtimes.py --quick    # fewer rounds
+    python benchmarks/bench_runtimes.py --autocast-only --shapes S1,S2,S3
 """
 import argparse
+import contextlib
 import io
 import os
 import platform
@@ -142,6 +151,69 @@ def jax_runner(cell, m, x, g):
     return f
 
 
+def cpu_flags():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@contextlib.contextmanager
+def onednn(enabled):
+    """torch's oneDNN paths on or off (nothing else of torch.backends.mkldnn changed)."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+def autocast_fwd(m, x, with_onednn=True):
+    def f():
+        with torch.no_grad(), onednn(with_onednn), torch.autocast("cpu", dtype=torch.bfloat16):
+            return m(x)
+    return f
+
+
+def autocast_fwdbwd(m, x, g, with_onednn=True):
+    params = list(m.parameters())
+
+    def f():
+        for p in params:
+            p.grad = None
+        with onednn(with_onednn):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y, _ = m(x)
+            y.backward(g.to(y.dtype))
+    return f
+
+
+def autocast_table(cells, shapes, n):
+    """pyrnn / torch.nn, both under bfloat16 autocast; where torch.nn raises, a row says so
+    and torch.nn runs again with oneDNN off."""
+    print("\nbfloat16 autocast, torch.autocast('cpu', dtype=torch.bfloat16):")
+    print(f"{'cell':8} {'shape':5} {'pass':9} {'side':18} {'ms':>9} {'pyrnn ms':>9} "
+          f"{'pyrnn/side':>10}")
+    for cell in cells:
+        for sname in shapes:
+            ref, ours, x, g = make_pair(cell, *SHAPES[sname])
+            for pas, make in (("inference", lambda m, **k: autocast_fwd(m, x, **k)),
+                              ("training", lambda m, **k: autocast_fwdbwd(m, x, g, **k))):
+                sides = {"pyrnn": make(ours), "torch.nn": make(ref)}
+                try:
+                    sides["torch.nn"]()
+                except RuntimeError as e:
+                    print(f"{cell:8} {sname:5} {pas:9} torch.nn raises: "
+                          f"{str(e).splitlines()[0][:80]}")
+                    sides["torch.nn"] = make(ref, with_onednn=False)
+                    sides["torch.nn, oneDNN off"] = sides.pop("torch.nn")
+                report(cell, sname, pas, rounds(sides, n))
+
+
 def available(name):
     try:
         __import__(name)
@@ -156,6 +228,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds per row")
     ap.add_argument("--cells", default="rnn_tanh,lstm,gru", help="comma-separated cells")
     ap.add_argument("--shapes", default="S1,S2,S3,S4", help="comma-separated of S1-S4")
+    ap.add_argument("--no-autocast", action="store_true", help="leave out the autocast table")
+    ap.add_argument("--autocast-only", action="store_true", help="only the autocast table")
     args = ap.parse_args(argv)
     n = args.rounds or (7 if args.quick else 21)
     threads = torch.get_num_threads()
@@ -164,14 +238,19 @@ def main(argv=None):
     print(f"{cpu_model()}; pyrnn CPU loops: {pyrnn._C.cpu_capability()} "
           f"(this CPU runs {pyrnn._C.supported_capabilities()}); torch {torch.__version__}, "
           f"{threads} threads; {n} rounds, medians")
+    flags = cpu_flags()
+    print("bfloat16 instructions: " + (", ".join(
+        f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags) or "none"))
     ov_default = openvino_precision() if has_ov else None
     print("runtimes: " + ", ".join(
         [name for name, ok in (("onnxruntime", has_ort), ("openvino", has_ov), ("jax", has_jax))
          if ok]) + (f"; OpenVINO's default precision here: {ov_default}" if has_ov else ""))
-    print(f"\n{'cell':8} {'shape':5} {'pass':9} {'side':18} {'ms':>9} {'pyrnn ms':>9} "
-          f"{'pyrnn/side':>10}")
-    for cell in args.cells.split(","):
-        for sname in args.shapes.split(","):
+    if not args.autocast_only:
+        print(f"\n{'cell':8} {'shape':5} {'pass':9} {'side':18} {'ms':>9} {'pyrnn ms':>9} "
+              f"{'pyrnn/side':>10}")
+    cells, shapes = args.cells.split(","), args.shapes.split(",")
+    for cell in cells if not args.autocast_only else []:
+        for sname in shapes:
             ref, ours, x, g = make_pair(cell, *SHAPES[sname])
             sides = {"pyrnn": run_fwd(ours, x), "torch.nn": run_fwd(ref, x)}
             if has_ort or has_ov:
@@ -187,6 +266,9 @@ def main(argv=None):
             if has_jax:
                 sides["jax (jit scan)"] = jax_runner(cell, ref, x, g)
             report(cell, sname, "training", rounds(sides, n))
+    if not args.no_autocast:
+        autocast_table([c for c in cells if c in ("lstm", "gru")],
+                       [s for s in shapes if s != "S4"], n)
     return 0
 
 

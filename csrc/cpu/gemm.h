@@ -133,10 +133,9 @@ class PackedGemm {
       const vgf* panel = packed_.get() + p * K_ * kV;
       const int64_t n0 = first_column(p), cols = columns(p);
       const float* bp = bias ? bias + n0 : nullptr;
-      int64_t i = 0;
-      for (; i + kMR <= M; i += kMR)
-        block<kMR>(A + i * lda, lda, 1, panel, C + i * ldc + n0, ldc, cols, accumulate, bp);
-      tail(M - i, A + i * lda, lda, 1, panel, C + i * ldc + n0, ldc, cols, accumulate, bp);
+      over_row_blocks(M, [&](int64_t i, int64_t r) {
+        row_block(r, A + i * lda, lda, 1, panel, C + i * ldc + n0, ldc, cols, accumulate, bp);
+      });
     }
   }
 
@@ -172,10 +171,9 @@ class PackedGemm {
           const vgf* panel = packed_.get() + p * K_ * kV + k0 * kV;
           const int64_t n0 = first_column(p), cols = columns(p);
           const float* bp = bias0 ? bias0 + n0 : nullptr;
-          int64_t i = 0;
-          for (; i + kMR <= rows; i += kMR)
-            block<kMR>(Ac + i * ars, ars, aks, panel, Cc + i * ldc + n0, ldc, cols, acc, bp, kn);
-          tail(rows - i, Ac + i * ars, ars, aks, panel, Cc + i * ldc + n0, ldc, cols, acc, bp, kn);
+          over_row_blocks(rows, [&](int64_t i, int64_t r) {
+            row_block(r, Ac + i * ars, ars, aks, panel, Cc + i * ldc + n0, ldc, cols, acc, bp, kn);
+          });
         }
       }
       if (K_ == 0) break;
@@ -238,9 +236,26 @@ class PackedGemm {
     return left < kNR ? left : kNR;
   }
 
-  void tail(int64_t rows, const float* A, int64_t lda, int64_t aks, const vgf* panel, float* C,
-            int64_t ldc, int64_t cols, bool accumulate, const float* bias = nullptr,
-            int64_t kn = -1) const {
+  // f(i, r) for blocks of r rows from row i: kMR rows each, except that the last kMR + 1
+  // to kMR + 3 rows go as two blocks of about half (AVX2's 6 + 2 as 4 + 4), since a block
+  // of one to three rows has too few chains of dependent FMAs to keep the FMA units busy
+  // (measured: one step of B = 8, 1024 x 256, 6% faster; B = 32, 512 x 128, 10%). Each
+  // element of C is summed over k in the same order whatever its block: the same bits.
+  template <class F>
+  static void over_row_blocks(int64_t M, F&& f) {
+    for (int64_t i = 0; i < M;) {
+      const int64_t left = M - i;
+      const int64_t r = left == kMR || left >= kMR + 4 ? kMR : left > kMR ? (left + 1) / 2 : left;
+      f(i, r);
+      i += r;
+    }
+  }
+
+  // block<rows> for 1 <= rows <= kMR.
+  void row_block(int64_t rows, const float* A, int64_t lda, int64_t aks, const vgf* panel,
+                 float* C, int64_t ldc, int64_t cols, bool accumulate,
+                 const float* bias = nullptr, int64_t kn = -1) const {
+    if (rows == kMR) return block<kMR>(A, lda, aks, panel, C, ldc, cols, accumulate, bias, kn);
     switch (rows) {
       case 7: block<7>(A, lda, aks, panel, C, ldc, cols, accumulate, bias, kn); break;
       case 6: block<6>(A, lda, aks, panel, C, ldc, cols, accumulate, bias, kn); break;
