@@ -16,7 +16,12 @@ and the T=1 kernel time is the op's fixed cost. Each side runs twice in a round 
 second call is timed (warm caches: the sides leave each other's data in cache
 unevenly). Medians over rounds, microseconds.
 
+With --cold S each side's timed call comes instead S seconds after the last call of any
+side, as in bench_runtimes.py's rounds (5 ms there), and an `empty` column times a call
+of nothing under no_grad: the floor of any call that follows such a pause on this machine.
+
     python benchmarks/bench_overhead.py [--rounds 200] [--threads 2]
+    python benchmarks/bench_overhead.py --cold 0.005 --shapes S4
 """
 import argparse
 import statistics
@@ -80,25 +85,37 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cold", type=float, default=0.0,
+                    help="seconds of sleep before each timed call (0: a warm call before it)")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated")
+    ap.add_argument("--cells", default=",".join(CELLS), help="comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     info = f"(pyrnn CPU loops: {pyrnn._C.cpu_capability()})"
+    when = f"{args.cold * 1e3:g} ms after the last call" if args.cold else "warm"
     print(f"{cpu_model()}; torch {torch.__version__}, {args.threads} threads; "
-          f"{args.rounds} rounds, medians in microseconds {info}")
+          f"{args.rounds} rounds, medians in microseconds, each call {when} {info}")
     print(f"{'cell':9}{'shape':7}{'pass':10}{'module':>9}{'layer':>9}{'kernel':>9}"
-          f"{'torch.nn':>10}{'module py':>11}{'wrapper':>9}")
-    for mode in CELLS:
-        for shape, (T, B, H) in SHAPES.items():
+          f"{'torch.nn':>10}{'module py':>11}{'wrapper':>9}" + (f"{'empty':>7}" if args.cold
+                                                                else ""))
+    for mode in args.cells.split(","):
+        for shape in args.shapes.split(","):
+            T, B, H = SHAPES[shape]
             for train in (False, True):
                 fns = sides(mode, T, B, H, train)
+                if args.cold:
+                    fns["empty"] = empty_call
                 for f in fns.values():
                     for _ in range(20):
                         f()
                 times = {k: [] for k in fns}
                 for _ in range(args.rounds):
                     for k, f in fns.items():
-                        f()  # untimed: the timed call finds its data in cache
+                        if args.cold:
+                            time.sleep(args.cold)
+                        else:
+                            f()  # untimed: the timed call finds its data in cache
                         t = time.perf_counter()
                         f()
                         times[k].append(time.perf_counter() - t)
@@ -106,7 +123,13 @@ def main():
                 print(f"{mode:9}{shape:7}{'training' if train else 'inference':10}"
                       f"{med['module']:9.0f}{med['layer']:9.0f}{med['kernel']:9.0f}"
                       f"{med['torch.nn']:10.0f}{med['module'] - med['layer']:11.0f}"
-                      f"{med['layer'] - med['kernel']:9.0f}")
+                      f"{med['layer'] - med['kernel']:9.0f}"
+                      + (f"{med['empty']:7.0f}" if args.cold else ""))
+
+
+def empty_call():
+    with torch.no_grad():
+        pass
 
 
 if __name__ == "__main__":
