@@ -39,14 +39,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cpu import SHAPES, make_pair, run_fwd, run_fwdbwd  # noqa: E402
 
 
-def cpu_model():
+def cpuinfo(field):
+    """The value of the first /proc/cpuinfo line for field, or None."""
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    return None
+
+
+def cpu_model():
+    return cpuinfo("model name") or platform.processor() or "unknown CPU"
 
 
 def rounds(fns, n, warmup_s=0.3, settle_s=0.005):
@@ -151,16 +156,6 @@ def jax_runner(cell, m, x, g):
     return f
 
 
-def cpu_flags():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 @contextlib.contextmanager
 def onednn(enabled):
     """torch's oneDNN paths on or off (nothing else of torch.backends.mkldnn changed)."""
@@ -238,7 +233,7 @@ def main(argv=None):
     print(f"{cpu_model()}; pyrnn CPU loops: {pyrnn._C.cpu_capability()} "
           f"(this CPU runs {pyrnn._C.supported_capabilities()}); torch {torch.__version__}, "
           f"{threads} threads; {n} rounds, medians")
-    flags = cpu_flags()
+    flags = set((cpuinfo("flags") or "").split())
     print("bfloat16 instructions: " + (", ".join(
         f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags) or "none"))
     ov_default = openvino_precision() if has_ov else None

@@ -194,13 +194,9 @@ class PackedGemm {
             const vgf* panel = packed_.get() + p * K_ * kV + k0 * kV;
             const int64_t n0 = first_column(p), cols = columns(p);
             const float* bp = bias0 ? bias0 + n0 : nullptr;
-            over_row_blocks(rows, [&](int64_t i, int64_t r) {
-              if (copy)
-                row_block(r, own + i * kn, 1, r, panel, Cc + i * ldc + n0, ldc, cols, acc,
-                          bp, kn);
-              else
-                row_block(r, Ac + i * ars, ars, aks, panel, Cc + i * ldc + n0, ldc, cols, acc,
-                          bp, kn);
+            over_row_blocks(rows, [&](int64_t i, int64_t r) {  // A from own, or in place
+              row_block(r, copy ? own + i * kn : Ac + i * ars, copy ? 1 : ars, copy ? r : aks,
+                        panel, Cc + i * ldc + n0, ldc, cols, acc, bp, kn);
             });
           }
         }
