@@ -96,115 +96,29 @@ def _backward_fake(mode, grad_output, grad_h_n, grad_c_n, input, hx, cx, weight_
     )
 
 
-def _setup_context(ctx, inputs, output):
-    (mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, reverse,
-     save, bptt_clip, norm_out, vanishing_penalty, ratio_out, omega_out, params,
-     cell_weight) = inputs
-    out, _, _, workspace = output
-    ctx.mode, ctx.reverse, ctx.bptt_clip = mode, reverse, bptt_clip
-    ctx.params = list(params)
-    ctx.has_bias = bias_ih is not None
-    ctx.record = norm_out is not None
-    # Held as a plain attribute, not saved: the backward writes into it, and several
-    # layers write into views of one store.
-    ctx.norm_out = norm_out
-    ctx.penalty, ctx.ratio_out, ctx.omega_out = vanishing_penalty, ratio_out, omega_out
-    ctx.saved = save
-    # Every argument is kept (references, no copies): the fused backward needs neither
-    # weight_ih when the input needs no gradient nor the biases, but double backward
-    # recomputes the layer from all of them.
-    ctx.save_for_backward(input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                          lengths, out, workspace, cell_weight)
+# The autograd kernel of pyrnn::forward is C++ (csrc/autograd.cpp). With create_graph=True
+# its backward takes the gradients from the reference formulation, through this op, whose
+# composite implementation autograd records.
+_LIB = torch.library.Library("pyrnn", "FRAGMENT")
+_LIB.define(
+    "reference_grads(str mode, Tensor?[] inputs, Tensor?[] grads, Tensor? lengths, "
+    "bool reverse, float bptt_clip, int needs, bool record, float[] cell_params) -> Tensor[]")
 
 
-def _backward(ctx, grad_output, grad_h_n, grad_c_n, grad_workspace):
-    (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths, out,
-     workspace, cell_weight) = ctx.saved_tensors
-    is_lstm = CELLS[ctx.mode]["has_cell"]
-    if torch.is_grad_enabled():
-        # Double backward (create_graph=True): the fused kernel's gradients are not
-        # differentiable, so take them from the reference formulation instead, recomputed
-        # from the saved arguments with the graph kept.
-        if ctx.penalty:
-            raise NotImplementedError(
-                "vanishing_penalty: the regulariser runs in the fused backward only, which "
-                "cannot be differentiated again; set vanishing_penalty=0 for double backward "
-                "(create_graph=True)")
-        flags = ctx.needs_input_grad  # by argument of the op (and the key set last)
-        needs = tuple(flags[1:9]) + (flags[18],)
-        grads, norms = reference.layer_grads(
-            ctx.mode, (input, hx, cx if is_lstm else None, weight_ih, weight_hh, bias_ih,
-                       bias_hh, weight_hr, cell_weight),
-            (grad_output, grad_h_n, grad_c_n if is_lstm else None), lengths, ctx.reverse,
-            ctx.bptt_clip, needs, ctx.record, ctx.params)
-        if ctx.record:
-            ctx.norm_out.copy_(norms)
-        return (None, *grads[:8], None, None, None, None, None, None, None, None, None,
-                grads[8])
-    if not ctx.saved:
-        raise RuntimeError("pyrnn: this forward ran with save=False, so it cannot be "
-                           "differentiated; call it with save=True")
-    if grad_output is None:
-        grad_output = torch.zeros_like(out)
-    with _below_autograd():  # grad mode is off here: the call records nothing
-        (dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms, ratio, omega,
-         dcw) = torch.ops.pyrnn.backward(
-            ctx.mode, grad_output, grad_h_n, grad_c_n if is_lstm else None, input, hx,
-            cx, weight_ih, weight_hh, weight_hr, ctx.has_bias, ctx.needs_input_grad[1],
-            lengths, out, workspace, ctx.reverse, ctx.bptt_clip, ctx.record, ctx.penalty,
-            ctx.params, cell_weight)
-    if ctx.record:
-        ctx.norm_out.copy_(norms)
-    if ctx.penalty:
-        if ctx.ratio_out is not None:
-            ctx.ratio_out.copy_(ratio)
-        if ctx.omega_out is not None:
-            ctx.omega_out.copy_(omega.view(ctx.omega_out.shape))
-    return (None, dx if ctx.needs_input_grad[1] else None, dh,
-            dc if is_lstm else None, dw_ih, dw_hh,
-            db_ih if ctx.has_bias else None, db_hh if ctx.has_bias else None,
-            dw_hr if weight_hr is not None else None,
-            None, None, None, None, None, None, None, None, None,
-            dcw if cell_weight is not None else None)
+def _reference_grads(mode, inputs, grads, lengths, reverse, bptt_clip, needs, record,
+                     cell_params):
+    """pyrnn.reference.layer_grads for the double backward of pyrnn::forward: inputs
+    (input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, cell_weight), bit
+    k of needs for the k-th. Returns the nine gradients (empty where not needed) and the
+    norms (empty unless record)."""
+    flags = [bool(needs >> k & 1) for k in range(len(inputs))]
+    got, norms = reference.layer_grads(mode, list(inputs), list(grads), lengths, reverse,
+                                       bptt_clip, flags, record, list(cell_params))
+    empty = inputs[0].new_empty(0)
+    return [empty if g is None else g for g in got] + [empty if norms is None else norms]
 
 
-class _Layer(torch.autograd.Function):
-    """pyrnn::forward as autograd sees it: args are the op's arguments, all of them (the
-    dispatcher leaves out those at their defaults; _forward_autograd puts them back),
-    and last the dispatch key set of the call."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        result = _forward_below_autograd(args[-1], args[:-1])
-        _setup_context(ctx, args[:-1], result)
-        return result
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return (*_backward(ctx, *grads), None)
-
-
-_FORWARD = torch.ops.pyrnn.forward.default
-_FORWARD_DEFAULTS = tuple(a.default_value for a in _FORWARD._schema.arguments)
-
-
-def _forward_below_autograd(keyset, args):
-    """pyrnn::forward's kernel below autograd, for the call's dispatch key set."""
-    with torch._C._AutoDispatchBelowAutograd():
-        return _FORWARD.redispatch(keyset & torch._C._after_autograd_keyset, *args)
-
-
-def _forward_autograd(keyset, *args):
-    # The autograd kernel of pyrnn::forward. It does what torch.library.register_autograd
-    # would make of _backward and _setup_context, without its per-call walk over the
-    # schema (which at a small shape costs more than the kernel).
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
-        return _Layer.apply(*args, *_FORWARD_DEFAULTS[len(args):], keyset)
-    return _forward_below_autograd(keyset, args)
-
-
-_LIB = torch.library.Library("pyrnn", "IMPL")
-_LIB.impl("forward", _forward_autograd, "Autograd", with_keyset=True)
+_LIB.impl("reference_grads", _reference_grads, "CompositeImplicitAutograd")
 
 
 def _no_double_backward(ctx, *grads):
