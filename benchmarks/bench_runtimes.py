@@ -225,6 +225,10 @@ def main(argv=None):
     ap.add_argument("--shapes", default="S1,S2,S3,S4", help="comma-separated of S1-S4")
     ap.add_argument("--no-autocast", action="store_true", help="leave out the autocast table")
     ap.add_argument("--autocast-only", action="store_true", help="only the autocast table")
+    ap.add_argument("--settle", type=float, default=0.005,
+                    help="seconds between one timed call and the next (default 0.005: each "
+                    "call finds the other sides' threads idle, and its own code and data may have "
+                    "left the caches; 0: each call right after the last side's)")
     args = ap.parse_args(argv)
     n = args.rounds or (7 if args.quick else 21)
     threads = torch.get_num_threads()
@@ -232,7 +236,7 @@ def main(argv=None):
         available("jax")
     print(f"{cpu_model()}; pyrnn CPU loops: {pyrnn._C.cpu_capability()} "
           f"(this CPU runs {pyrnn._C.supported_capabilities()}); torch {torch.__version__}, "
-          f"{threads} threads; {n} rounds, medians")
+          f"{threads} threads; {n} rounds, medians; {args.settle * 1e3:g} ms between calls")
     flags = set((cpuinfo("flags") or "").split())
     print("bfloat16 instructions: " + (", ".join(
         f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags) or "none"))
@@ -256,11 +260,11 @@ def main(argv=None):
                 sides["openvino f32"] = openvino_runner(model, x, threads, "f32")
                 if ov_default != "f32":
                     sides[f"openvino {ov_default}"] = openvino_runner(model, x, threads, None)
-            report(cell, sname, "inference", rounds(sides, n))
+            report(cell, sname, "inference", rounds(sides, n, settle_s=args.settle))
             sides = {"pyrnn": run_fwdbwd(ours, x, g), "torch.nn": run_fwdbwd(ref, x, g)}
             if has_jax:
                 sides["jax (jit scan)"] = jax_runner(cell, ref, x, g)
-            report(cell, sname, "training", rounds(sides, n))
+            report(cell, sname, "training", rounds(sides, n, settle_s=args.settle))
     if not args.no_autocast:
         autocast_table([c for c in cells if c in ("lstm", "gru")],
                        [s for s in shapes if s != "S4"], n)

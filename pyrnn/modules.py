@@ -333,11 +333,16 @@ class _Base(nn.RNNBase):
         as getattr finds them (a parametrization or torch.func.functional_call may stand
         in for a parameter); a registered parameter is read from _parameters directly,
         which is what getattr would find, at a fraction of the cost."""
-        sfx = f"_l{layer}" + ("_reverse" if direction else "")
-        names = ["weight_ih" + sfx, "weight_hh" + sfx]
-        names += ["bias_ih" + sfx, "bias_hh" + sfx] if self.bias else [None, None]
-        names.append("weight_hr" + sfx if self.proj_size > 0 else None)
-        return [None if n is None else self._param(n) for n in names]
+        names = self._flat_weights_names  # torch.nn's: per layer and direction, in order
+        D = 2 if self.bidirectional else 1
+        per = len(names) // (self.num_layers * D)
+        k = (layer * D + direction) * per
+        w = [self._param(names[k]), self._param(names[k + 1]), None, None, None]
+        if self.bias:
+            w[2], w[3] = self._param(names[k + 2]), self._param(names[k + 3])
+        if self.proj_size > 0:
+            w[4] = self._param(names[k + per - 1])
+        return w
 
     # The checks below follow torch.nn's own, in its order, with its exception types and
     # messages (torch/nn/modules/rnn.py and ATen's RNN.cpp), so that code written against

@@ -15,7 +15,6 @@ the other cells). It is written in place when the backward runs (also under
 torch.compile, where it must be a graph input such as a module buffer, not a tensor
 created inside the compiled region).
 """
-import contextlib
 from typing import Optional
 
 import torch
@@ -142,18 +141,6 @@ def _needs_save(*tensors):
         t is not None and t.requires_grad for t in tensors)
 
 
-def _below_autograd():
-    """A context in which a call of an op that records nothing for autograd goes straight
-    to its kernel. The autograd kernels of pyrnn::forward (_forward_autograd) and
-    pyrnn::backward (torch.library's) do the same in that case (they redispatch below
-    autograd), but only after the call has crossed from C++ into Python and back once
-    more, which at a small shape costs as much as the kernel itself. Not taken under torch.compile (which traces
-    the call as it is) or a functorch transform (whose levels must see the call)."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return contextlib.nullcontext()
-    return torch._C._AutoDispatchBelowAutograd()
-
-
 def _gate_stats(mode, out, workspace, H, lengths, params):
     """[2, T, B]: per step and sample, the mean over hidden units of the multiplicative
     factor on the gradient's path from h_t (c_t) back to step t-1, and the fraction of
@@ -194,11 +181,10 @@ def layer(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], weight_ih:
     cell = CELLS[mode] if mode in CELLS else None
     keep = save or (gate_stats_out is not None and cell is not None and cell["keeps_row"])
     params = [float(v) for v in cell_params]
-    with contextlib.nullcontext() if save else _below_autograd():
-        out, h_n, c_n, workspace = torch.ops.pyrnn.forward(
-            mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
-            reverse, keep, float(bptt_clip), norm_out, float(vanishing_penalty), ratio_out,
-            omega_out, params, cell_weight)
+    out, h_n, c_n, workspace = torch.ops.pyrnn.forward(
+        mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, lengths,
+        reverse, keep, float(bptt_clip), norm_out, float(vanishing_penalty), ratio_out,
+        omega_out, params, cell_weight)
     if gate_stats_out is not None:
         with torch.no_grad():
             gate_stats_out.copy_(_gate_stats(mode, out, workspace, weight_hh.shape[0] //
