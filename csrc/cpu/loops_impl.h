@@ -156,7 +156,7 @@ void forward_steps_of(const ForwardArgs<T>& p) {
       const T* hcur = bufs[s % 2];
       T* hnext = bufs[(s + 1) % 2];
       const int64_t rows = rows_running(p, prefix, t);
-      const int64_t ws_step = p.ws_one_step ? 0 : t;  // the rows of step t in ws
+      const int64_t ws_step = p.project ? 0 : t;  // the rows of step t in ws
       if constexpr (std::is_same_v<T, float>) {
         if (xgemm)  // ws[t, :, my columns] = x_t @ W_ih^T + b_ih
           for (int64_t g = 0; g < G; ++g)
