@@ -177,13 +177,12 @@ variable_list Layer::backward(AutogradContext* ctx, variable_list grads) {
           saved[7].defined() ? dw_hr : Tensor(), saved[8].defined() ? dcw : Tensor()};
 }
 
-bool any_requires_grad(std::initializer_list<const Tensor*> ts,
-                       std::initializer_list<const OptTensor*> opts) {
-  for (const Tensor* t : ts)
-    if (t->requires_grad()) return true;
-  for (const OptTensor* t : opts)
-    if (t->has_value() && (*t)->requires_grad()) return true;
-  return false;
+// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) has no formula here: a
+// tangent on an argument is an error, never a result that silently drops it.
+void check_no_tangent(const Tensor& t) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!t._fw_grad(/*level=*/0).defined(),
+                              "Trying to use forward AD with pyrnn::forward that does not "
+                              "support it because it has not been implemented yet.");
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
@@ -195,8 +194,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
     const OptTensor& cell_weight) {
   Extras e{keys, std::string(mode), lengths, norm_out, ratio_out, omega_out, reverse, save,
            bptt_clip, vanishing_penalty, cell_params.vec()};
-  if (!at::GradMode::is_enabled() ||
-      !any_requires_grad({&input, &hx, &w_ih, &w_hh}, {&cx, &b_ih, &b_hh, &w_hr, &cell_weight}))
+  bool requires_grad = false;
+  for (const Tensor* t : {&input, &hx, &w_ih, &w_hh}) {
+    check_no_tangent(*t);
+    requires_grad = requires_grad || t->requires_grad();
+  }
+  for (const OptTensor* t : {&cx, &b_ih, &b_hh, &w_hr, &cell_weight})
+    if (t->has_value()) {
+      check_no_tangent(**t);
+      requires_grad = requires_grad || (*t)->requires_grad();
+    }
+  if (!at::GradMode::is_enabled() || !requires_grad)
     return call_forward(keys, e, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, cell_weight);
   variable_list r = Layer::apply(e, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, cell_weight);
   return {r[0], r[1], r[2], r[3]};

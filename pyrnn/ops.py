@@ -172,7 +172,15 @@ def layer(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], weight_ih:
     vanishing_penalty (Elman cells): see rnn_tanh; ratio_out [T, B] and omega_out (one
     element) receive the ratios and omega when the backward runs.
     cell_weight: the own weights of a layer-normalised cell (see ln_lstm; None: the
-    initial ones); None for the other cells."""
+    initial ones); None for the other cells.
+    Under torch.func's transforms (grad, vjp, jacrev, jvp, vmap, ...) the layer runs as
+    its reference formulation (pyrnn.reference), whose ATen ops they differentiate and
+    batch; recording, clipping, gate statistics and the regulariser, which live in the
+    fused kernels, raise NotImplementedError there."""
+    if torch._C._are_functorch_transforms_active():
+        return _transformed_layer(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
+                                  lengths, reverse, bptt_clip, norm_out, weight_hr,
+                                  gate_stats_out, vanishing_penalty, cell_params, cell_weight)
     if cell_weight is None and CELLS.get(mode, {}).get("layer_norm"):
         cell_weight = reference.initial_cell_weight(mode, weight_hh.shape[0] // GATES[mode],
                                                     input)
@@ -191,6 +199,26 @@ def layer(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], weight_ih:
                                              GATES[mode], lengths,
                                              params or constants(mode)))
     return out, h_n, (c_n if cell["has_cell"] else None)
+
+
+def _transformed_layer(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
+                       reverse, bptt_clip, norm_out, weight_hr, gate_stats_out,
+                       vanishing_penalty, cell_params, cell_weight):
+    """layer() under a torch.func transform: the reference formulation."""
+    fused = [name for name, on in (("bptt_clip", bptt_clip), ("norm_out (record_grad_norms)",
+                                                              norm_out is not None),
+                                   ("gate_stats_out (record_gate_stats)",
+                                    gate_stats_out is not None),
+                                   ("vanishing_penalty", vanishing_penalty)) if on]
+    if fused:
+        raise NotImplementedError(
+            f"pyrnn: {', '.join(fused)} run in the fused kernels, which torch.func's "
+            "transforms cannot see (under them a layer runs as its reference formulation); "
+            "turn them off inside the transform")
+    out, h_n, c_n = reference._run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih,
+                                   bias_hh, lengths, reverse, 0.0, None, weight_hr,
+                                   params=list(cell_params) or None, cell_weight=cell_weight)
+    return out, h_n, (c_n if CELLS[mode]["has_cell"] else None)
 
 
 def rnn_tanh(input, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, lengths=None,

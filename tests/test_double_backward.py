@@ -462,3 +462,63 @@ def test_cell_gradgradcheck_and_torch_nn(cell, option):
         results.append(list(g) + list(gp))
     for a, b in zip(*results):
         close_to(a.detach(), b.detach())
+
+
+@pytest.mark.parametrize("weights_grad", [True, False])
+@pytest.mark.parametrize("cls", [pyrnn.RNN, pyrnn.LSTM, pyrnn.GRU])
+def test_forward_ad_raises(cls, weights_grad):
+    """Forward-mode AD through torch.autograd.forward_ad has no formula in pyrnn::forward:
+    a tangent on the input raises NotImplementedError (as torch.nn's oneDNN LSTM raises
+    it), whether or not the weights require grad, and never returns a result whose
+    tangent was dropped. (torch.func.jvp runs the reference formulation instead: see
+    test_func_transforms.)"""
+    import torch.autograd.forward_ad as fwAD
+
+    m = cls(3, 4).requires_grad_(weights_grad)
+    x = torch.randn(5, 2, 3)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError,
+                                          match="forward AD with pyrnn::forward"):
+        m(fwAD.make_dual(x, torch.randn_like(x)))
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_func_transforms(name):
+    """torch.func.grad, jvp and vmap through a module (float64, two layers, both
+    directions): under a transform each layer runs as its reference formulation, so grad
+    matches the fused backward's gradients, jvp a central difference, vmap the loop over
+    samples (the fused kernels). Tolerances: the fused and the reference float64 results
+    differ by rounding, normwise within K u with K = 2 T (I + H) = 64, the longest chain
+    of rounded operations behind an entry (measured: up to 9 u); the central difference
+    with step 1e-6 errs by about u / 1e-6 (rounding) + 1e-12 (truncation)."""
+    cls_name, kw = CELLS[name]
+    torch.manual_seed(3)
+    m = getattr(pyrnn, cls_name)(I, H, num_layers=2, bidirectional=True, **kw).double()
+    x = _rnd(T, B, I, seed=21)
+    params = dict(m.named_parameters())
+
+    def loss(p, xx):
+        return functional_call(m, p, (xx,))[0].pow(2).sum()
+
+    got = torch.func.grad(loss)(params, x)
+    want = torch.autograd.grad(loss(params, x), list(params.values()))
+    for g, w in zip(got.values(), want):
+        assert (g - w).abs().max() <= 2 * T * (I + H) * EPS64 * w.abs().max()
+    v = _rnd(T, B, I, seed=22)
+    _, tangent = torch.func.jvp(lambda xx: m(xx)[0], (x,), (v,))
+    eps = 1e-6
+    with torch.no_grad():
+        central = (m(x + eps * v)[0] - m(x - eps * v)[0]) / (2 * eps)
+    torch.testing.assert_close(tangent, central, rtol=1e-6, atol=1e-8)
+    xs = torch.stack([x, _rnd(T, B, I, seed=23)])
+    batched = torch.func.vmap(lambda xx: m(xx)[0])(xs)
+    with torch.no_grad():
+        loop = torch.stack([m(xs[0])[0], m(xs[1])[0]])
+    assert (batched - loop).abs().max() <= 2 * T * (I + H) * EPS64 * loop.abs().max()
+
+
+def test_func_transforms_refuse_fused_features():
+    m = pyrnn.LSTM(I, H, record_grad_norms=True).double()
+    x = _rnd(T, B, I, seed=24)
+    with pytest.raises(NotImplementedError, match="record_grad_norms"):
+        torch.func.grad(lambda p: functional_call(m, p, (x,))[0].sum())(
+            dict(m.named_parameters()))
