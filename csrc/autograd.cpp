@@ -113,7 +113,8 @@ variable_list reference_backward(AutogradContext* ctx, const variable_list& save
   auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
   c10::List<OptTensor> inputs;
   for (int k = 0; k < kInputs; ++k) inputs.push_back(opt(saved[k]));
-  c10::List<OptTensor> outer{opt(grads[0]), opt(grads[1]), has_cell ? opt(grads[2]) : OptTensor()};
+  c10::List<OptTensor> outer{opt(grads[0]), opt(grads[1]),
+                             has_cell ? opt(grads[2]) : OptTensor()};
   const Tensor norm_out = ctx->saved_data["norm_out"].toTensor();
   const std::vector<double> params = ctx->saved_data["params"].toDoubleVector();
   int64_t mask = 0;  // bit k: needs[k]
