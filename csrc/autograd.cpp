@@ -37,10 +37,17 @@ struct Extras {
 constexpr int kInputs = 9;  // input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
                             // weight_hr, cell_weight: the differentiable arguments
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> call_forward(
-    c10::DispatchKeySet keys, const Extras& e, const Tensor& input, const Tensor& hx,
+OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
+Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
+
+// pyrnn::forward's kernel below autograd, for the call's dispatch keys.
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_below_autograd(
+    c10::DispatchKeySet keys, c10::string_view mode, const Tensor& input, const Tensor& hx,
     const OptTensor& cx, const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
-    const OptTensor& b_hh, const OptTensor& w_hr, const OptTensor& cell_weight) {
+    const OptTensor& b_hh, const OptTensor& w_hr, const OptTensor& lengths, bool reverse,
+    bool save, double bptt_clip, const OptTensor& norm_out, double vanishing_penalty,
+    const OptTensor& ratio_out, const OptTensor& omega_out, c10::ArrayRef<double> cell_params,
+    const OptTensor& cell_weight) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("pyrnn::forward", "")
@@ -49,9 +56,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> call_forward(
               const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
               const OptTensor&, bool, bool, double, const OptTensor&, double, const OptTensor&,
               const OptTensor&, c10::ArrayRef<double>, const OptTensor&)>();
-  return op.redispatch(keys & c10::after_autograd_keyset, e.mode, input, hx, cx, w_ih, w_hh,
-                       b_ih, b_hh, w_hr, e.lengths, e.reverse, e.save, e.bptt_clip, e.norm_out,
-                       e.penalty, e.ratio_out, e.omega_out, e.params, cell_weight);
+  return op.redispatch(keys & c10::after_autograd_keyset, mode, input, hx, cx, w_ih, w_hh,
+                       b_ih, b_hh, w_hr, lengths, reverse, save, bptt_clip, norm_out,
+                       vanishing_penalty, ratio_out, omega_out, cell_params, cell_weight);
 }
 
 struct Layer : torch::autograd::Function<Layer> {
@@ -59,16 +66,18 @@ struct Layer : torch::autograd::Function<Layer> {
                                const Tensor& hx, const OptTensor& cx, const Tensor& w_ih,
                                const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
                                const OptTensor& w_hr, const OptTensor& cell_weight) {
-    auto [out, h_n, c_n, ws] =
-        call_forward(e.keys, e, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, cell_weight);
+    auto [out, h_n, c_n, ws] = forward_below_autograd(
+        e.keys, e.mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, e.lengths, e.reverse,
+        e.save, e.bptt_clip, e.norm_out, e.penalty, e.ratio_out, e.omega_out, e.params,
+        cell_weight);
     ctx->mark_non_differentiable({ws});
     ctx->set_materialize_grads(false);
     // Every argument is kept (references, no copies): the fused backward needs neither
     // weight_ih when the input needs no gradient nor the biases, but double backward
     // recomputes the layer from all of them.
-    auto t = [](const OptTensor& o) { return o.has_value() ? *o : Tensor(); };
-    ctx->save_for_backward({input, hx, t(cx), w_ih, w_hh, t(b_ih), t(b_hh), t(w_hr),
-                            t(cell_weight), out, ws, t(e.lengths)});
+    ctx->save_for_backward({input, hx, or_undefined(cx), w_ih, w_hh, or_undefined(b_ih),
+                            or_undefined(b_hh), or_undefined(w_hr), or_undefined(cell_weight),
+                            out, ws, or_undefined(e.lengths)});
     ctx->saved_data["mode"] = e.mode;
     ctx->saved_data["cell"] = c_n.dim() == 2;  // a cell state [B, H]; else [0]
     ctx->saved_data["reverse"] = e.reverse;
@@ -78,9 +87,9 @@ struct Layer : torch::autograd::Function<Layer> {
     ctx->saved_data["params"] = e.params;
     // Held, not saved: the backward writes into them, and the layers of a module write
     // into views of one store.
-    ctx->saved_data["norm_out"] = t(e.norm_out);
-    ctx->saved_data["ratio_out"] = t(e.ratio_out);
-    ctx->saved_data["omega_out"] = t(e.omega_out);
+    ctx->saved_data["norm_out"] = or_undefined(e.norm_out);
+    ctx->saved_data["ratio_out"] = or_undefined(e.ratio_out);
+    ctx->saved_data["omega_out"] = or_undefined(e.omega_out);
     return {out, h_n, c_n, ws};
   }
 
@@ -110,7 +119,6 @@ variable_list reference_backward(AutogradContext* ctx, const variable_list& save
           .typed<std::vector<Tensor>(c10::string_view, const c10::List<OptTensor>&,
                                      const c10::List<OptTensor>&, const OptTensor&, bool,
                                      double, int64_t, bool, c10::ArrayRef<double>)>();
-  auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
   c10::List<OptTensor> inputs;
   for (int k = 0; k < kInputs; ++k) inputs.push_back(opt(saved[k]));
   c10::List<OptTensor> outer{opt(grads[0]), opt(grads[1]),
@@ -150,7 +158,6 @@ variable_list Layer::backward(AutogradContext* ctx, variable_list grads) {
               const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
               const OptTensor&, bool, bool, const OptTensor&, const Tensor&, const Tensor&,
               bool, double, bool, double, c10::ArrayRef<double>, const OptTensor&)>();
-  auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
   const Tensor norm_out = ctx->saved_data["norm_out"].toTensor();
   const double penalty = ctx->saved_data["penalty"].toDouble();
   const std::vector<double> params = ctx->saved_data["params"].toDoubleVector();
@@ -193,8 +200,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
     bool save, double bptt_clip, const OptTensor& norm_out, double vanishing_penalty,
     const OptTensor& ratio_out, const OptTensor& omega_out, c10::ArrayRef<double> cell_params,
     const OptTensor& cell_weight) {
-  Extras e{keys, std::string(mode), lengths, norm_out, ratio_out, omega_out, reverse, save,
-           bptt_clip, vanishing_penalty, cell_params.vec()};
   bool requires_grad = false;
   for (const Tensor* t : {&input, &hx, &w_ih, &w_hh}) {
     check_no_tangent(*t);
@@ -205,8 +210,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_autograd(
       check_no_tangent(**t);
       requires_grad = requires_grad || (*t)->requires_grad();
     }
-  if (!at::GradMode::is_enabled() || !requires_grad)
-    return call_forward(keys, e, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, cell_weight);
+  if (!at::GradMode::is_enabled() || !requires_grad)  // nothing to record
+    return forward_below_autograd(keys, mode, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                  lengths, reverse, save, bptt_clip, norm_out,
+                                  vanishing_penalty, ratio_out, omega_out, cell_params,
+                                  cell_weight);
+  Extras e{keys, std::string(mode), lengths, norm_out, ratio_out, omega_out, reverse, save,
+           bptt_clip, vanishing_penalty, cell_params.vec()};
   variable_list r = Layer::apply(e, input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, cell_weight);
   return {r[0], r[1], r[2], r[3]};
 }

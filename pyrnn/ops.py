@@ -205,11 +205,11 @@ def _transformed_layer(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_
                        reverse, bptt_clip, norm_out, weight_hr, gate_stats_out,
                        vanishing_penalty, cell_params, cell_weight):
     """layer() under a torch.func transform: the reference formulation."""
-    fused = [name for name, on in (("bptt_clip", bptt_clip), ("norm_out (record_grad_norms)",
-                                                              norm_out is not None),
-                                   ("gate_stats_out (record_gate_stats)",
-                                    gate_stats_out is not None),
-                                   ("vanishing_penalty", vanishing_penalty)) if on]
+    features = {"bptt_clip": bptt_clip,
+                "norm_out (record_grad_norms)": norm_out is not None,
+                "gate_stats_out (record_gate_stats)": gate_stats_out is not None,
+                "vanishing_penalty": vanishing_penalty}
+    fused = [name for name, on in features.items() if on]
     if fused:
         raise NotImplementedError(
             f"pyrnn: {', '.join(fused)} run in the fused kernels, which torch.func's "
