@@ -185,8 +185,9 @@ variable_list Layer::backward(AutogradContext* ctx, variable_list grads) {
           saved[7].defined() ? dw_hr : Tensor(), saved[8].defined() ? dcw : Tensor()};
 }
 
-// Forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) has no formula here: a
-// tangent on an argument is an error, never a result that silently drops it.
+// Forward-mode AD has no formula here (pyrnn.ops.layer takes the reference formulation
+// when a tangent is present): a tangent that reaches the op is an error, never a result
+// that silently drops it.
 void check_no_tangent(const Tensor& t) {
   TORCH_CHECK_NOT_IMPLEMENTED(!t._fw_grad(/*level=*/0).defined(),
                               "Trying to use forward AD with pyrnn::forward that does not "

@@ -18,6 +18,7 @@ created inside the compiled region).
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
 from . import _C  # loads the library that registers torch.ops.pyrnn
@@ -173,11 +174,15 @@ def layer(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], weight_ih:
     element) receive the ratios and omega when the backward runs.
     cell_weight: the own weights of a layer-normalised cell (see ln_lstm; None: the
     initial ones); None for the other cells.
-    Under torch.func's transforms (grad, vjp, jacrev, jvp, vmap, ...) the layer runs as
-    its reference formulation (pyrnn.reference), whose ATen ops they differentiate and
-    batch; recording, clipping, gate statistics and the regulariser, which live in the
-    fused kernels, raise NotImplementedError there."""
-    if torch._C._are_functorch_transforms_active():
+    Under torch.func's transforms (grad, vjp, jacrev, jvp, vmap, ...) and with a
+    forward-mode AD tangent (torch.autograd.forward_ad) the layer runs as its reference
+    formulation (pyrnn.reference), whose ATen ops they differentiate and batch; recording,
+    clipping, gate statistics and the regulariser, which live in the fused kernels, raise
+    NotImplementedError there."""
+    if torch._C._are_functorch_transforms_active() or (
+            _fwad._current_level >= 0 and _has_tangent(input, hx, cx, weight_ih, weight_hh,
+                                                       bias_ih, bias_hh, weight_hr,
+                                                       cell_weight)):
         return _transformed_layer(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh,
                                   lengths, reverse, bptt_clip, norm_out, weight_hr,
                                   gate_stats_out, vanishing_penalty, cell_params, cell_weight)
@@ -201,10 +206,16 @@ def layer(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], weight_ih:
     return out, h_n, (c_n if cell["has_cell"] else None)
 
 
+def _has_tangent(*tensors):
+    """Whether a tensor carries a forward-mode AD tangent at the current level."""
+    return any(t is not None and _fwad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def _transformed_layer(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
                        reverse, bptt_clip, norm_out, weight_hr, gate_stats_out,
                        vanishing_penalty, cell_params, cell_weight):
-    """layer() under a torch.func transform: the reference formulation."""
+    """layer() under a torch.func transform or with a forward AD tangent: the reference
+    formulation."""
     features = {"bptt_clip": bptt_clip,
                 "norm_out (record_grad_norms)": norm_out is not None,
                 "gate_stats_out (record_gate_stats)": gate_stats_out is not None,
@@ -213,8 +224,8 @@ def _transformed_layer(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_
     if fused:
         raise NotImplementedError(
             f"pyrnn: {', '.join(fused)} run in the fused kernels, which torch.func's "
-            "transforms cannot see (under them a layer runs as its reference formulation); "
-            "turn them off inside the transform")
+            "transforms and forward-mode AD cannot see (there a layer runs as its reference "
+            "formulation); turn them off inside the transform or the dual level")
     out, h_n, c_n = reference._run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih,
                                    bias_hh, lengths, reverse, 0.0, None, weight_hr,
                                    params=list(cell_params) or None, cell_weight=cell_weight)
