@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "forward_op.h"
+
 namespace pyrnn {
 namespace {
 
@@ -48,17 +50,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_below_autograd(
     bool save, double bptt_clip, const OptTensor& norm_out, double vanishing_penalty,
     const OptTensor& ratio_out, const OptTensor& omega_out, c10::ArrayRef<double> cell_params,
     const OptTensor& cell_weight) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("pyrnn::forward", "")
-          .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
-              c10::string_view, const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
-              const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-              const OptTensor&, bool, bool, double, const OptTensor&, double, const OptTensor&,
-              const OptTensor&, c10::ArrayRef<double>, const OptTensor&)>();
-  return op.redispatch(keys & c10::after_autograd_keyset, mode, input, hx, cx, w_ih, w_hh,
-                       b_ih, b_hh, w_hr, lengths, reverse, save, bptt_clip, norm_out,
-                       vanishing_penalty, ratio_out, omega_out, cell_params, cell_weight);
+  return forward_op().redispatch(keys & c10::after_autograd_keyset, mode, input, hx, cx, w_ih,
+                                 w_hh, b_ih, b_hh, w_hr, lengths, reverse, save, bptt_clip,
+                                 norm_out, vanishing_penalty, ratio_out, omega_out, cell_params,
+                                 cell_weight);
 }
 
 struct Layer : torch::autograd::Function<Layer> {

@@ -390,6 +390,10 @@ TORCH_LIBRARY_IMPL(pyrnn, CPU, m) {
   m.impl("backward", &pyrnn::backward_cpu);
 }
 
+namespace pyrnn {
+void def_module_forward(pybind11::module_& module);  // module.cpp
+}  // namespace pyrnn
+
 namespace {
 bool has_cuda_backend() {
 #ifdef PYRNN_WITH_CUDA
@@ -428,6 +432,7 @@ PYBIND11_MODULE(_C, module) {
      "has a cell state, a separate recurrent gradient, keeps its workspace row, takes a "
      "projection, is an Elman cell; its constants {name: default}; the workspace row's "
      "width in units of H (0: the output suffices)");
+  pyrnn::def_module_forward(module);
   module.def("has_cuda", &has_cuda_backend, "whether the CUDA kernels were compiled in");
   module.def("blas", [] {
 #ifdef PYRNN_NO_BLAS

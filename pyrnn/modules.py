@@ -8,10 +8,12 @@ traces them instead of breaking the graph.)
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _fwad
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from . import _C
 from . import export as _export
 from . import ops
 
@@ -450,7 +452,26 @@ class _Base(nn.RNNBase):
         x = input.transpose(0, 1) if self.batch_first else input
         return x, None, None, None, batched, states
 
+    # Whether forward may first try the compiled forward of a plain call (csrc/module.cpp),
+    # which runs the cells of torch.nn (not LayerNormLSTM's own weights).
+    _compiled_forward = True
+
     def forward(self, input, hx=None):
+        if (self._compiled_forward and type(input) is Tensor and not self.record_grad_norms
+                and not self.record_gate_stats and not self.vanishing_penalty
+                and (not self.dropout or not self.training or self.num_layers == 1)
+                and _fwad._current_level < 0
+                and not torch._C._are_functorch_transforms_active()
+                and not torch._C._get_tracing_state() and not torch.compiler.is_compiling()):
+            # A plain call (csrc/module.cpp says which) runs there; any other, None.
+            mode = self._cell_mode
+            result = _C.module_forward(
+                mode, input, hx, self._parameters, self._flat_weights_names, self.num_layers,
+                self.bidirectional, self.batch_first, self.input_size, self.hidden_size,
+                self.proj_size, self.bias, self.mode == "LSTM", self._bptt_clip,
+                _constants(self, mode))
+            if result is not None:
+                return result
         if _export.exporting():
             return _export.module_forward(self, input, hx)
         mode = self._cell_mode

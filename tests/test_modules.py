@@ -423,3 +423,176 @@ def test_no_grad_matches_grad(cell, form):
     for a, b, c in zip([out] + states(h), [out_ng] + states(h_ng), [out_inf] + states(h_inf)):
         torch.testing.assert_close(b, a.detach(), rtol=0, atol=0)
         torch.testing.assert_close(c, a.detach(), rtol=0, atol=0)
+
+
+class _Spy:
+    """Stands in for pyrnn._C in pyrnn.modules: records what module_forward returned."""
+
+    def __init__(self, real):
+        self._real = real
+        self.results = []
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def module_forward(self, *args):
+        result = self._real.module_forward(*args)
+        self.results.append(result)
+        return result
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    s = _Spy(pyrnn.modules._C)
+    monkeypatch.setattr(pyrnn.modules, "_C", s)
+    return s
+
+
+PLAIN_CASES = [
+    ("rnn_tanh", {}, True, False), ("rnn_relu", {"num_layers": 2}, False, True),
+    ("lstm", {"num_layers": 2, "bidirectional": True}, True, True),
+    ("lstm", {"proj_size": 3, "batch_first": True}, True, False),
+    ("lstm", {"bias": False}, False, False), ("gru", {"bidirectional": True}, True, False),
+    ("gru", {"num_layers": 2, "batch_first": True, "dropout": 0.5}, False, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("cell,kw,with_hx,grad", PLAIN_CASES)
+def test_plain_call_takes_compiled_forward_with_same_bits(spy, cell, kw, with_hx, grad, batched,
+                                                          dtype):
+    """A plain call runs the compiled forward (csrc/module.cpp), which calls the same op
+    with the same arguments as the Python forward: the same bits, gradients included, and
+    torch.nn's results (dropout is inactive in eval mode)."""
+    ours, ref = make_pair(cell, dtype=dtype, **kw)
+    ours.eval(), ref.eval()
+    shape = ((B, T) if kw.get("batch_first") else (T, B)) if batched else (T,)
+    x = torch.randn(*shape, I, dtype=dtype, requires_grad=grad)
+    hx = None
+    if with_hx:
+        D, L = 2 if kw.get("bidirectional") else 1, kw.get("num_layers", 1)
+        P = kw.get("proj_size", 0) or H
+        hshape = (L * D, B) if batched else (L * D,)
+        hx = torch.randn(*hshape, P, dtype=dtype, requires_grad=grad)
+        if cell == "lstm":
+            hx = (hx, torch.randn(*hshape, H, dtype=dtype, requires_grad=grad))
+    runs = []
+    for compiled in (True, False):
+        ours._compiled_forward = compiled
+        spy.results.clear()
+        with torch.set_grad_enabled(grad):
+            out, h = ours(x, hx)
+        assert (len(spy.results) == 1 and spy.results[0] is not None) if compiled \
+            else not spy.results
+        outs = [out] + states(h)
+        grads = []
+        if grad:
+            leaves = [x] + list(hx if isinstance(hx, tuple) else [hx] if hx is not None else [])
+            leaves += list(ours.parameters())
+            cot = [torch.ones_like(o) for o in outs]
+            grads = torch.autograd.grad(outs, leaves, cot)
+        else:
+            assert all(o.grad_fn is None for o in outs)
+        runs.append((outs, grads))
+    for a, b in zip(runs[0][0] + list(runs[0][1]), runs[1][0] + list(runs[1][1])):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert torch.equal(a, b)
+    if dtype == torch.float64:  # the tolerances of the float64 comparisons above
+        with torch.set_grad_enabled(grad):
+            ref_outs = [ref(x, hx)[0]] + states(ref(x, hx)[1])
+        for a, b in zip(runs[0][0], ref_outs):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+class _NoOpFunctionMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _NoOpDispatchMode(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+def _other_calls():
+    """(name, make) pairs: make() -> (module, call), a call the compiled forward declines."""
+    x = torch.randn(T, B, I)
+
+    def mod(cell="lstm", **kw):
+        return make_pair(cell, dtype=torch.float32, **kw)[0]
+
+    def case(module_fn, *args, context=None):
+        """module_fn() called on args() (the input by default), inside context() if given."""
+        def make():
+            m = module_fn()
+
+            def call():
+                if context is None:
+                    return m(*(args[0]() if args else (x,)))
+                with context():
+                    return m(*(args[0]() if args else (x,)))
+            return m, call
+        return make
+
+    def with_settings(**settings):
+        def module():
+            m = mod()
+            for k, v in settings.items():
+                setattr(m, k, v)
+            return m
+        return module
+
+    def parametrized():
+        m = mod()
+        torch.nn.utils.parametrize.register_parametrization(m, "weight_hh_l0", nn.Identity())
+        return m
+
+    zeros = torch.zeros(1, B, H)
+    return [
+        ("record_grad_norms", case(with_settings(record_grad_norms=True))),
+        ("record_gate_stats", case(with_settings(record_gate_stats=True))),
+        ("dropout while training", case(lambda: mod(num_layers=2, dropout=0.5).train())),
+        ("packed", case(mod, lambda: (pack_padded_sequence(x, LENGTHS, enforce_sorted=False),))),
+        ("autocast", case(mod, context=lambda: torch.autocast("cpu", dtype=torch.bfloat16))),
+        ("torch function mode", case(mod, context=_NoOpFunctionMode)),
+        ("torch dispatch mode", case(mod, context=_NoOpDispatchMode)),
+        ("float16 module", case(lambda: mod().half(), lambda: (x.half(),))),
+        ("float64 input", case(mod, lambda: (x.double(),))),
+        ("subclass input", case(mod, lambda: (x.as_subclass(_Sub),))),
+        ("parametrization", case(parametrized)),
+        ("hx of the wrong batch", case(mod, lambda: (x, (torch.zeros(1, B + 1, H),) * 2))),
+        ("hx a list", case(mod, lambda: (x, [zeros, zeros]))),
+        ("hx float64", case(mod, lambda: (x, (zeros.double(), zeros.double())))),
+        ("hx a subclass", case(lambda: mod("gru"), lambda: (x, zeros.as_subclass(_Sub)))),
+        ("hx 2-D for batched input", case(lambda: mod("gru"), lambda: (x, zeros[0]))),
+        ("input on meta", case(mod, lambda: (x.to("meta"),))),
+        ("input 4-D", case(mod, lambda: (x.unsqueeze(0),))),
+        ("wrong input size", case(mod, lambda: (x[..., :-1],))),
+        ("empty sequence", case(mod, lambda: (x[:0],))),
+        ("LayerNormLSTM", case(lambda: pyrnn.LayerNormLSTM(I, H))),
+    ]
+
+
+@pytest.mark.parametrize("name,make", _other_calls(), ids=[n for n, _ in _other_calls()])
+def test_other_calls_take_python_forward(spy, name, make):
+    """Every call that is not plain goes to the Python forward (its checks, messages and
+    features): the compiled forward declines it (returns None) or is not asked. The
+    outcome, result or exception, is the Python forward's alone."""
+    m, call = make()
+    outcome = []
+    for compiled in (True, False):
+        m._compiled_forward = compiled
+        spy.results.clear()
+        try:
+            result = call()
+            outcome.append(("ok", [t.dtype for t in torch.utils._pytree.tree_leaves(result)
+                                   if isinstance(t, torch.Tensor)]))
+        except Exception as exc:  # noqa: BLE001 (the exception is what is compared)
+            outcome.append((type(exc), str(exc)))
+        assert all(r is None for r in spy.results), name
+    assert outcome[0] == outcome[1]
