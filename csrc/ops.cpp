@@ -391,7 +391,7 @@ TORCH_LIBRARY_IMPL(pyrnn, CPU, m) {
 }
 
 namespace pyrnn {
-void def_module_forward(pybind11::module_& module);  // module.cpp
+void def_module_forward(pybind11::module_& module);  // autograd.cpp
 }  // namespace pyrnn
 
 namespace {

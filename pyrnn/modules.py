@@ -452,8 +452,8 @@ class _Base(nn.RNNBase):
         x = input.transpose(0, 1) if self.batch_first else input
         return x, None, None, None, batched, states
 
-    # Whether forward may first try the compiled forward of a plain call (csrc/module.cpp),
-    # which runs the cells of torch.nn (not LayerNormLSTM's own weights).
+    # Whether forward may first try the compiled forward of a plain call (csrc/autograd.cpp),
+    # which passes the cells no weights of their own (LayerNormLSTM sets it False).
     _compiled_forward = True
 
     def forward(self, input, hx=None):
@@ -463,7 +463,7 @@ class _Base(nn.RNNBase):
                 and _fwad._current_level < 0
                 and not torch._C._are_functorch_transforms_active()
                 and not torch._C._get_tracing_state() and not torch.compiler.is_compiling()):
-            # A plain call (csrc/module.cpp says which) runs there; any other, None.
+            # A plain call (csrc/autograd.cpp says which) runs there; any other, None.
             mode = self._cell_mode
             result = _C.module_forward(
                 mode, input, hx, self._parameters, self._flat_weights_names, self.num_layers,
@@ -656,6 +656,8 @@ class LayerNormLSTM(_Base):
     """
 
     _LN_NAMES = ("ln_gain_ih", "ln_gain_hh", "ln_gain_c", "ln_bias_c")
+
+    _compiled_forward = False  # its cell weights travel through the Python forward
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, eps=1e-5, device=None, dtype=None, **kwargs):

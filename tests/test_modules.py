@@ -462,7 +462,7 @@ PLAIN_CASES = [
 @pytest.mark.parametrize("cell,kw,with_hx,grad", PLAIN_CASES)
 def test_plain_call_takes_compiled_forward_with_same_bits(spy, cell, kw, with_hx, grad, batched,
                                                           dtype):
-    """A plain call runs the compiled forward (csrc/module.cpp), which calls the same op
+    """A plain call runs the compiled forward (csrc/autograd.cpp), which calls the same op
     with the same arguments as the Python forward: the same bits, gradients included, and
     torch.nn's results (dropout is inactive in eval mode)."""
     ours, ref = make_pair(cell, dtype=dtype, **kw)
