@@ -468,7 +468,7 @@ class _Base(nn.RNNBase):
             result = _C.module_forward(
                 mode, input, hx, self._parameters, self._flat_weights_names, self.num_layers,
                 self.bidirectional, self.batch_first, self.input_size, self.hidden_size,
-                self.proj_size, self.bias, self.mode == "LSTM", self._bptt_clip,
+                self.proj_size, bool(self.bias), self.mode == "LSTM", self._bptt_clip,
                 _constants(self, mode))
             if result is not None:
                 return result
@@ -714,6 +714,9 @@ class GRU(_Base):
                          dropout, bidirectional, device=device, dtype=dtype, **kwargs)
 
 
+_CELL_WEIGHTS = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]  # torch.nn's cells' names
+
+
 class _CellMixin:
     """One fused step of the cell: the layer op with T = 1 (the same kernels and cell math).
     The checks are torch.nn's (the module's, then those ATen runs inside its cell kernels),
@@ -729,11 +732,37 @@ class _CellMixin:
         """The cell's own weights (a layer-normalised cell), else None."""
         return None
 
+    # Whether a step may first try the modules' compiled forward of a plain call
+    # (csrc/autograd.cpp) as a one-step layer (LayerNormLSTMCell sets it False).
+    _compiled_forward = True
+
     def _step(self, input, hx):
         """input [B, I] or [I]; hx None, a tensor, or (h, c) for the LSTM cell."""
+        is_lstm = ops.CELLS[self._mode]["has_cell"]
+        if (self._compiled_forward and type(input) is Tensor and _fwad._current_level < 0
+                and not torch._C._are_functorch_transforms_active()
+                and not torch._C._get_tracing_state() and not torch.compiler.is_compiling()):
+            # The step as a layer of one step ([1, B, I], states [1, B, H]; unbatched
+            # [1, I] and [1, H]), where every argument is a plain tensor.
+            states = None
+            if hx is None:
+                states = ()
+            elif not is_lstm and type(hx) is Tensor:
+                states = hx.unsqueeze(0)
+            elif (is_lstm and type(hx) is tuple and len(hx) == 2
+                  and type(hx[0]) is Tensor and type(hx[1]) is Tensor):
+                states = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+            if states is not None:
+                result = _C.module_forward(
+                    self._mode, input.unsqueeze(0), None if hx is None else states,
+                    self._parameters, _CELL_WEIGHTS if self.bias else _CELL_WEIGHTS[:2], 1,
+                    False, False, self.input_size, self.hidden_size, 0, bool(self.bias), is_lstm,
+                    0.0, self._cell_params())
+                if result is not None:
+                    return (result[1][0][0], result[1][1][0]) if is_lstm else (result[1][0],
+                                                                               None)
         if _export.exporting():
             return _export.cell_step(self, input, hx)
-        is_lstm = ops.CELLS[self._mode]["has_cell"]
         if input.dim() not in (1, 2):
             raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got "
                              f"{input.dim()}D instead")
@@ -854,6 +883,8 @@ class LayerNormLSTMCell(_CellMixin, nn.LSTMCell):
     _mode = "ln_lstm"
     _name = "LayerNormLSTMCell"
     _LN_NAMES = LayerNormLSTM._LN_NAMES
+
+    _compiled_forward = False  # its cell weights go through the Python step
 
     def __init__(self, input_size, hidden_size, bias=True, eps=1e-5, device=None, dtype=None):
         eps = _check_eps(eps)

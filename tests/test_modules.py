@@ -596,3 +596,66 @@ def test_other_calls_take_python_forward(spy, name, make):
             outcome.append((type(exc), str(exc)))
         assert all(r is None for r in spy.results), name
     assert outcome[0] == outcome[1]
+
+
+CELL_CLASSES = {"rnn_tanh": ("RNNCell", {}), "rnn_relu": ("RNNCell", {"nonlinearity": "relu"}),
+                "lstm": ("LSTMCell", {}), "gru": ("GRUCell", {})}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("with_hx", [True, False])
+@pytest.mark.parametrize("cell", list(CELL_CLASSES))
+def test_cell_step_takes_compiled_forward_with_same_bits(spy, cell, with_hx, batched, bias):
+    """A plain cell step runs as a one-step layer in the compiled forward: the same bits
+    as the cell's Python step, gradients included, and torch.nn's cell's results."""
+    name, kw = CELL_CLASSES[cell]
+    ref = getattr(nn, name)(I, H, bias=bias, dtype=torch.float64, **kw)
+    ours = pyrnn.convert(ref)
+    x = torch.randn(*((B,) if batched else ()), I, dtype=torch.float64, requires_grad=True)
+    hx = None
+    if with_hx:
+        shape = (B, H) if batched else (H,)
+        hx = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        if cell == "lstm":
+            hx = (hx, torch.randn(shape, dtype=torch.float64, requires_grad=True))
+    runs = []
+    for compiled in (True, False):
+        ours._compiled_forward = compiled
+        spy.results.clear()
+        out = ours(x, hx)
+        assert (len(spy.results) == 1 and spy.results[0] is not None) if compiled \
+            else not spy.results
+        outs = list(out) if isinstance(out, tuple) else [out]
+        leaves = [x] + (list(hx) if isinstance(hx, tuple) else [hx] if hx is not None else [])
+        grads = torch.autograd.grad(outs, leaves + list(ours.parameters()),
+                                    [torch.ones_like(o) for o in outs])
+        runs.append(outs + list(grads))
+    for a, b in zip(*runs):
+        assert a.shape == b.shape and torch.equal(a, b)
+    expected = ref(x, hx)
+    for a, b in zip(runs[0], list(expected) if isinstance(expected, tuple) else [expected]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)  # the float64 tolerances above
+
+
+@pytest.mark.parametrize("name,hx_fn", [
+    ("hx a list", lambda: [torch.zeros(B, H), torch.zeros(B, H)]),
+    ("hx of the wrong batch", lambda: (torch.zeros(B + 1, H), torch.zeros(B + 1, H))),
+    ("hx float64", lambda: (torch.zeros(B, H, dtype=torch.float64),) * 2),
+    ("hx 3-D", lambda: (torch.zeros(1, B, H),) * 2),
+])
+def test_other_cell_steps_take_python_step(spy, name, hx_fn):
+    """A cell step the compiled forward cannot take plainly ends as the Python step does
+    (its result or torch.nn's exception), the compiled forward giving no result."""
+    cell = pyrnn.LSTMCell(I, H)
+    x = torch.randn(B, I)
+    outcome = []
+    for compiled in (True, False):
+        cell._compiled_forward = compiled
+        spy.results.clear()
+        try:
+            outcome.append(("ok", [t.shape for t in cell(x, hx_fn())]))
+        except Exception as exc:  # noqa: BLE001 (the exception is what is compared)
+            outcome.append((type(exc), str(exc)))
+        assert all(r is None for r in spy.results), name
+    assert outcome[0] == outcome[1]
