@@ -196,6 +196,15 @@ def _check_packed(seq: PackedSequence) -> None:
                                f"({int(bs[0])},) (the batch size), got {tuple(idx.shape)}")
 
 
+def _may_compile(input) -> bool:
+    """Whether a module call or cell step with this input may try the compiled forward of
+    a plain call (csrc/autograd.cpp): a plain tensor input, and no forward AD tangent
+    level, torch.func transform, tracing or compiling, which need the Python forward."""
+    return (type(input) is Tensor and _fwad._current_level < 0
+            and not torch._C._are_functorch_transforms_active()
+            and not torch._C._get_tracing_state() and not torch.compiler.is_compiling())
+
+
 class _Base(nn.RNNBase):
     """Shared forward of pyrnn.RNN, LSTM and GRU."""
 
@@ -457,12 +466,10 @@ class _Base(nn.RNNBase):
     _compiled_forward = True
 
     def forward(self, input, hx=None):
-        if (self._compiled_forward and type(input) is Tensor and not self.record_grad_norms
+        if (self._compiled_forward and not self.record_grad_norms
                 and not self.record_gate_stats and not self.vanishing_penalty
                 and (not self.dropout or not self.training or self.num_layers == 1)
-                and _fwad._current_level < 0
-                and not torch._C._are_functorch_transforms_active()
-                and not torch._C._get_tracing_state() and not torch.compiler.is_compiling()):
+                and _may_compile(input)):
             # A plain call (csrc/autograd.cpp says which) runs there; any other, None.
             mode = self._cell_mode
             result = _C.module_forward(
@@ -739,28 +746,22 @@ class _CellMixin:
     def _step(self, input, hx):
         """input [B, I] or [I]; hx None, a tensor, or (h, c) for the LSTM cell."""
         is_lstm = ops.CELLS[self._mode]["has_cell"]
-        if (self._compiled_forward and type(input) is Tensor and _fwad._current_level < 0
-                and not torch._C._are_functorch_transforms_active()
-                and not torch._C._get_tracing_state() and not torch.compiler.is_compiling()):
-            # The step as a layer of one step ([1, B, I], states [1, B, H]; unbatched
-            # [1, I] and [1, H]), where every argument is a plain tensor.
-            states = None
-            if hx is None:
-                states = ()
-            elif not is_lstm and type(hx) is Tensor:
-                states = hx.unsqueeze(0)
-            elif (is_lstm and type(hx) is tuple and len(hx) == 2
-                  and type(hx[0]) is Tensor and type(hx[1]) is Tensor):
-                states = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
-            if states is not None:
-                result = _C.module_forward(
-                    self._mode, input.unsqueeze(0), None if hx is None else states,
-                    self._parameters, _CELL_WEIGHTS if self.bias else _CELL_WEIGHTS[:2], 1,
-                    False, False, self.input_size, self.hidden_size, 0, bool(self.bias), is_lstm,
-                    0.0, self._cell_params())
-                if result is not None:
-                    return (result[1][0][0], result[1][1][0]) if is_lstm else (result[1][0],
-                                                                               None)
+        # The step as a layer of one step ([1, B, I], states [1, B, H]; unbatched [1, I] and
+        # [1, H]) when hx is None or plain tensors (the LSTM cell's an exact pair).
+        plain_hx = hx is None or (
+            (type(hx) is tuple and len(hx) == 2 and type(hx[0]) is Tensor
+             and type(hx[1]) is Tensor) if is_lstm else type(hx) is Tensor)
+        if self._compiled_forward and plain_hx and _may_compile(input):
+            states = (None if hx is None else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+                      if is_lstm else hx.unsqueeze(0))
+            result = _C.module_forward(
+                self._mode, input.unsqueeze(0), states, self._parameters,
+                _CELL_WEIGHTS if self.bias else _CELL_WEIGHTS[:2], 1, False, False,
+                self.input_size, self.hidden_size, 0, bool(self.bias), is_lstm, 0.0,
+                self._cell_params())
+            if result is not None:
+                h_n = result[1]  # [1, B, H] each
+                return (h_n[0][0], h_n[1][0]) if is_lstm else (h_n[0], None)
         if _export.exporting():
             return _export.cell_step(self, input, hx)
         if input.dim() not in (1, 2):
