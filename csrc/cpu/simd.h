@@ -37,7 +37,7 @@ struct VecF {
   static constexpr int kLanes = kSimdLanes;
   v8f v;
   VecF() = default;
-  VecF(float s) : v(v8f{} + s) {}  // broadcast (implicit, like a scalar literal)
+  VecF(float s) : v(s - v8f{}) {}  // broadcast (implicit, like a scalar literal); keeps -0
   VecF(v8f x) : v(x) {}
 };
 
