@@ -26,6 +26,17 @@ def make_layer_args(mode, T, B, I, H, dtype=torch.float64, bias=True, h0=True, s
     return x, hx, cx, w_ih, w_hh, b_ih, b_hh
 
 
+def nudged(tensors, seed):
+    """The float32 tensors moved by up to one rounding each (None stays None): a
+    neighbouring problem, on which a float32 run's own rounding error can be sampled again."""
+    g = torch.Generator().manual_seed(seed)
+    eps = 2.0 ** -24
+    return [None if t is None else
+            (t.double() * (1 + eps * (2 * torch.rand(t.shape, generator=g,
+                                                     dtype=torch.float64) - 1))).float()
+            for t in tensors]
+
+
 def call_op(impl, mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, **kw):
     """Calls pyrnn.ops.<mode> or pyrnn.reference.<mode>; returns (output, h_n, c_n or None)."""
     fn = getattr(impl, mode)

@@ -12,6 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import pyrnn
 from pyrnn import ops, reference
+from conftest import nudged
 
 T, B, I, H = 6, 3, 4, 5
 LENGTHS = torch.tensor([4, T, 1])  # unsorted, includes T and a length-1 sequence
@@ -72,15 +73,6 @@ def _ref(lengths, reverse, clip, eps=1e-5):
 PERTURBED = 3
 
 
-def _nudge(tensors, seed):
-    """The float32 tensors moved by up to one rounding each (None stays None)."""
-    g = torch.Generator().manual_seed(seed)
-    eps = 2.0 ** -24
-    return [None if t is None else
-            (t.double() * (1 + eps * (2 * torch.rand(t.shape, generator=g, dtype=F64) - 1))).float()
-            for t in tensors]
-
-
 def _tol32(r64, refs32):
     """Twice the largest error of the float32 reference's runs refs32 against the float64
     r64, plus 8 float32 ulps of the values."""
@@ -131,7 +123,7 @@ def test_op_float32_within_the_references_own_error(lengths, reverse):
     c32 = [c.float() for c in cots]
     out, grads = _grads(_op(lengths, reverse, 0.0), a32, c32)
     runs = [sum(_grads(_ref(lengths, reverse, 0.0), args, c32), [])
-            for args in [a32] + [_nudge(a32, k) for k in range(PERTURBED)]]
+            for args in [a32] + [nudged(a32, k) for k in range(PERTURBED)]]
     for k, (ours, r64) in enumerate(zip(out + grads, r64_out + r64_grads)):
         tol = _tol32(r64, [run[k] for run in runs])
         assert (ours.double() - r64).abs().max().item() <= tol
@@ -237,9 +229,9 @@ def test_module_matches_reference(dtype, layers, bidir, batch_first):
         for k in range(PERTURBED):
             mk = copy.deepcopy(m)
             with torch.no_grad():
-                for p, q in zip(mk.parameters(), _nudge(list(m.parameters()), 100 + k)):
+                for p, q in zip(mk.parameters(), nudged(list(m.parameters()), 100 + k)):
                     p.copy_(q)
-            runs.append(ref(mk, *_nudge([x, h0, c0], k)))
+            runs.append(ref(mk, *nudged([x, h0, c0], k)))
         for i, (a, b) in enumerate(zip(mine, r64)):
             assert (a.double() - b).abs().max().item() <= _tol32(b, [run[i] for run in runs])
 
