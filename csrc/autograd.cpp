@@ -356,7 +356,6 @@ py::object module_forward(const std::string& mode, py::handle input_obj, py::han
     }
   }
 
-
   Tensor output, h_n, c_n;
   try {
     py::gil_scoped_release no_gil;
