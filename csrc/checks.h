@@ -118,12 +118,30 @@ inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef e
                     ", got ", shape_str(t.sizes()));
 }
 
+// Whether a call on the CPU multiplies in bfloat16: a float32 input with bfloat16 weights
+// (weight_ih, weight_hh and weight_hr all bfloat16; the products accumulate in float32).
+inline bool bf16_weights(const at::Tensor& input, const at::Tensor& w_hh) {
+  return input.is_cpu() && input.scalar_type() == at::kFloat &&
+         w_hh.scalar_type() == at::kBFloat16;
+}
+
+// A weight: input's device, and input's dtype or (bf16_weights) bfloat16.
+inline void check_weight(const at::Tensor& t, const char* name, const at::Tensor& input,
+                         bool bf16) {
+  if (!bf16) return check_same(t, name, input);
+  TORCH_CHECK(t.device() == input.device(), name, ": expected device ", input.device(),
+              " (the device of input), got ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kBFloat16, name,
+                   ": expected dtype BFloat16 (the dtype of weight_hh), got ", t.scalar_type());
+}
+
 struct Dims {
   int64_t T, B, I, H, G, P;  // P: width of h (the projection size, or H without one)
 };
 
 // Checks every argument of a forward call and returns the dimensions. allow_half: also
-// accept float16 and bfloat16 (the CUDA backend).
+// accept float16 and bfloat16 (the CUDA backend). On the CPU, a float32 input may come
+// with bfloat16 weights (bf16_weights).
 inline Dims check_forward_args(const CellInfo& m, const at::Tensor& input, const at::Tensor& hx,
                                const std::optional<at::Tensor>& cx, const at::Tensor& w_ih,
                                const at::Tensor& w_hh, const std::optional<at::Tensor>& b_ih,
@@ -146,12 +164,13 @@ inline Dims check_forward_args(const CellInfo& m, const at::Tensor& input, const
                     " * hidden_size rows, got ", w_hh.size(0));
   Dims d{input.size(0), input.size(1), input.size(2), w_hh.size(0) / G, G, w_hh.size(1)};
   // A hidden size of 0 is valid (torch.nn's cells accept it and return empty states).
-  check_same(w_ih, "weight_ih", input);
-  check_same(w_hh, "weight_hh", input);
+  const bool bf16 = bf16_weights(input, w_hh);
+  check_weight(w_ih, "weight_ih", input, bf16);
+  check_weight(w_hh, "weight_hh", input, bf16);
   check_same(hx, "hx", input);
   if (w_hr) {
     TORCH_CHECK_VALUE(m.projection, "weight_hr: mode '", m.name, "' takes no projection");
-    check_same(*w_hr, "weight_hr", input);
+    check_weight(*w_hr, "weight_hr", input, bf16);
     check_shape(*w_hr, "weight_hr", {d.P, d.H});
   } else {
     check_shape(w_hh, "weight_hh", {G * d.H, d.H});
@@ -264,11 +283,14 @@ using BackwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-inline BackwardResult empty_backward(const CellInfo& m, const Dims& d, bool input_grad, bool record, const at::TensorOptions& o) {
+// w: the weights' options (their dtype may be bfloat16 where o's is float32).
+inline BackwardResult empty_backward(const CellInfo& m, const Dims& d, bool input_grad,
+                                     bool record, const at::TensorOptions& o,
+                                     const at::TensorOptions& w) {
   const at::Tensor none = at::empty({0}, o);
   return {input_grad ? at::zeros({d.T, d.B, d.I}, o) : none, at::empty({d.B, d.P}, o),
-          m.has_cell ? at::empty({d.B, 0}, o) : none, at::empty({0, d.I}, o),
-          at::empty({0, d.P}, o), none, none, none,
+          m.has_cell ? at::empty({d.B, 0}, o) : none, at::empty({0, d.I}, w),
+          at::empty({0, d.P}, w), none, none, none,
           record ? at::zeros({2, d.T, d.B}, o) : none, none, none, none};
 }
 

@@ -181,7 +181,7 @@ BackwardResult backward_cuda(
                                      bptt_clip, /*allow_half=*/true);
   check_cell_weight(m, cell_weight_, input_, d);
   const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, W = saved_width(m, H), P = d.P;
-  if (H == 0) return empty_backward(m, d, input_grad, record, input_.options());
+  if (H == 0) return empty_backward(m, d, input_grad, record, input_.options(), input_.options());
 
   const c10::cuda::CUDAGuard guard(input_.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

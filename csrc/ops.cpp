@@ -28,6 +28,11 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
+// A weight as the loops read it: contiguous, and bfloat16 widened to float32 (exactly).
+Tensor weight_as_run(const Tensor& w, bool bf16) {
+  return bf16 ? w.contiguous().to(at::kFloat) : w.contiguous();
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
     c10::string_view mode_s, const Tensor& input_, const Tensor& hx_, const OptTensor& cx_,
     const Tensor& w_ih_, const Tensor& w_hh_, const OptTensor& b_ih_, const OptTensor& b_hh_,
@@ -45,8 +50,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   check_clip(bptt_clip);  // used by backward; rejected here, where the mistake is made
   const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, P = d.P;
   if (H == 0) return empty_forward(m, d, input_.options());
-  const Tensor w_hr = w_hr_ ? w_hr_->contiguous() : Tensor();
-  const Tensor input = input_.contiguous(), w_ih = w_ih_.contiguous(), w_hh = w_hh_.contiguous();
+  // bfloat16 weights: the products take their operands rounded to bfloat16 (the weights
+  // exact) and sum in float32, the rest runs in float32 (cpu/gemm.h).
+  const bool bf16 = bf16_weights(input_, w_hh_);
+  const cpu::Bf16Products products(bf16);
+  const Tensor w_hr = w_hr_ ? weight_as_run(*w_hr_, bf16) : Tensor();
+  const Tensor input = input_.contiguous(), w_ih = weight_as_run(w_ih_, bf16);
+  const Tensor w_hh = weight_as_run(w_hh_, bf16);
   const Tensor hx = hx_.contiguous();
   const Tensor cx = cx_ ? cx_->contiguous() : Tensor();
   const Tensor b_ih = b_ih_ ? b_ih_->contiguous() : Tensor();
@@ -240,17 +250,20 @@ BackwardResult backward_cpu(
                                      bptt_clip);
   check_cell_weight(m, cell_weight_, input_, d);
   const int64_t T = d.T, B = d.B, H = d.H, GH = d.G * d.H, W = saved_width(m, H), P = d.P;
-  if (H == 0) return empty_backward(m, d, input_grad, record, input_.options());
+  if (H == 0)
+    return empty_backward(m, d, input_grad, record, input_.options(), w_hh_.options());
 
-  const Tensor input = input_.contiguous(), w_hh = w_hh_.contiguous();
-  const Tensor w_ih = input_grad ? w_ih_.contiguous() : w_ih_;  // read only for dX
+  const bool bf16 = bf16_weights(input_, w_hh_);  // as in forward_cpu
+  const cpu::Bf16Products products(bf16);
+  const Tensor input = input_.contiguous(), w_hh = weight_as_run(w_hh_, bf16);
+  const Tensor w_ih = input_grad ? weight_as_run(w_ih_, bf16) : w_ih_;  // read only for dX
   const Tensor hx = hx_.contiguous(), dy = grad_output_.contiguous();
   const Tensor y = output_.contiguous(), ws = workspace_.contiguous();
   const Tensor cx = cx_ ? cx_->contiguous() : Tensor();
   const Tensor dhT = grad_h_n ? grad_h_n->contiguous() : Tensor();
   const Tensor dcT = grad_c_n ? grad_c_n->contiguous() : Tensor();
   const Tensor lengths = lengths_ ? lengths_->contiguous() : Tensor();
-  const Tensor w_hr = w_hr_ ? w_hr_->contiguous() : Tensor();
+  const Tensor w_hr = w_hr_ ? weight_as_run(*w_hr_, bf16) : Tensor();
   const Tensor cw = cell_weight_ ? cell_weight_->contiguous() : Tensor();
   const auto opt = input.options();
 
@@ -310,7 +323,7 @@ BackwardResult backward_cpu(
   if (m.layer_norm) {
     Tensor proj = at::empty({T * B, GH}, opt);
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_backward_proj", [&] {
-      cpu::matmul(input.data_ptr<scalar_t>(), T * B, d.I, w_ih_.contiguous().data_ptr<scalar_t>(),
+      cpu::matmul(input.data_ptr<scalar_t>(), T * B, d.I, weight_as_run(w_ih_, bf16).data_ptr<scalar_t>(),
                   GH, true, proj.data_ptr<scalar_t>(), GH, nullptr);
     });
     auto colsum = [](const Tensor& a) {
@@ -361,6 +374,11 @@ BackwardResult backward_cpu(
   if (vanishing_penalty != 0.0)
     std::tie(ratio, omega) = vanishing_penalty_cpu(gx, u_rows, dy, dhT, lengths, reverse,
                                                    vanishing_penalty, dw_hh);
+  if (bf16) {  // the weights' gradients in their dtype
+    dw_ih = dw_ih.to(at::kBFloat16);
+    dw_hh = dw_hh.to(at::kBFloat16);
+    if (w_hr.defined()) dw_hr = dw_hr.to(at::kBFloat16);
+  }
   return {dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms, ratio, omega, dcw};
 }
 

@@ -128,6 +128,16 @@ def _autocast_dtypes(cell: str, x: Tensor, h0, c0, proj: bool = False, onednn: b
     return c, c
 
 
+def _weight_dtype(x: Tensor, w: Tensor, autocast: bool, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the weights the ops get, the kernels running in dtype: bfloat16 on the
+    CPU under bfloat16 autocast or for a bfloat16 module, where the products take their
+    operands in bfloat16 and sum in float32, as torch.nn's (see README, Precision)."""
+    if x.device.type != "cpu" or dtype != torch.float32:
+        return dtype
+    low = torch.get_autocast_dtype("cpu") if autocast else w.dtype
+    return torch.bfloat16 if low == torch.bfloat16 else dtype
+
+
 def _onednn_lstm(x: Tensor) -> bool:
     """Whether torch.nn.LSTM runs this input on oneDNN (ATen's use_mkldnn)."""
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
@@ -500,7 +510,9 @@ class _Base(nn.RNNBase):
         P = self.proj_size if self.proj_size > 0 else H  # width of h
 
         out_dtype = c_dtype = dtype = x.dtype
-        if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(x.device.type):
+        autocast = torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(
+            x.device.type)
+        if autocast:
             # The fused kernels run in float32 under autocast (see README, "Precision")
             # and return, on the CPU, what torch.nn returns.
             dtype = torch.float32
@@ -510,6 +522,7 @@ class _Base(nn.RNNBase):
         elif dtype in _UPCAST:
             # float16 and bfloat16 run in float32 and return in their own dtype.
             dtype = torch.float32
+        wdtype = _weight_dtype(x, self._flat_weights[0], autocast, dtype)
         if x.dtype != dtype:
             x = x.to(dtype)
         if states is None:  # zeros, one tensor for every layer (the ops only read it)
@@ -557,8 +570,9 @@ class _Base(nn.RNNBase):
             for d in range(D):
                 k = layer * D + d
                 w_ih, w_hh, b_ih, b_hh, w_hr = (
-                    w if w is None or w.dtype == dtype else w.to(dtype)
-                    for w in self._weights(layer, d))
+                    w if w is None or w.dtype == want else w.to(want)
+                    for w, want in zip(self._weights(layer, d),
+                                       (wdtype, wdtype, dtype, dtype, wdtype)))
                 cw = self._cell_weight(layer, d)
                 cw = None if cw is None else cw.to(dtype)
                 out, h, c = ops.layer(
@@ -811,13 +825,14 @@ class _CellMixin:
             out_dtype, c_dtype = _autocast_dtypes(self._mode, x, given[0], given[-1])
         elif dtype in _UPCAST:
             dtype = torch.float32  # float16 and bfloat16 run in float32
+        wdtype = _weight_dtype(x, w, autocast, dtype)
         h0 = states[0].to(dtype)
         c0 = states[1].to(dtype) if is_lstm else None
         b_ih = self.bias_ih.to(dtype) if self.bias else None
         b_hh = self.bias_hh.to(dtype) if self.bias else None
         cw = self._cell_weight()
         _, h, c = ops.layer(self._mode, x.to(dtype).unsqueeze(0), h0, c0,
-                            self.weight_ih.to(dtype), self.weight_hh.to(dtype), b_ih, b_hh,
+                            self.weight_ih.to(wdtype), self.weight_hh.to(wdtype), b_ih, b_hh,
                             cell_params=self._cell_params(),
                             cell_weight=None if cw is None else cw.to(dtype))
         h = h.to(out_dtype) if batched else h.squeeze(0).to(out_dtype)

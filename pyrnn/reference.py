@@ -139,6 +139,10 @@ def _run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths, r
                          f"got {mode!r}")
     step = STEPS[mode]
     k = _constants(mode, params)
+    # bfloat16 weights with a float32 input (the ops' bfloat16 products): here the same
+    # weights, multiplied in the input's dtype
+    weight_ih, weight_hh = weight_ih.to(input.dtype), weight_hh.to(input.dtype)
+    weight_hr = None if weight_hr is None else weight_hr.to(input.dtype)
     T, B = input.shape[0], input.shape[1]
     h, c = hx, cx
     outputs = [None] * T

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pyrnn import ops
+from pyrnn import _C, ops
 
 # Every cell of the registry (csrc/cells/registry.h), and its facts, from the library.
 MODES = list(ops.CELLS)
@@ -49,3 +49,13 @@ def call_op(impl, mode, x, hx, cx, w_ih, w_hh, b_ih, b_hh, **kw):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture
+def capability(request):
+    """Forces the copy of the CPU loops named by the test's parameter (indirect), then
+    restores the one in use."""
+    before = _C.cpu_capability()
+    _C.set_cpu_capability(request.param)
+    yield request.param
+    _C.set_cpu_capability(before)

@@ -30,23 +30,16 @@ def _python(args, env=None, check=True):
                           check=check, cwd=tempfile.gettempdir())
 
 
-@pytest.fixture
-def capability(request):
-    before = _C.cpu_capability()
-    _C.set_cpu_capability(request.param)
-    yield request.param
-    _C.set_cpu_capability(before)
-
-
 def test_capabilities_listed():
     assert "default" in COMPILED and SUPPORTED[0] == "default"
     assert all(c in COMPILED for c in SUPPORTED)
     if sys.platform == "linux" and os.uname().machine == "x86_64":
-        assert COMPILED == ["default", "avx2", "avx512"]
+        assert COMPILED == ["default", "avx2", "avx512", "avx512_bf16"]
         flags = open("/proc/cpuinfo").read().split("\nflags")[1].split("\n")[0].split()
         assert ("avx2" in SUPPORTED) == ("avx2" in flags and "fma" in flags)
         assert ("avx512" in SUPPORTED) == all(
             f in flags for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl"))
+        assert ("avx512_bf16" in SUPPORTED) == ("avx512" in SUPPORTED and "avx512_bf16" in flags)
 
 
 def test_best_capability_by_default():

@@ -127,9 +127,10 @@ class StepGemm<float> {
       : gemm_(M, N, K, Wm, transposed, block) {}
   int64_t panels_per_block() const { return gemm_.panels_per_block(); }
   int64_t panel_width() const { return PackedGemm::kNR; }
+  // every: the panels [p0, p1) of each gate block (p1 <= panels_per_block()).
   void run_panels(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc, bool accumulate,
-                  int64_t p0, int64_t p1) const {
-    gemm_.run_panels(A, M, lda, C, ldc, accumulate, p0, p1);
+                  int64_t p0, int64_t p1, bool every = false) const {
+    gemm_.run_panels(A, M, lda, C, ldc, accumulate, p0, p1, nullptr, every);
   }
   // All columns, split across threads when large enough.
   void run(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc, bool accumulate) const {
@@ -156,7 +157,12 @@ class StepGemm<double> {
   // Column tiles of kTile within each gate block, one sequential BLAS call each (see
   // over_tiles): the same bits for any number of threads.
   void run_panels(const double* A, int64_t M, int64_t lda, double* C, int64_t ldc,
-                  bool accumulate, int64_t p0, int64_t p1) const {
+                  bool accumulate, int64_t p0, int64_t p1, bool every = false) const {
+    if (every) {  // one panel per gate block: [p0, p1) of each
+      for (int64_t g = 0; g < N_ / block_; ++g)
+        run_panels(A, M, lda, C, ldc, accumulate, g + p0, g + p1);
+      return;
+    }
     constexpr int64_t kTile = 128;
     const int64_t per = (block_ + kTile - 1) / kTile;
     over_tiles((p1 - p0) * per, 2.0 * M * (p1 - p0) * block_ * K_, [&](int64_t i) {

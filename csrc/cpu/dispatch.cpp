@@ -16,6 +16,7 @@ extern const Kernels kernels_pyrnn_isa_default;
 #if defined(__x86_64__)
 extern const Kernels kernels_pyrnn_isa_avx2;
 extern const Kernels kernels_pyrnn_isa_avx512;
+extern const Kernels kernels_pyrnn_isa_avx512_bf16;
 #endif
 
 namespace {
@@ -34,6 +35,11 @@ const Capability kCapabilities[] = {
     {"avx2", &kernels_pyrnn_isa_avx2, [] { return __builtin_cpu_supports("x86-64-v3") > 0; }},
     {"avx512", &kernels_pyrnn_isa_avx512,
      [] { return __builtin_cpu_supports("x86-64-v4") > 0; }},
+    {"avx512_bf16", &kernels_pyrnn_isa_avx512_bf16,
+     [] {
+       return __builtin_cpu_supports("x86-64-v4") > 0 &&
+              __builtin_cpu_supports("avx512bf16") > 0;
+     }},
 #endif
 };
 constexpr int kCount = sizeof(kCapabilities) / sizeof(kCapabilities[0]);
@@ -85,6 +91,11 @@ template <>  // only the baseline copy has float64 loops (kernels_impl.h)
 const KernelsOf<double>& of<double>() { return kernels_pyrnn_isa_default.f64; }
 
 }  // namespace
+
+static thread_local bool t_bf16 = false;
+bool bf16_products() { return t_bf16; }
+Bf16Products::Bf16Products(bool on) : prev_(t_bf16) { t_bf16 = on; }
+Bf16Products::~Bf16Products() { t_bf16 = prev_; }
 
 const char* compiled_capabilities() {
   static const std::string s = join(false);

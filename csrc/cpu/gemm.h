@@ -21,6 +21,41 @@ namespace pyrnn::cpu {
 
 typedef float vgf __attribute__((vector_size(4 * kSimdLanes)));
 
+// bfloat16 products. A layer whose weights are bfloat16 (bf16_products() while the op
+// runs, loops.h) multiplies operands rounded to bfloat16 and sums in float32. The copy
+// of the loops for AVX512-BF16 (PYRNN_BF16_DOT) packs them as bfloat16 pairs and sums
+// each pair with vdpbf16ps; the other copies multiply the rounded values in float32 (a
+// product of two bfloat16 values is exact in float32): the same products, summed in
+// another order.
+#ifndef PYRNN_BF16_DOT
+#define PYRNN_BF16_DOT 0
+#endif
+constexpr bool kBf16Dot = PYRNN_BF16_DOT && kSimdLanes == 16;
+
+// The bfloat16 nearest to f (ties to even, as torch's), as its 16 bits; NaN stays NaN.
+inline uint32_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r;
+}
+inline float bf16_round(float f) {
+  const uint32_t u = bf16_bits(f) << 16;
+  float r;
+  std::memcpy(&r, &u, sizeof r);
+  return r;
+}
+
+#if PYRNN_BF16_DOT
+// acc + a0 w0 + a1 w1 in every lane: a = (a0, a1) a pair of bfloat16 broadcast, w the
+// pairs of a panel row.
+inline vgf dot2(vgf acc, uint32_t a, vgf w) {
+  return (vgf)_mm512_dpbf16_ps((__m512)acc, (__m512bh)_mm512_set1_epi32(int(a)), (__m512bh)w);
+}
+#else
+inline vgf dot2(vgf acc, uint32_t, vgf) { return acc; }  // never called (kBf16Dot false)
+#endif
+
 // The packed weights' memory, kept by each thread for its next calls. A fresh buffer of
 // megabytes comes from the system as new pages, zeroed and faulted in on first touch, at
 // about the cost of the packing itself; the loops pack their weights on every call, so
@@ -93,49 +128,64 @@ class PackedGemm {
 
   // block: the columns form N / block blocks of that width (the gate blocks of a
   // recurrent matrix); panels never straddle two blocks, so a thread can own a slice of
-  // hidden units across all gates. block = N (the default) is one block.
+  // hidden units across all gates. block = N (the default) is one block. bf16: products
+  // of operands rounded to bfloat16 (see kBf16Dot).
   PackedGemm(int64_t M, int64_t N, int64_t K, const float* Wm, bool transposed,
-             int64_t block = 0)
+             int64_t block = 0, bool bf16 = bf16_products())
       : M_(M), N_(N), K_(K), block_(block > 0 ? block : (N > 0 ? N : 1)),
-        per_block_((block_ + kNR - 1) / kNR), panels_(N / block_ * per_block_) {
-    packed_ = PackBuffers::take(panels_ * K * kV + 1);
+        per_block_((block_ + kNR - 1) / kNR), panels_(N / block_ * per_block_),
+        bf16_(bf16), dot_(bf16 && kBf16Dot), depth_(dot_ ? (K + 1) / 2 : K) {
+    // A panel row: kNR floats, or kNR pairs of bfloat16 (k even, k odd) with dot_; the
+    // same size, so panel p, row k is at packed_ + (p * depth_ + k) * kV either way.
+    packed_ = PackBuffers::take(panels_ * depth_ * kV + 1);
     float* base = reinterpret_cast<float*>(packed_.get());
+    uint16_t* base16 = reinterpret_cast<uint16_t*>(packed_.get());
+    auto w = [&](int64_t n, int64_t k) { return transposed ? Wm[n * K + k] : Wm[k * N + n]; };
     // A pure copy, so the threads may split it (from outside a parallel region, and when
     // the weights are large enough to pay for waking them: a one-step call with H = 512
     // spends about as long packing as multiplying).
 #pragma omp parallel for schedule(static) if (panels_ > 1 && panels_ * K * kNR >= (1 << 17) && !omp_in_parallel())
     for (int64_t p = 0; p < panels_; ++p) {
-      float* dst = base + p * K * kNR;
       const int64_t n0 = first_column(p), cols = columns(p);
+      if (dot_) {
+        uint16_t* dst = base16 + p * depth_ * kNR * 2;
+        for (int64_t k2 = 0; k2 < depth_; ++k2)
+          for (int64_t c = 0; c < kNR; ++c)
+            for (int64_t e = 0; e < 2; ++e) {
+              const int64_t k = 2 * k2 + e;
+              *dst++ = uint16_t(c < cols && k < K ? bf16_bits(w(n0 + c, k)) : 0u);
+            }
+        continue;
+      }
+      float* dst = base + p * K * kNR;
       for (int64_t k = 0; k < K; ++k)
         for (int64_t c = 0; c < kNR; ++c) {
-          const int64_t n = n0 + c;
-          *dst++ = c < cols ? (transposed ? Wm[n * K + k] : Wm[k * N + n]) : 0.f;
+          const float v = c < cols ? w(n0 + c, k) : 0.f;
+          *dst++ = bf16_ ? bf16_round(v) : v;
         }
     }
   }
 
   int64_t panels_per_block() const { return per_block_; }
 
-  // The panels [p0, p1) only, for all M rows of A (no threads of its own). bias: as
-  // for run.
+  // The panels [p0, p1) only, for all M rows of A (no threads of its own); with every,
+  // the panels [p0, p1) of each block (p1 <= panels_per_block()). bias: as for run.
   void run_panels(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc,
-                  bool accumulate, int64_t p0, int64_t p1, const float* bias = nullptr) const {
-    int64_t p = p0;
-    // One or two rows (a batch of one or two): a panel alone gives kV or 2 kV chains of
-    // dependent FMAs, too few to hide their latency; kWide panels at once give kWide
-    // times more. Every column is still summed over k in order: the same bits.
-    if (M == 1)
-      for (; p + kWide <= p1; p += kWide) wide<1>(A, lda, p, C, ldc, accumulate, bias);
-    else if (M == 2)
-      for (; p + kWide <= p1; p += kWide) wide<2>(A, lda, p, C, ldc, accumulate, bias);
-    for (; p < p1; ++p) {
-      const vgf* panel = packed_.get() + p * K_ * kV;
-      const int64_t n0 = first_column(p), cols = columns(p);
-      const float* bp = bias ? bias + n0 : nullptr;
-      over_row_blocks(M, [&](int64_t i, int64_t r) {
-        row_block(r, A + i * lda, lda, 1, panel, C + i * ldc + n0, ldc, cols, accumulate, bp);
-      });
+                  bool accumulate, int64_t p0, int64_t p1, const float* bias = nullptr,
+                  bool every = false) const {
+    const int64_t blocks = every ? panels_ / per_block_ : 1;
+    const int64_t step = every ? per_block_ : 0;
+    if (!bf16_) {
+      for (int64_t g = 0; g < blocks; ++g)
+        panels(A, lda, M, C, ldc, accumulate, g * step + p0, g * step + p1, bias);
+      return;
+    }
+    const Left a = left(A, M, lda, 1);  // rounded once for all blocks
+    for (int64_t g = 0; g < blocks; ++g) {
+      if (dot_)
+        panels(a.pairs, a.ld, M, C, ldc, accumulate, g * step + p0, g * step + p1, bias);
+      else
+        panels(a.f, a.ld, M, C, ldc, accumulate, g * step + p0, g * step + p1, bias);
     }
   }
 
@@ -150,6 +200,98 @@ class PackedGemm {
   // The same with A(i, k) = A[i * ars + k * aks], e.g. ars = 1, aks = M for a transposed A.
   void run_strided(const float* A, int64_t M, int64_t ars, int64_t aks, float* C, int64_t ldc,
                    bool accumulate, const float* bias = nullptr) const {
+    if (!bf16_) return tiles(A, M, ars, aks, C, ldc, accumulate, bias);
+    const Left a = left(A, M, ars, aks);
+    if (dot_) return tiles(a.pairs, M, a.ld, 1, C, ldc, accumulate, bias);
+    // the rounded copy keeps A's layout, row-major or transposed
+    if (aks == 1) return tiles(a.f, M, a.ld, 1, C, ldc, accumulate, bias);
+    tiles(a.f, M, 1, a.ld, C, ldc, accumulate, bias);
+  }
+
+ private:
+  static constexpr int kWide = 4;  // panels per wide<R> call
+
+  // The left operand of a bfloat16 product, in this thread's buffer while alive: with
+  // dot_, the rows of A as bfloat16 pairs [M][depth_] (ld = depth_ pairs, the odd K
+  // padded with 0); else A rounded to bfloat16 in float32, row-major [M][K] (ld = K)
+  // when A is (aks == 1), else transposed [K][M] (ld = M).
+  struct Left {
+    const float* f = nullptr;
+    const uint32_t* pairs = nullptr;
+    int64_t ld = 0;
+    PackBuffers::Ptr keep;
+  };
+  Left left(const float* A, int64_t M, int64_t ars, int64_t aks) const {
+    Left a;
+    const int64_t n = dot_ ? M * depth_ : M * K_;
+    a.keep = PackBuffers::take(n / kSimdLanes + 1);
+    const bool team = M * K_ >= (1 << 18) && !omp_in_parallel();
+    if (dot_) {
+      uint32_t* out = reinterpret_cast<uint32_t*>(a.keep.get());
+      a.pairs = out;
+      a.ld = depth_;
+      const int64_t odd = K_ % 2;
+      if (aks == 1) {  // row by row: the pairs are the bfloat16 values in k order
+#pragma omp parallel for schedule(static) if (team)
+        for (int64_t i = 0; i < M; ++i) {
+          uint16_t* dst = reinterpret_cast<uint16_t*>(out + i * depth_);
+          const float* src = A + i * ars;
+          for (int64_t k = 0; k < K_; ++k) dst[k] = uint16_t(bf16_bits(src[k]));
+          if (odd) dst[K_] = 0;
+        }
+      } else {  // transposed: blocks of 16 rows of the result, k in pairs
+#pragma omp parallel for schedule(static) if (team)
+        for (int64_t i0 = 0; i0 < M; i0 += 16) {
+          const int64_t i1 = std::min(M, i0 + 16);
+          for (int64_t k2 = 0; k2 < depth_; ++k2) {
+            const float* lo = A + 2 * k2 * aks;
+            const float* hi = lo + aks;
+            const bool has_hi = 2 * k2 + 1 < K_;
+            for (int64_t i = i0; i < i1; ++i)
+              out[i * depth_ + k2] =
+                  bf16_bits(lo[i * ars]) | (has_hi ? bf16_bits(hi[i * ars]) << 16 : 0u);
+          }
+        }
+      }
+      return a;
+    }
+    float* out = reinterpret_cast<float*>(a.keep.get());
+    a.f = out;
+    a.ld = aks == 1 ? K_ : M;
+    const int64_t outer = aks == 1 ? M : K_, inner = aks == 1 ? K_ : M;
+    const int64_t so = aks == 1 ? ars : aks, si = aks == 1 ? 1 : ars;
+#pragma omp parallel for schedule(static) if (team)
+    for (int64_t o = 0; o < outer; ++o)
+      for (int64_t i = 0; i < inner; ++i) out[o * inner + i] = bf16_round(A[o * so + i * si]);
+    return a;
+  }
+
+  // The panels [p0, p1) for the M rows of A (float32, or bfloat16 pairs with dot_).
+  template <typename TA>
+  void panels(const TA* A, int64_t lda, int64_t M, float* C, int64_t ldc, bool accumulate,
+              int64_t p0, int64_t p1, const float* bias) const {
+    int64_t p = p0;
+    // One or two rows (a batch of one or two): a panel alone gives kV or 2 kV chains of
+    // dependent FMAs, too few to hide their latency; kWide panels at once give kWide
+    // times more. Every column is still summed over k in order: the same bits.
+    if (M == 1)
+      for (; p + kWide <= p1; p += kWide) wide<1>(A, lda, p, C, ldc, accumulate, bias);
+    else if (M == 2)
+      for (; p + kWide <= p1; p += kWide) wide<2>(A, lda, p, C, ldc, accumulate, bias);
+    for (; p < p1; ++p) {
+      const vgf* panel = packed_.get() + p * depth_ * kV;
+      const int64_t n0 = first_column(p), cols = columns(p);
+      const float* bp = bias ? bias + n0 : nullptr;
+      over_row_blocks(M, [&](int64_t i, int64_t r) {
+        row_block(r, A + i * lda, lda, 1, panel, C + i * ldc + n0, ldc, cols, accumulate, bp);
+      });
+    }
+  }
+
+  // All panels for all rows, split across threads when large enough (run_strided).
+  template <typename TA>
+  void tiles(const TA* A, int64_t M, int64_t ars, int64_t aks, float* C, int64_t ldc,
+             bool accumulate, const float* bias) const {
     constexpr int64_t kChunk = 96;   // rows of A per tile
     // K per pass: a row-major A streams, and one pass avoids re-reading C. A strided A
     // (aks > 1, the transposed A of a weight gradient) is read a cache line per k and
@@ -161,12 +303,13 @@ class PackedGemm {
     // (AVX2, 2 threads, medians of paired runs): 2048 x 512 x 3200 (dW of an LSTM,
     // H = 512) 1.20x and 1.23x faster copied in two runs; 512 x 512 x 3200 and
     // 1024 x 256 x 4000 0.97x to 1.17x; 512 x 128 x 3200 0.83x to 0.91x, where the copy
-    // costs more than it saves. The copy changes no sum: the same bits.
+    // costs more than it saves. The copy changes no sum: the same bits. (bfloat16 pairs
+    // come row-major, from left().)
     const bool copy = aks != 1 && N_ >= 256;
-    const int64_t kDepth = copy ? 1024 : aks != 1 ? 256 : (K_ > 0 ? K_ : 1);
+    const int64_t kDepth = copy ? 1024 : aks != 1 ? 256 : (depth_ > 0 ? depth_ : 1);
     const int64_t chunks = (M + kChunk - 1) / kChunk;
-    for (int64_t k0 = 0; k0 < K_ || k0 == 0; k0 += kDepth) {
-      const int64_t kn = K_ - k0 < kDepth ? K_ - k0 : kDepth;
+    for (int64_t k0 = 0; k0 < depth_ || k0 == 0; k0 += kDepth) {
+      const int64_t kn = depth_ - k0 < kDepth ? depth_ - k0 : kDepth;
       const bool acc = accumulate || k0 > 0;
       const float* bias0 = k0 == 0 ? bias : nullptr;
       // Threads split the (chunk, panel) tiles of a product of 2^22 flops or more (about
@@ -175,28 +318,28 @@ class PackedGemm {
       // saves (measured, AVX2, 2 threads, 5 ms pauses: an RNN-tanh layer at T = 100,
       // B = 1, H = 64, whose input projection has 2^19.6 flops, 1.1 ms with the team
       // against 0.38 ms without; warm, 0.07 - 0.09 ms either way).
-#pragma omp parallel if (2 * M * N_ * kn >= (int64_t(1) << 22))
+#pragma omp parallel if (2 * M * N_ * kn * (dot_ ? 2 : 1) >= (int64_t(1) << 22))
       {
         PackBuffers::Ptr kept;  // the copy's memory, kept by this thread for its next calls
         if (copy) kept = PackBuffers::take((kChunk * kn + kSimdLanes - 1) / kSimdLanes);
-        float* own = reinterpret_cast<float*>(kept.get());
+        TA* own = reinterpret_cast<TA*>(kept.get());
         int64_t own_q = -1;  // the chunk in own
 #pragma omp for collapse(2) schedule(static)
         for (int64_t q = 0; q < chunks; ++q) {
           for (int64_t p = 0; p < panels_; ++p) {
             const int64_t m0 = q * kChunk;
             const int64_t rows = M - m0 < kChunk ? M - m0 : kChunk;
-            const float* Ac = A + m0 * ars + k0 * aks;
+            const TA* Ac = A + m0 * ars + k0 * aks;
             if (copy && own_q != q) {  // block i of r rows at own + i * kn, as [kn][r]
               over_row_blocks(rows, [&](int64_t i, int64_t r) {
-                float* dst = own + i * kn;
+                TA* dst = own + i * kn;
                 for (int64_t k = 0; k < kn; ++k)
                   for (int64_t j = 0; j < r; ++j) dst[k * r + j] = Ac[(i + j) * ars + k * aks];
               });
               own_q = q;
             }
             float* Cc = C + m0 * ldc;
-            const vgf* panel = packed_.get() + p * K_ * kV + k0 * kV;
+            const vgf* panel = packed_.get() + p * depth_ * kV + k0 * kV;
             const int64_t n0 = first_column(p), cols = columns(p);
             const float* bp = bias0 ? bias0 + n0 : nullptr;
             over_row_blocks(rows, [&](int64_t i, int64_t r) {  // A from own, or in place
@@ -206,22 +349,27 @@ class PackedGemm {
           }
         }
       }
-      if (K_ == 0) break;
+      if (depth_ == 0) break;
     }
   }
 
- private:
-  static constexpr int kWide = 4;  // panels per wide<R> call
+  // acc[v] += a * w[v]: float32 a, or (dot_) a pair of bfloat16 against panel-row pairs.
+  static void madd(vgf* acc, float a, const vgf* w) {
+    for (int v = 0; v < kV; ++v) acc[v] += a * w[v];
+  }
+  static void madd(vgf* acc, uint32_t a, const vgf* w) {
+    for (int v = 0; v < kV; ++v) acc[v] = dot2(acc[v], a, w[v]);
+  }
 
   // Rows [0, R) of the panels [p, p + kWide), over all of K.
-  template <int R>
-  void wide(const float* A, int64_t lda, int64_t p, float* C, int64_t ldc, bool accumulate,
+  template <int R, typename TA>
+  void wide(const TA* A, int64_t lda, int64_t p, float* C, int64_t ldc, bool accumulate,
             const float* bias) const {
     const vgf* panel[kWide];
     int64_t n0[kWide], cols[kWide];
     vgf acc[kWide][R][kV];
     for (int q = 0; q < kWide; ++q) {
-      panel[q] = packed_.get() + (p + q) * K_ * kV;
+      panel[q] = packed_.get() + (p + q) * depth_ * kV;
       n0[q] = first_column(p + q);
       cols[q] = columns(p + q);
       float tmp[kNR] = {};
@@ -231,14 +379,13 @@ class PackedGemm {
       for (int r = 0; r < R; ++r)
         for (int v = 0; v < kV; ++v) acc[q][r][v] = init[v];
     }
-    for (int64_t k = 0; k < K_; ++k) {
-      float a[R];
+    for (int64_t k = 0; k < depth_; ++k) {
+      TA a[R];
       for (int r = 0; r < R; ++r) a[r] = A[r * lda + k];
-      for (int q = 0; q < kWide; ++q)
-        for (int v = 0; v < kV; ++v) {
-          const vgf w = panel[q][kV * k + v];
-          for (int r = 0; r < R; ++r) acc[q][r][v] += a[r] * w;
-        }
+      for (int q = 0; q < kWide; ++q) {
+        const vgf* w = panel[q] + kV * k;
+        for (int r = 0; r < R; ++r) madd(acc[q][r], a[r], w);
+      }
     }
     for (int q = 0; q < kWide; ++q)
       for (int r = 0; r < R; ++r) store(acc[q][r], C + r * ldc + n0[q], cols[q], accumulate);
@@ -282,7 +429,8 @@ class PackedGemm {
   }
 
   // block<rows> for 1 <= rows <= kMR.
-  void row_block(int64_t rows, const float* A, int64_t lda, int64_t aks, const vgf* panel,
+  template <typename TA>
+  void row_block(int64_t rows, const TA* A, int64_t lda, int64_t aks, const vgf* panel,
                  float* C, int64_t ldc, int64_t cols, bool accumulate,
                  const float* bias = nullptr, int64_t kn = -1) const {
     if (rows == kMR) return block<kMR>(A, lda, aks, panel, C, ldc, cols, accumulate, bias, kn);
@@ -298,11 +446,12 @@ class PackedGemm {
     }
   }
 
-  template <int R>
-  // kn: the depth of this pass (K by default); panel and A point at its first k.
-  void block(const float* A, int64_t lda, int64_t aks, const vgf* panel, float* C, int64_t ldc,
+  // kn: the depth of this pass (all of it by default); panel and A point at its first k
+  // (or pair of k).
+  template <int R, typename TA>
+  void block(const TA* A, int64_t lda, int64_t aks, const vgf* panel, float* C, int64_t ldc,
              int64_t cols, bool accumulate, const float* bias = nullptr, int64_t kn = -1) const {
-    if (kn < 0) kn = K_;
+    if (kn < 0) kn = depth_;
     vgf acc[R][kV], init[kV] = {};
     if (bias) {
       float tmp[kNR] = {};
@@ -314,15 +463,14 @@ class PackedGemm {
     for (int64_t k = 0; k < kn; ++k) {
       vgf w[kV];
       for (int v = 0; v < kV; ++v) w[v] = panel[kV * k + v];
-      for (int r = 0; r < R; ++r) {
-        const float a = A[r * lda + k * aks];
-        for (int v = 0; v < kV; ++v) acc[r][v] += a * w[v];
-      }
+      for (int r = 0; r < R; ++r) madd(acc[r], A[r * lda + k * aks], w);
     }
     for (int r = 0; r < R; ++r) store(acc[r], C + r * ldc, cols, accumulate);
   }
 
   int64_t M_, N_, K_, block_, per_block_, panels_;
+  bool bf16_, dot_;
+  int64_t depth_;  // K, or the pairs of K with dot_
   PackBuffers::Ptr packed_;
 };
 

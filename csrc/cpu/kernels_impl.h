@@ -18,6 +18,9 @@
 #include <type_traits>
 
 #include <omp.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #ifdef PYRNN_NO_BLAS
 #include <ATen/ATen.h>
 #endif
@@ -36,6 +39,7 @@ using ::pyrnn::cpu::KernelsOf;
 using ::pyrnn::cpu::BackwardArgs;
 using ::pyrnn::cpu::ForwardArgs;
 using ::pyrnn::cpu::LayerArgs;
+using ::pyrnn::cpu::bf16_products;
 }
 
 #ifdef PYRNN_TARGET

@@ -103,10 +103,26 @@ struct Kernels {
   KernelsOf<double> f64;  // the baseline copy's only; empty in the others
 };
 
+// bfloat16 products: while a Bf16Products(true) is alive on a thread, the float32 loops
+// and products it starts multiply operands rounded to bfloat16 and sum in float32 (the
+// op runs a layer whose weights are bfloat16 so; see gemm.h).
+bool bf16_products();
+class Bf16Products {
+ public:
+  explicit Bf16Products(bool on);
+  ~Bf16Products();
+  Bf16Products(const Bf16Products&) = delete;
+  Bf16Products& operator=(const Bf16Products&) = delete;
+
+ private:
+  bool prev_;
+};
+
 // The CPU capabilities (instruction sets) the loops are compiled for, and the one in use:
 // the best this CPU supports, or the one the environment variable PYRNN_CPU_CAPABILITY
 // names, or the last set_cpu_capability. Names: "default" (the build's baseline),
-// "avx2" (x86-64-v3: AVX2, FMA), "avx512" (x86-64-v4: AVX-512 F, BW, DQ, VL).
+// "avx2" (x86-64-v3: AVX2, FMA), "avx512" (x86-64-v4: AVX-512 F, BW, DQ, VL),
+// "avx512_bf16" (x86-64-v4 and AVX512-BF16: bfloat16 products in vdpbf16ps).
 // compiled_capabilities: those in this build; supported_capabilities: those of them this
 // CPU can run (best last). set_cpu_capability returns false for a name not in the latter.
 const char* compiled_capabilities();   // comma-separated

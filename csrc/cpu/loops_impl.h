@@ -159,12 +159,11 @@ void forward_steps_of(const ForwardArgs<T>& p) {
       const int64_t ws_step = p.project ? 0 : t;  // the rows of step t in ws
       if constexpr (std::is_same_v<T, float>) {
         if (xgemm)  // ws[t, :, my columns] = x_t @ W_ih^T + b_ih
-          for (int64_t g = 0; g < G; ++g)
-            xgemm->run_panels(p.x + t * B * p.input, rows, p.input, p.ws + ws_step * B * W, W,
-                              false, g * per + q0, g * per + q1, p.b_ih);
+          xgemm->run_panels(p.x + t * B * p.input, rows, p.input, p.ws + ws_step * B * W, W,
+                            false, q0, q1, p.b_ih, true);
       }
-      for (int64_t g = 0; g < G; ++g)  // hg[:, my columns] = h_{t-1} @ W_hh^T
-        gemm.run_panels(hcur, rows, P, p.hg, GH, false, g * per + q0, g * per + q1);
+      // hg[:, my columns of every gate] = h_{t-1} @ W_hh^T
+      gemm.run_panels(hcur, rows, P, p.hg, GH, false, q0, q1, true);
       for (int64_t b = 0; b < B && u1 > u0; ++b) {
         T* yrow = p.y + (t * B + b) * P;
         T* row = p.ws + (ws_step * B + b) * W;
@@ -443,8 +442,8 @@ void forward_rows(const ForwardArgs<T>& p) {
       const T* hcur = bufs[s % 2];
       T* hnext = bufs[(s + 1) % 2];
       const int64_t rows = rows_running(p, prefix, t);
-      for (int64_t g = 0; g < G; ++g)  // hg[:, my columns] = h_{t-1} @ W_hh^T
-        gemm.run_panels(hcur, rows, H, p.hg, GH, false, g * per + q0, g * per + q1);
+      // hg[:, my columns of every gate] = h_{t-1} @ W_hh^T
+      gemm.run_panels(hcur, rows, H, p.hg, GH, false, q0, q1, true);
 #pragma omp barrier
       for (int64_t b = b0; b < b1; ++b) {
         T* yrow = p.y + (t * B + b) * H;
