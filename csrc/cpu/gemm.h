@@ -139,7 +139,6 @@ class PackedGemm {
     // same size, so panel p, row k is at packed_ + (p * depth_ + k) * kV either way.
     packed_ = PackBuffers::take(panels_ * depth_ * kV + 1);
     float* base = reinterpret_cast<float*>(packed_.get());
-    uint16_t* base16 = reinterpret_cast<uint16_t*>(packed_.get());
     auto w = [&](int64_t n, int64_t k) { return transposed ? Wm[n * K + k] : Wm[k * N + n]; };
     // A pure copy, so the threads may split it (from outside a parallel region, and when
     // the weights are large enough to pay for waking them: a one-step call with H = 512
@@ -147,14 +146,16 @@ class PackedGemm {
 #pragma omp parallel for schedule(static) if (panels_ > 1 && panels_ * K * kNR >= (1 << 17) && !omp_in_parallel())
     for (int64_t p = 0; p < panels_; ++p) {
       const int64_t n0 = first_column(p), cols = columns(p);
-      if (dot_) {
-        uint16_t* dst = base16 + p * depth_ * kNR * 2;
+      if (dot_) {  // (stored with memcpy: the buffer is read as vectors of float)
+        char* dst = reinterpret_cast<char*>(base + p * depth_ * kNR);
         for (int64_t k2 = 0; k2 < depth_; ++k2)
-          for (int64_t c = 0; c < kNR; ++c)
-            for (int64_t e = 0; e < 2; ++e) {
-              const int64_t k = 2 * k2 + e;
-              *dst++ = uint16_t(c < cols && k < K ? bf16_bits(w(n0 + c, k)) : 0u);
-            }
+          for (int64_t c = 0; c < kNR; ++c, dst += 4) {
+            const int64_t k = 2 * k2;
+            const uint32_t pair =
+                c < cols ? bf16_bits(w(n0 + c, k)) | (k + 1 < K ? bf16_bits(w(n0 + c, k + 1)) << 16 : 0u)
+                         : 0u;
+            std::memcpy(dst, &pair, sizeof pair);
+          }
         continue;
       }
       float* dst = base + p * K * kNR;
@@ -225,34 +226,34 @@ class PackedGemm {
     Left a;
     const int64_t n = dot_ ? M * depth_ : M * K_;
     a.keep = PackBuffers::take(n / kSimdLanes + 1);
+    // Threads share a large operand (a weight gradient's, outside any parallel region);
+    // inside the loops' teams each thread rounds the rows it multiplies.
     const bool team = M * K_ >= (1 << 18) && !omp_in_parallel();
     if (dot_) {
       uint32_t* out = reinterpret_cast<uint32_t*>(a.keep.get());
       a.pairs = out;
       a.ld = depth_;
-      const int64_t odd = K_ % 2;
-      if (aks == 1) {  // row by row: the pairs are the bfloat16 values in k order
-#pragma omp parallel for schedule(static) if (team)
-        for (int64_t i = 0; i < M; ++i) {
-          uint16_t* dst = reinterpret_cast<uint16_t*>(out + i * depth_);
-          const float* src = A + i * ars;
-          for (int64_t k = 0; k < K_; ++k) dst[k] = uint16_t(bf16_bits(src[k]));
-          if (odd) dst[K_] = 0;
-        }
-      } else {  // transposed: blocks of 16 rows of the result, k in pairs
-#pragma omp parallel for schedule(static) if (team)
-        for (int64_t i0 = 0; i0 < M; i0 += 16) {
-          const int64_t i1 = std::min(M, i0 + 16);
-          for (int64_t k2 = 0; k2 < depth_; ++k2) {
-            const float* lo = A + 2 * k2 * aks;
-            const float* hi = lo + aks;
-            const bool has_hi = 2 * k2 + 1 < K_;
-            for (int64_t i = i0; i < i1; ++i)
-              out[i * depth_ + k2] =
-                  bf16_bits(lo[i * ars]) | (has_hi ? bf16_bits(hi[i * ars]) << 16 : 0u);
+      // pair (i, k2): A(i, 2 k2) in the low half, A(i, 2 k2 + 1) (or 0 past K) in the high
+      // half; blocks of 16 rows, so that a transposed A is read a line at a time
+      const int64_t full = K_ / 2;  // pairs with both halves in A
+      auto pair = [&](int64_t i, int64_t k2) {
+        const float* lo = A + i * ars + 2 * k2 * aks;
+        out[i * depth_ + k2] = bf16_bits(lo[0]) | (k2 < full ? bf16_bits(lo[aks]) << 16 : 0u);
+      };
+      for_blocks(M, 16, team, [&](int64_t i0, int64_t i1) {
+        if (aks == 1) {  // row by row
+          for (int64_t i = i0; i < i1; ++i) {
+            const float* row = A + i * ars;
+            uint32_t* dst = out + i * depth_;
+            for (int64_t k2 = 0; k2 < full; ++k2)
+              dst[k2] = bf16_bits(row[2 * k2]) | bf16_bits(row[2 * k2 + 1]) << 16;
+            if (full < depth_) pair(i, full);
           }
+        } else {  // transposed: the block's rows lie side by side in each k
+          for (int64_t k2 = 0; k2 < depth_; ++k2)
+            for (int64_t i = i0; i < i1; ++i) pair(i, k2);
         }
-      }
+      });
       return a;
     }
     float* out = reinterpret_cast<float*>(a.keep.get());
@@ -260,10 +261,22 @@ class PackedGemm {
     a.ld = aks == 1 ? K_ : M;
     const int64_t outer = aks == 1 ? M : K_, inner = aks == 1 ? K_ : M;
     const int64_t so = aks == 1 ? ars : aks, si = aks == 1 ? 1 : ars;
-#pragma omp parallel for schedule(static) if (team)
-    for (int64_t o = 0; o < outer; ++o)
-      for (int64_t i = 0; i < inner; ++i) out[o * inner + i] = bf16_round(A[o * so + i * si]);
+    for_blocks(outer, 16, team, [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o)
+        for (int64_t i = 0; i < inner; ++i) out[o * inner + i] = bf16_round(A[o * so + i * si]);
+    });
     return a;
+  }
+
+  // f(i0, i1) over [0, n) in blocks of `block`, split across the threads with team.
+  template <class F>
+  static void for_blocks(int64_t n, int64_t block, bool team, F&& f) {
+    if (!team) {
+      for (int64_t i0 = 0; i0 < n; i0 += block) f(i0, i0 + block < n ? i0 + block : n);
+      return;
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t i0 = 0; i0 < n; i0 += block) f(i0, i0 + block < n ? i0 + block : n);
   }
 
   // The panels [p0, p1) for the M rows of A (float32, or bfloat16 pairs with dot_).
