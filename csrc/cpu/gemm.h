@@ -39,6 +39,21 @@ inline uint32_t bf16_bits(float f) {
   const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   return (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r;
 }
+typedef uint32_t vgu __attribute__((vector_size(4 * kSimdLanes)));
+// The same for the kSimdLanes floats at p, lane by lane.
+inline vgu bf16_bits_at(const float* p) {
+  vgu u;
+  std::memcpy(&u, p, sizeof u);
+  const vgu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7fffffffu) > 0x7f800000u ? vgu{} + 0x7fc0u : r;
+}
+// The bfloat16 pairs (k, k + 1) of the kSimdLanes floats at p: kSimdLanes / 2 words.
+typedef uint64_t vgq __attribute__((vector_size(4 * kSimdLanes)));
+typedef uint32_t vgh __attribute__((vector_size(2 * kSimdLanes)));
+inline vgh bf16_pairs_at(const float* p) {
+  const vgq q = (vgq)bf16_bits_at(p);
+  return __builtin_convertvector((q & 0xffffu) | ((q >> 16) & 0xffff0000u), vgh);
+}
 inline float bf16_round(float f) {
   const uint32_t u = bf16_bits(f) << 16;
   float r;
@@ -148,6 +163,17 @@ class PackedGemm {
       const int64_t n0 = first_column(p), cols = columns(p);
       if (dot_) {  // (stored with memcpy: the buffer is read as vectors of float)
         char* dst = reinterpret_cast<char*>(base + p * depth_ * kNR);
+        if (!transposed && cols == kNR) {  // rows 2 k2 and 2 k2 + 1 of Wm, a vector at a time
+          for (int64_t k2 = 0; k2 < depth_; ++k2) {
+            const float* lo = Wm + 2 * k2 * N + n0;
+            for (int64_t v = 0; v < kV; ++v, dst += sizeof(vgu)) {
+              vgu pair = bf16_bits_at(lo + v * kSimdLanes);
+              if (2 * k2 + 1 < K) pair |= bf16_bits_at(lo + N + v * kSimdLanes) << 16;
+              std::memcpy(dst, &pair, sizeof pair);
+            }
+          }
+          continue;
+        }
         for (int64_t k2 = 0; k2 < depth_; ++k2)
           for (int64_t c = 0; c < kNR; ++c, dst += 4) {
             const int64_t k = 2 * k2;
@@ -234,20 +260,32 @@ class PackedGemm {
       a.pairs = out;
       a.ld = depth_;
       // pair (i, k2): A(i, 2 k2) in the low half, A(i, 2 k2 + 1) (or 0 past K) in the high
-      // half; blocks of 16 rows, so that a transposed A is read a line at a time
+      // half; blocks of kSimdLanes rows, so that a transposed A is read a vector at a time
       const int64_t full = K_ / 2;  // pairs with both halves in A
       auto pair = [&](int64_t i, int64_t k2) {
         const float* lo = A + i * ars + 2 * k2 * aks;
         out[i * depth_ + k2] = bf16_bits(lo[0]) | (k2 < full ? bf16_bits(lo[aks]) << 16 : 0u);
       };
-      for_blocks(M, 16, team, [&](int64_t i0, int64_t i1) {
+      for_blocks(M, kSimdLanes, team, [&](int64_t i0, int64_t i1) {
         if (aks == 1) {  // row by row
           for (int64_t i = i0; i < i1; ++i) {
             const float* row = A + i * ars;
             uint32_t* dst = out + i * depth_;
-            for (int64_t k2 = 0; k2 < full; ++k2)
+            int64_t k2 = 0;
+            for (; k2 + kSimdLanes / 2 <= full; k2 += kSimdLanes / 2) {
+              const vgh pairs = bf16_pairs_at(row + 2 * k2);
+              std::memcpy(dst + k2, &pairs, sizeof pairs);
+            }
+            for (; k2 < full; ++k2)
               dst[k2] = bf16_bits(row[2 * k2]) | bf16_bits(row[2 * k2 + 1]) << 16;
             if (full < depth_) pair(i, full);
+          }
+        } else if (ars == 1 && i1 - i0 == kSimdLanes) {  // transposed: a vector of rows per k
+          for (int64_t k2 = 0; k2 < depth_; ++k2) {
+            const float* lo = A + i0 + 2 * k2 * aks;
+            vgu v = bf16_bits_at(lo);
+            if (k2 < full) v |= bf16_bits_at(lo + aks) << 16;
+            for (int64_t j = 0; j < kSimdLanes; ++j) out[(i0 + j) * depth_ + k2] = v[j];
           }
         } else {  // transposed: the block's rows lie side by side in each k
           for (int64_t k2 = 0; k2 < depth_; ++k2)
