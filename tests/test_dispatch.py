@@ -156,8 +156,8 @@ def test_info_names_the_capability():
 
 
 def _functions_using(so, pattern):
-    """Names of the functions in the shared object whose code names a register matching
-    the regex pattern (objdump's disassembly)."""
+    """Names of the functions in the shared object whose code (a line of objdump's
+    disassembly) matches the regex pattern: a register or an instruction."""
     import re
     r = subprocess.run(["objdump", "-d", "--no-show-raw-insn", so], capture_output=True,
                        text=True, check=True)
@@ -179,4 +179,15 @@ def test_only_the_copies_use_avx():
     avx = _functions_using(_C.__file__, r"%[yz]mm")
     assert any("pyrnn_isa_avx2" in f for f in avx) and any("pyrnn_isa_avx512" in f for f in avx)
     outside = sorted(f for f in avx if "pyrnn_isa_avx2" not in f and "pyrnn_isa_avx512" not in f)
+    assert outside == [], outside[:10]
+
+
+@pytest.mark.skipif(_C.baseline_isa() != "x86-64" or not shutil.which("objdump"),
+                    reason="needs an x86-64 baseline build (PYRNN_MARCH unset) and objdump")
+def test_only_the_bf16_copy_uses_bf16_instructions():
+    """vdpbf16ps (and any other AVX512-BF16 instruction) appears in the avx512_bf16 copy
+    and nowhere else: an AVX-512 CPU without BF16 runs the avx512 copy safely."""
+    bf16 = _functions_using(_C.__file__, r"\s(vdpbf16ps|vcvtne2?ps2bf16)\s")
+    assert any("pyrnn_isa_avx512_bf16" in f for f in bf16)
+    outside = sorted(f for f in bf16 if "pyrnn_isa_avx512_bf16" not in f)
     assert outside == [], outside[:10]
