@@ -161,7 +161,7 @@ class PackedGemm {
 #pragma omp parallel for schedule(static) if (panels_ > 1 && panels_ * K * kNR >= (1 << 17) && !omp_in_parallel())
     for (int64_t p = 0; p < panels_; ++p) {
       const int64_t n0 = first_column(p), cols = columns(p);
-      if (dot_) {  // (stored with memcpy: the buffer is read as vectors of float)
+      if (kBf16Dot && dot_) {  // (stored with memcpy: the buffer is read as vectors of float)
         char* dst = reinterpret_cast<char*>(base + p * depth_ * kNR);
         if (!transposed && cols == kNR) {  // rows 2 k2 and 2 k2 + 1 of Wm, a vector at a time
           for (int64_t k2 = 0; k2 < depth_; ++k2) {
@@ -209,10 +209,13 @@ class PackedGemm {
     }
     const Left a = left(A, M, lda, 1);  // rounded once for all blocks
     for (int64_t g = 0; g < blocks; ++g) {
-      if (dot_)
-        panels(a.pairs, a.ld, M, C, ldc, accumulate, g * step + p0, g * step + p1, bias);
-      else
-        panels(a.f, a.ld, M, C, ldc, accumulate, g * step + p0, g * step + p1, bias);
+      if constexpr (kBf16Dot) {  // (the pairs' kernels exist in the AVX512-BF16 copy only)
+        if (dot_) {
+          panels(a.pairs, a.ld, M, C, ldc, accumulate, g * step + p0, g * step + p1, bias);
+          continue;
+        }
+      }
+      panels(a.f, a.ld, M, C, ldc, accumulate, g * step + p0, g * step + p1, bias);
     }
   }
 
@@ -229,7 +232,9 @@ class PackedGemm {
                    bool accumulate, const float* bias = nullptr) const {
     if (!bf16_) return tiles(A, M, ars, aks, C, ldc, accumulate, bias);
     const Left a = left(A, M, ars, aks);
-    if (dot_) return tiles(a.pairs, M, a.ld, 1, C, ldc, accumulate, bias);
+    if constexpr (kBf16Dot) {
+      if (dot_) return tiles(a.pairs, M, a.ld, 1, C, ldc, accumulate, bias);
+    }
     // the rounded copy keeps A's layout, row-major or transposed
     if (aks == 1) return tiles(a.f, M, a.ld, 1, C, ldc, accumulate, bias);
     tiles(a.f, M, 1, a.ld, C, ldc, accumulate, bias);
@@ -255,7 +260,7 @@ class PackedGemm {
     // Threads share a large operand (a weight gradient's, outside any parallel region);
     // inside the loops' teams each thread rounds the rows it multiplies.
     const bool team = M * K_ >= (1 << 18) && !omp_in_parallel();
-    if (dot_) {
+    if (kBf16Dot && dot_) {
       uint32_t* out = reinterpret_cast<uint32_t*>(a.keep.get());
       a.pairs = out;
       a.ld = depth_;
