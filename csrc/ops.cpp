@@ -323,8 +323,9 @@ BackwardResult backward_cpu(
   if (m.layer_norm) {
     Tensor proj = at::empty({T * B, GH}, opt);
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_backward_proj", [&] {
-      cpu::matmul(input.data_ptr<scalar_t>(), T * B, d.I, weight_as_run(w_ih_, bf16).data_ptr<scalar_t>(),
-                  GH, true, proj.data_ptr<scalar_t>(), GH, nullptr);
+      cpu::matmul(input.data_ptr<scalar_t>(), T * B, d.I,
+                  weight_as_run(w_ih_, bf16).data_ptr<scalar_t>(), GH, true,
+                  proj.data_ptr<scalar_t>(), GH, nullptr);
     });
     auto colsum = [](const Tensor& a) {
       const Tensor c = a.contiguous();

@@ -513,8 +513,9 @@ class _Base(nn.RNNBase):
         autocast = torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(
             x.device.type)
         if autocast:
-            # The fused kernels run in float32 under autocast (see README, "Precision")
-            # and return, on the CPU, what torch.nn returns.
+            # The fused kernels run in float32 under autocast, with bfloat16 products on
+            # the CPU under bfloat16 autocast (_weight_dtype; README, "Precision"), and
+            # return, on the CPU, what torch.nn returns.
             dtype = torch.float32
             out_dtype, c_dtype = _autocast_dtypes(
                 mode, x, states[0] if states else None, states[1] if states and is_lstm else None,
