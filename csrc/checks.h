@@ -106,9 +106,14 @@ inline std::string shape_str(at::IntArrayRef s) {
 }
 
 // A tensor on another device than input: RuntimeError, as ATen's RNN kernels raise.
-inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& input) {
+inline void check_device(const at::Tensor& t, const char* name, const at::Tensor& input) {
   TORCH_CHECK(t.device() == input.device(), name, ": expected device ", input.device(),
               " (the device of input), got ", t.device());
+}
+
+// input's device and dtype (another dtype: TypeError).
+inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  check_device(t, name, input);
   TORCH_CHECK_TYPE(t.scalar_type() == input.scalar_type(), name, ": expected dtype ",
                    input.scalar_type(), " (the dtype of input), got ", t.scalar_type());
 }
@@ -129,8 +134,7 @@ inline bool bf16_weights(const at::Tensor& input, const at::Tensor& w_hh) {
 inline void check_weight(const at::Tensor& t, const char* name, const at::Tensor& input,
                          bool bf16) {
   if (!bf16) return check_same(t, name, input);
-  TORCH_CHECK(t.device() == input.device(), name, ": expected device ", input.device(),
-              " (the device of input), got ", t.device());
+  check_device(t, name, input);
   TORCH_CHECK_TYPE(t.scalar_type() == at::kBFloat16, name,
                    ": expected dtype BFloat16 (the dtype of weight_hh), got ", t.scalar_type());
 }

@@ -256,7 +256,8 @@ BackwardResult backward_cpu(
   const bool bf16 = bf16_weights(input_, w_hh_);  // as in forward_cpu
   const cpu::Bf16Products products(bf16);
   const Tensor input = input_.contiguous(), w_hh = weight_as_run(w_hh_, bf16);
-  const Tensor w_ih = input_grad ? weight_as_run(w_ih_, bf16) : w_ih_;  // read only for dX
+  // read only for dX and a layer-normalised input projection
+  const Tensor w_ih = input_grad || m.layer_norm ? weight_as_run(w_ih_, bf16) : w_ih_;
   const Tensor hx = hx_.contiguous(), dy = grad_output_.contiguous();
   const Tensor y = output_.contiguous(), ws = workspace_.contiguous();
   const Tensor cx = cx_ ? cx_->contiguous() : Tensor();
@@ -323,8 +324,7 @@ BackwardResult backward_cpu(
   if (m.layer_norm) {
     Tensor proj = at::empty({T * B, GH}, opt);
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_backward_proj", [&] {
-      cpu::matmul(input.data_ptr<scalar_t>(), T * B, d.I,
-                  weight_as_run(w_ih_, bf16).data_ptr<scalar_t>(), GH, true,
+      cpu::matmul(input.data_ptr<scalar_t>(), T * B, d.I, w_ih.data_ptr<scalar_t>(), GH, true,
                   proj.data_ptr<scalar_t>(), GH, nullptr);
     });
     auto colsum = [](const Tensor& a) {
