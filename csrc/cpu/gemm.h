@@ -154,7 +154,10 @@ class PackedGemm {
     // same size, so panel p, row k is at packed_ + (p * depth_ + k) * kV either way.
     packed_ = PackBuffers::take(panels_ * depth_ * kV + 1);
     float* base = reinterpret_cast<float*>(packed_.get());
-    auto w = [&](int64_t n, int64_t k) { return transposed ? Wm[n * K + k] : Wm[k * N + n]; };
+    // Column n of op(Wm), its element k at column(n)[k * kstep]. A panel of a transposed Wm
+    // is packed a column at a time (along a row of Wm), else a panel row at a time.
+    auto column = [&](int64_t n) { return transposed ? Wm + n * K : Wm + n; };
+    const int64_t kstep = transposed ? 1 : N;
     // A pure copy, so the threads may split it (from outside a parallel region, and when
     // the weights are large enough to pay for waking them: a one-step call with H = 512
     // spends about as long packing as multiplying).
@@ -174,22 +177,42 @@ class PackedGemm {
           }
           continue;
         }
-        for (int64_t k2 = 0; k2 < depth_; ++k2)
-          for (int64_t c = 0; c < kNR; ++c, dst += 4) {
+        for (int64_t c = 0; c < kNR; ++c) {
+          const float* src = c < cols ? column(n0 + c) : nullptr;
+          for (int64_t k2 = 0; k2 < depth_; ++k2) {
             const int64_t k = 2 * k2;
             const uint32_t pair =
-                c < cols ? bf16_bits(w(n0 + c, k)) | (k + 1 < K ? bf16_bits(w(n0 + c, k + 1)) << 16 : 0u)
-                         : 0u;
-            std::memcpy(dst, &pair, sizeof pair);
+                src ? bf16_bits(src[k * kstep]) | (k + 1 < K ? bf16_bits(src[(k + 1) * kstep]) << 16 : 0u)
+                    : 0u;
+            std::memcpy(dst + (k2 * kNR + c) * sizeof pair, &pair, sizeof pair);
           }
+        }
         continue;
       }
       float* dst = base + p * K * kNR;
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t c = 0; c < kNR; ++c) {
-          const float v = c < cols ? w(n0 + c, k) : 0.f;
-          *dst++ = bf16_ ? bf16_round(v) : v;
+      if (!transposed && cols == kNR) {
+        for (int64_t k = 0; k < K; ++k, dst += kNR) {
+          const float* src = Wm + k * N + n0;
+          if (!bf16_) {
+            std::memcpy(dst, src, sizeof(float) * kNR);
+            continue;
+          }
+          for (int64_t v = 0; v < kV; ++v) {  // bfloat16 in the high half of a float
+            const vgu r = bf16_bits_at(src + v * kSimdLanes) << 16;
+            std::memcpy(dst + v * kSimdLanes, &r, sizeof r);
+          }
         }
+        continue;
+      }
+      for (int64_t c = 0; c < kNR; ++c) {
+        const float* src = column(n0 + c);
+        if (c >= cols)
+          for (int64_t k = 0; k < K; ++k) dst[k * kNR + c] = 0.f;
+        else if (bf16_)
+          for (int64_t k = 0; k < K; ++k) dst[k * kNR + c] = bf16_round(src[k * kstep]);
+        else
+          for (int64_t k = 0; k < K; ++k) dst[k * kNR + c] = src[k * kstep];
+      }
     }
   }
 
@@ -242,6 +265,7 @@ class PackedGemm {
 
  private:
   static constexpr int kWide = 4;  // panels per wide<R> call
+  static constexpr int64_t kCopyN = 128;  // the width of C from which tiles() copies a strided A
 
   // The left operand of a bfloat16 product, in this thread's buffer while alive: with
   // dot_, the rows of A as bfloat16 pairs [M][depth_] (ld = depth_ pairs, the odd K
@@ -351,17 +375,19 @@ class PackedGemm {
     constexpr int64_t kChunk = 96;   // rows of A per tile
     // K per pass: a row-major A streams, and one pass avoids re-reading C. A strided A
     // (aks > 1, the transposed A of a weight gradient) is read a cache line per k and
-    // block of rows: in passes of 256; and where C is 256 columns wide or more, each
+    // block of rows: in passes of 256; and where C is kCopyN columns wide or more, each
     // thread first copies the chunk of A it works on into a buffer of its own, block by
     // block in the order the kernel reads it, in passes of 1024. Read in place, every k
-    // of a block is a line of its own, and with aks a multiple of 1024 floats (4 gates of
-    // 256 units) a block's lines all fall in one set of the first-level cache. Measured
+    // of a block is a line of its own, and with aks a multiple of 512 floats (4 gates of
+    // 128 units) a block's lines all fall in two sets of the first-level cache. Measured
     // (AVX2, 2 threads, medians of paired runs): 2048 x 512 x 3200 (dW of an LSTM,
     // H = 512) 1.20x and 1.23x faster copied in two runs; 512 x 512 x 3200 and
-    // 1024 x 256 x 4000 0.97x to 1.17x; 512 x 128 x 3200 0.83x to 0.91x, where the copy
-    // costs more than it saves. The copy changes no sum: the same bits. (bfloat16 pairs
-    // come row-major, from left().)
-    const bool copy = aks != 1 && N_ >= 256;
+    // 1024 x 256 x 4000 0.97x to 1.17x. With the block's rows copied a vector at a time,
+    // 512 x 128 x 3200 (H = 128) too: 1.20x faster with the AVX2 copy, 1.08x with the
+    // AVX-512 copy (an AMD EPYC model 17, medians of 9 paired runs). At N = 64 and 32 no
+    // difference showed. The copy changes no sum: the same bits. (bfloat16 pairs come
+    // row-major, from left().)
+    const bool copy = aks != 1 && N_ >= kCopyN;
     const int64_t kDepth = copy ? 1024 : aks != 1 ? 256 : (depth_ > 0 ? depth_ : 1);
     const int64_t chunks = (M + kChunk - 1) / kChunk;
     for (int64_t k0 = 0; k0 < depth_ || k0 == 0; k0 += kDepth) {
@@ -389,8 +415,12 @@ class PackedGemm {
             if (copy && own_q != q) {  // block i of r rows at own + i * kn, as [kn][r]
               over_row_blocks(rows, [&](int64_t i, int64_t r) {
                 TA* dst = own + i * kn;
-                for (int64_t k = 0; k < kn; ++k)
-                  for (int64_t j = 0; j < r; ++j) dst[k * r + j] = Ac[(i + j) * ars + k * aks];
+                if (ars == 1 && r == kMR)  // a row of the block is kMR consecutive values
+                  for (int64_t k = 0; k < kn; ++k)
+                    std::memcpy(dst + k * kMR, Ac + i + k * aks, sizeof(TA) * kMR);
+                else
+                  for (int64_t k = 0; k < kn; ++k)
+                    for (int64_t j = 0; j < r; ++j) dst[k * r + j] = Ac[(i + j) * ars + k * aks];
               });
               own_q = q;
             }
