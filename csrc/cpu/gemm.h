@@ -243,7 +243,7 @@ class PackedGemm {
   }
 
   // C[M, N] (+)= A[M, K] @ op(Wm), A and C with leading dimensions lda, ldc. Rows go in chunks of
-  // kChunk, so that a chunk of A stays in cache while every panel passes over it.
+  // at most 96, so that a chunk of A stays in cache while every panel passes over it.
   // bias: [N] added to every row of C (only with accumulate = false), or nullptr.
   void run(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc, bool accumulate,
            const float* bias = nullptr) const {
@@ -372,7 +372,13 @@ class PackedGemm {
   template <typename TA>
   void tiles(const TA* A, int64_t M, int64_t ars, int64_t aks, float* C, int64_t ldc,
              bool accumulate, const float* bias) const {
-    constexpr int64_t kChunk = 96;   // rows of A per tile
+    // Rows of A per tile: at most 96, in chunks of equal size (rounded up to whole row
+    // blocks), so that the threads' shares of the tiles are about equal (96 + 32 rows
+    // split a product of M = 128, an RNN's weight gradient at H = 128, 3 : 1 between two
+    // threads). Every element of C is summed over k in the same order whatever the chunk:
+    // the same bits.
+    const int64_t parts = M > 96 ? (M + 95) / 96 : 1;
+    const int64_t chunk = ((M + parts - 1) / parts + kMR - 1) / kMR * kMR;
     // K per pass: a row-major A streams, and one pass avoids re-reading C. A strided A
     // (aks > 1, the transposed A of a weight gradient) is read a cache line per k and
     // block of rows: in passes of 256; and where C is kCopyN columns wide or more, each
@@ -389,7 +395,7 @@ class PackedGemm {
     // row-major, from left().)
     const bool copy = aks != 1 && N_ >= kCopyN;
     const int64_t kDepth = copy ? 1024 : aks != 1 ? 256 : (depth_ > 0 ? depth_ : 1);
-    const int64_t chunks = (M + kChunk - 1) / kChunk;
+    const int64_t chunks = M > 0 ? (M + chunk - 1) / chunk : 0;
     for (int64_t k0 = 0; k0 < depth_ || k0 == 0; k0 += kDepth) {
       const int64_t kn = depth_ - k0 < kDepth ? depth_ - k0 : kDepth;
       const bool acc = accumulate || k0 > 0;
@@ -403,14 +409,14 @@ class PackedGemm {
 #pragma omp parallel if (2 * M * N_ * kn * (dot_ ? 2 : 1) >= (int64_t(1) << 22))
       {
         PackBuffers::Ptr kept;  // the copy's memory, kept by this thread for its next calls
-        if (copy) kept = PackBuffers::take((kChunk * kn + kSimdLanes - 1) / kSimdLanes);
+        if (copy) kept = PackBuffers::take((chunk * kn + kSimdLanes - 1) / kSimdLanes);
         TA* own = reinterpret_cast<TA*>(kept.get());
         int64_t own_q = -1;  // the chunk in own
 #pragma omp for collapse(2) schedule(static)
         for (int64_t q = 0; q < chunks; ++q) {
           for (int64_t p = 0; p < panels_; ++p) {
-            const int64_t m0 = q * kChunk;
-            const int64_t rows = M - m0 < kChunk ? M - m0 : kChunk;
+            const int64_t m0 = q * chunk;
+            const int64_t rows = M - m0 < chunk ? M - m0 : chunk;
             const TA* Ac = A + m0 * ars + k0 * aks;
             if (copy && own_q != q) {  // block i of r rows at own + i * kn, as [kn][r]
               over_row_blocks(rows, [&](int64_t i, int64_t r) {
