@@ -14,6 +14,7 @@
 #include <torch/library.h>
 #include <pybind11/pybind11.h>
 
+#include <cstring>
 #include <string>
 #include <vector>
 #include <ATen/Parallel.h>
@@ -67,17 +68,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
 
   const int64_t W = run_width(m, H, save);
   // A forward that saves nothing (inference), float32 without a projection, batch >= 8,
-  // W_ih under 2^20 elements: the time loop computes each step's input projection
+  // W_ih not too large (below): the time loop computes each step's input projection
   // itself, each thread for the columns of its own units, so that the rows are still in
   // cache when the pointwise update reads them, and it needs the rows of one step only.
   // Otherwise (small batches, where one product over all T*B rows runs faster; training;
   // a W_ih that the loop would stream from memory at every step; float64; projections)
   // that product comes first: ws[..., :G*H] = x @ W_ih^T + b_ih. The same kernel and
-  // order of sums either way: the same bits. Measured (AVX2, 2 threads, paired runs of
-  // both): inference at T = 100, B = 32, H = 128 7 - 9% faster in the loop, the LSTM's at
-  // H = 512 (W_ih 2^20) 9% slower; training 0 - 6% faster with the product first.
+  // order of sums either way: the same bits. Measured (2 threads, both ways in turn):
+  // with the AVX2 copy (an AVX2-only AMD EPYC), inference at T = 100, B = 32, H = 128
+  // 7 - 9% faster in the loop, the LSTM's at H = 512 (W_ih 2^20 elements) 9% slower: W_ih
+  // under 2^20 elements. With an AVX-512 copy (AMD EPYC model 17, medians of 21 - 31
+  // rounds in one process), the LSTM at T = 100, B = 32, H = 512 5% faster in the loop
+  // (8% with bfloat16 products), at B = 8 8%, the GRU at H = 768 (W_ih 2^20.8) 11%,
+  // where the Elman RNN at H = 1024 (W_ih 2^20) is 6% slower and the LSTM at H = 1024
+  // (2^22) 4%: there, cells of three or four gates take a W_ih under 2^21 elements.
+  // Training: 0 - 6% faster with the product first (AVX2).
+  const bool avx512 = std::strncmp(cpu::cpu_capability(), "avx512", 6) == 0;
+  const int64_t in_loop_limit = int64_t(1) << (avx512 && d.G >= 3 ? 21 : 20);
   const bool in_loop = !save && input.scalar_type() == at::kFloat && !w_hr.defined() &&
-                       !m.layer_norm && B >= 8 && GH * d.I < (int64_t(1) << 20);
+                       !m.layer_norm && B >= 8 && GH * d.I < in_loop_limit;
   Tensor ws = at::empty({in_loop ? 1 : T, B, W}, opt);
   Tensor output = at::empty({T, B, P}, opt);
   Tensor h_n = at::empty({B, P}, opt);

@@ -7,6 +7,8 @@ from pyrnn import _C, ops
 MODES = list(ops.CELLS)
 GATES = ops.GATES
 HAS_CELL = {m: c["has_cell"] for m, c in ops.CELLS.items()}
+# The compiled copies of the CPU loops that this CPU runs (see the capability fixture).
+SUPPORTED = _C.supported_capabilities().split(",")
 
 
 def make_layer_args(mode, T, B, I, H, dtype=torch.float64, bias=True, h0=True, seed=0,

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import pyrnn
-from pyrnn import _C
+from conftest import SUPPORTED
 
-SUPPORTED = _C.supported_capabilities().split(",")
 U32 = 2.0 ** -24  # float32's unit roundoff
 
 

@@ -16,8 +16,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import pyrnn
 from pyrnn import _C
+from conftest import SUPPORTED
 
-SUPPORTED = _C.supported_capabilities().split(",")
 COMPILED = _C.compiled_capabilities().split(",")
 
 
