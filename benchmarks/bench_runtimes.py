@@ -4,10 +4,10 @@ out (ONNX Runtime comes with requirements.txt; `pip install openvino jax` adds t
 
 A second table times bfloat16 autocast (`torch.autocast("cpu", dtype=torch.bfloat16)`,
 the backward outside it, as torch's documentation has it): pyrnn against torch.nn for
-LSTM and GRU at S1-S3, where torch.nn runs its products in bfloat16 and pyrnn keeps them
-in float32 (see the README). Where torch.nn raises under autocast (its oneDNN LSTM on a
-CPU without bfloat16 instructions) the row says so, and torch.nn is timed once more with
-oneDNN switched off, its other CPU path.
+LSTM and GRU at S1-S3, where both run their products in bfloat16 (pyrnn: operands
+rounded to bfloat16, sums in float32; see the README, "Precision"). Where torch.nn
+raises under autocast (its oneDNN LSTM on a CPU without bfloat16 instructions) the row
+says so, and torch.nn is timed once more with oneDNN switched off, its other CPU path.
 
 Inference: each side runs the same float32 weights, input_size = hidden_size, one layer;
 ONNX Runtime and OpenVINO run the model torch.onnx exports from torch.nn (its RNN, LSTM
