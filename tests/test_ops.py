@@ -157,7 +157,6 @@ def test_random_shapes_float32_against_reference(mode, T_, B_, I_, H_, reverse, 
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-
 @pytest.mark.parametrize("capability", SUPPORTED, indirect=True)
 @pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
 def test_forward_without_grad_equals_forward_with_grad_large_input_weight(capability, mode):
@@ -174,6 +173,7 @@ def test_forward_without_grad_equals_forward_with_grad_large_input_weight(capabi
     for a, b in zip(plain, saved):
         if a is not None:
             assert torch.equal(a, b)
+
 
 def test_sizes_one():
     for mode in MODES:

@@ -154,8 +154,9 @@ class PackedGemm {
     // same size, so panel p, row k is at packed_ + (p * depth_ + k) * kV either way.
     packed_ = PackBuffers::take(panels_ * depth_ * kV + 1);
     float* base = reinterpret_cast<float*>(packed_.get());
-    // Column n of op(Wm), its element k at column(n)[k * kstep]. A panel of a transposed Wm
-    // is packed a column at a time (along a row of Wm), else a panel row at a time.
+    // Column n of op(Wm), its element k at column(n)[k * kstep]. A whole panel of a
+    // Wm [K, N] is packed a panel row at a time, any other a column at a time (along a row
+    // of a transposed Wm).
     auto column = [&](int64_t n) { return transposed ? Wm + n * K : Wm + n; };
     const int64_t kstep = transposed ? 1 : N;
     // A pure copy, so the threads may split it (from outside a parallel region, and when
@@ -385,7 +386,8 @@ class PackedGemm {
     // thread first copies the chunk of A it works on into a buffer of its own, block by
     // block in the order the kernel reads it, in passes of 1024. Read in place, every k
     // of a block is a line of its own, and with aks a multiple of 512 floats (4 gates of
-    // 128 units) a block's lines all fall in two sets of the first-level cache. Measured
+    // 128 units) a block's lines fall in at most two sets of a 64-set first-level cache
+    // (one set from 1024 floats on). Measured
     // (AVX2, 2 threads, medians of paired runs): 2048 x 512 x 3200 (dW of an LSTM,
     // H = 512) 1.20x and 1.23x faster copied in two runs; 512 x 512 x 3200 and
     // 1024 x 256 x 4000 0.97x to 1.17x. With the block's rows copied a vector at a time,
