@@ -11,10 +11,12 @@
 // ATen for the fallback products of a build without BLAS), which keeps a copy's compile
 // short.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <type_traits>
 
 #include <omp.h>

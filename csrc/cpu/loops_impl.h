@@ -1,10 +1,12 @@
 // Bodies of the CPU time loops declared in loops.h; included by kernels_impl.h only.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <type_traits>
 
 #include <omp.h>
@@ -110,6 +112,36 @@ inline A lane_sum(A a) {
 }
 inline float lane_sum(VecF a) { return hsum(a); }
 
+// A barrier that a thread may pass through in two halves: arrive() says that its part of
+// a step is written, wait() returns once every thread of the team has arrived as often as
+// this one; in between, a thread does work of its own that no other thread reads (the
+// forward projects the next step's inputs there). It spins, and yields the core after a
+// while (a team with more threads than cores).
+class SplitBarrier {
+ public:
+  explicit SplitBarrier(int64_t threads) : threads_(threads) {}
+  void arrive() { count_.fetch_add(1, std::memory_order_release); }
+  // round: how many times this thread has arrived
+  void wait(int64_t round) const {
+    const int64_t goal = round * threads_;
+    for (int spins = 0; count_.load(std::memory_order_acquire) < goal;) {
+      if (spins < kSpins) {
+        ++spins;
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  static constexpr int kSpins = 1 << 14;
+  const int64_t threads_;
+  std::atomic<int64_t> count_{0};
+};
+
 // The forward with one team of threads for the whole sequence (float32; float64 runs it
 // on one thread). Each thread owns a
 // slice of hidden units [u0, u1) across all gate blocks: per step it computes the
@@ -133,7 +165,7 @@ void forward_steps_of(const ForwardArgs<T>& p) {
   std::unique_ptr<StepGemm<T>> pgemm;
   if (proj) pgemm.reset(new StepGemm<T>(B, P, H, p.w_hr, true, P));
   // The input projection, when the loop computes it (float32): the same panel layout, so
-  // each thread projects the columns of its own units, just before it needs them.
+  // each thread projects the columns of its own units, one step ahead (split, below).
   std::unique_ptr<PackedGemm> xgemm;
   if constexpr (std::is_same_v<T, float>) {
     if (p.project) xgemm.reset(new PackedGemm(B, GH, p.input, p.w_ih, true, H));
@@ -144,6 +176,11 @@ void forward_steps_of(const ForwardArgs<T>& p) {
   // One thread when the step is small, and for float64 (whose BLAS must not be called
   // from inside a parallel region: it would start a nested team on every call).
   const bool team = per > 1 && 2 * B * GH * (P + p.input * p.project) >= (1 << 19);
+  // With the input projection in the loop, a step ends in a split barrier: a thread
+  // arrives once its units of h_t are written, projects the next step's inputs for its
+  // own columns (which no other thread reads), and then waits for the team, so that the
+  // projection fills the time it would have waited for a slower thread.
+  std::unique_ptr<SplitBarrier> split;
   auto body = [&](int64_t nt, int64_t id) {
     const int64_t q0 = per * id / nt, q1 = per * (id + 1) / nt;
     const int64_t u0 = std::min(q0 * gemm.panel_width(), H);
@@ -151,17 +188,23 @@ void forward_steps_of(const ForwardArgs<T>& p) {
     const int64_t pq0 = pper * id / nt, pq1 = pper * (id + 1) / nt;
     const int64_t v0 = proj ? std::min(pq0 * pgemm->panel_width(), P) : 0;
     const int64_t v1 = proj ? std::min(pq1 * pgemm->panel_width(), P) : 0;
+    // ws[0, :, my columns] = x_t @ W_ih^T + b_ih for step s (project)
+    auto project = [&](int64_t s) {
+      if constexpr (std::is_same_v<T, float>) {
+        const int64_t t = p.reverse ? Tn - 1 - s : s;
+        xgemm->run_panels(p.x + t * B * p.input, rows_running(p, prefix, t), p.input, p.ws, W,
+                          false, q0, q1, p.b_ih, true);
+      }
+    };
+#pragma omp single
+    if (xgemm) split.reset(new SplitBarrier(nt));  // (the single's barrier publishes it)
+    if (xgemm) project(0);
     for (int64_t s = 0; s < Tn; ++s) {
       const int64_t t = p.reverse ? Tn - 1 - s : s;
       const T* hcur = bufs[s % 2];
       T* hnext = bufs[(s + 1) % 2];
       const int64_t rows = rows_running(p, prefix, t);
       const int64_t ws_step = p.project ? 0 : t;  // the rows of step t in ws
-      if constexpr (std::is_same_v<T, float>) {
-        if (xgemm)  // ws[t, :, my columns] = x_t @ W_ih^T + b_ih
-          xgemm->run_panels(p.x + t * B * p.input, rows, p.input, p.ws + ws_step * B * W, W,
-                            false, q0, q1, p.b_ih, true);
-      }
       // hg[:, my columns of every gate] = h_{t-1} @ W_hh^T
       gemm.run_panels(hcur, rows, P, p.hg, GH, false, q0, q1, true);
       for (int64_t b = 0; b < B && u1 > u0; ++b) {
@@ -201,7 +244,13 @@ void forward_steps_of(const ForwardArgs<T>& p) {
           }
         }
       }
+      if (split) {
+        split->arrive();
+        if (s + 1 < Tn) project(s + 1);
+        split->wait(s + 1);
+      } else {
 #pragma omp barrier
+      }
     }
   };
   run_team(team, body);
