@@ -338,7 +338,6 @@ def test_bitwise_equal_across_thread_counts(cell, bidi, proj, dtype, packed):
         assert not diff, f"{n} threads: results {diff} differ from 1 thread"
 
 
-
 @pytest.mark.parametrize("lengths", [False, True], ids=["full", "lengths"])
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_inference_bitwise_equal_across_thread_counts(cell, lengths):
