@@ -378,7 +378,8 @@ class PackedGemm {
     // split a product of M = 128, an RNN's weight gradient at H = 128, 3 : 1 between two
     // threads). Every element of C is summed over k in the same order whatever the chunk:
     // the same bits.
-    const int64_t parts = M > 96 ? (M + 95) / 96 : 1;
+    constexpr int64_t kMaxChunk = 96;
+    const int64_t parts = M > kMaxChunk ? (M + kMaxChunk - 1) / kMaxChunk : 1;
     const int64_t chunk = ((M + parts - 1) / parts + kMR - 1) / kMR * kMR;
     // K per pass: a row-major A streams, and one pass avoids re-reading C. A strided A
     // (aks > 1, the transposed A of a weight gradient) is read a cache line per k and

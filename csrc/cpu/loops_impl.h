@@ -196,9 +196,11 @@ void forward_steps_of(const ForwardArgs<T>& p) {
                           false, q0, q1, p.b_ih, true);
       }
     };
+    if (xgemm) {  // (the same for every thread of the team)
 #pragma omp single
-    if (xgemm) split.reset(new SplitBarrier(nt));  // (the single's barrier publishes it)
-    if (xgemm) project(0);
+      split.reset(new SplitBarrier(nt));  // (the single's barrier publishes it)
+      project(0);
+    }
     for (int64_t s = 0; s < Tn; ++s) {
       const int64_t t = p.reverse ? Tn - 1 - s : s;
       const T* hcur = bufs[s % 2];
