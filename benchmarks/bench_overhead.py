@@ -11,8 +11,12 @@ process:
            the C++ checks and allocation, the weight packing and the time loop
   torch.nn the torch.nn module with the same weights
 
+  1 op     torch's smallest call of the kind: one elementwise product of the input's
+           size (in training with its backward through torch's engine)
+
 so that module - layer is the module's Python, layer - kernel the autograd wrapper's,
-and the T=1 kernel time is the op's fixed cost. Each side runs twice in a round and the
+the T=1 kernel time is the op's fixed cost, and `1 op` the floor below which no torch
+module's call of that kind goes. Each side runs twice in a round and the
 second call is timed (warm caches: the sides leave each other's data in cache
 unevenly). Medians over rounds, microseconds.
 
@@ -73,11 +77,15 @@ def sides(mode, T, B, H, train):
         with torch._C._AutoDispatchBelowAutograd():
             kernel_fn()
 
+    # torch's floor: its smallest call of the same kind, one elementwise product of the
+    # input's size (with its backward engine in training)
+    leaf = x.clone().requires_grad_(train)
     return {
         "module": run(lambda: mod(x)),
         "layer": run(lambda: pyrnn.ops.layer(mode, x, h0, cx, *w)),
         "kernel": kernel,
         "torch.nn": run(lambda: ref(x)),
+        "1 op": run(lambda: leaf * 2),
     }
 
 
@@ -97,7 +105,8 @@ def main():
     print(f"{cpu_model()}; torch {torch.__version__}, {args.threads} threads; "
           f"{args.rounds} rounds, medians in microseconds, each call {when} {info}")
     print(f"{'cell':9}{'shape':7}{'pass':10}{'module':>9}{'layer':>9}{'kernel':>9}"
-          f"{'torch.nn':>10}{'module py':>11}{'wrapper':>9}" + (f"{'empty':>7}" if args.cold
+          f"{'torch.nn':>10}{'module py':>11}{'wrapper':>9}{'1 op':>7}"
+          + (f"{'empty':>7}" if args.cold
                                                                 else ""))
     for mode in args.cells.split(","):
         for shape in args.shapes.split(","):
@@ -123,7 +132,7 @@ def main():
                 print(f"{mode:9}{shape:7}{'training' if train else 'inference':10}"
                       f"{med['module']:9.0f}{med['layer']:9.0f}{med['kernel']:9.0f}"
                       f"{med['torch.nn']:10.0f}{med['module'] - med['layer']:11.0f}"
-                      f"{med['layer'] - med['kernel']:9.0f}"
+                      f"{med['layer'] - med['kernel']:9.0f}{med['1 op']:7.0f}"
                       + (f"{med['empty']:7.0f}" if args.cold else ""))
 
 

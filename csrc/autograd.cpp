@@ -22,6 +22,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
@@ -361,10 +362,17 @@ py::object module_forward(const std::string& mode, py::handle input_obj, py::han
     py::gil_scoped_release no_gil;
     Tensor zeros_h, zeros_c;
     if (!h0.defined()) {  // one tensor of zeros for every layer (the op only reads it)
-      zeros_h = at::zeros({B, P}, x.options());
-      zeros_c = !has_cell ? Tensor() : P == hidden_size ? zeros_h
-                                                         : at::zeros({B, hidden_size},
-                                                                     x.options());
+      // On the CPU a memset rather than at::zeros, whose fill is one more distinct piece
+      // of code per call (an idle pause makes each cost; 0.96 - 0.97x the time of a call
+      // at S4 after 5 ms, inference).
+      auto zeros = [&](int64_t cols) {
+        if (device.type() != at::kCPU) return at::zeros({B, cols}, x.options());
+        Tensor t = at::empty({B, cols}, x.options());
+        std::memset(t.data_ptr(), 0, t.nbytes());
+        return t;
+      };
+      zeros_h = zeros(P);
+      zeros_c = !has_cell ? Tensor() : P == hidden_size ? zeros_h : zeros(hidden_size);
     }
     const bool grad = at::GradMode::is_enabled();
     auto needs = [&](const Tensor& t) { return t.defined() && t.requires_grad(); };
