@@ -226,21 +226,12 @@ class PackedGemm {
                   bool every = false) const {
     const int64_t blocks = every ? panels_ / per_block_ : 1;
     const int64_t step = every ? per_block_ : 0;
-    if (!bf16_) {
-      for (int64_t g = 0; g < blocks; ++g)
-        panels(A, lda, M, C, ldc, accumulate, g * step + p0, g * step + p1, bias);
-      return;
-    }
+    if (!bf16_) return panels(A, lda, M, C, ldc, accumulate, p0, p1, blocks, step, bias);
     const Left a = left(A, M, lda, 1);  // rounded once for all blocks
-    for (int64_t g = 0; g < blocks; ++g) {
-      if constexpr (kBf16Dot) {  // (the pairs' kernels exist in the AVX512-BF16 copy only)
-        if (dot_) {
-          panels(a.pairs, a.ld, M, C, ldc, accumulate, g * step + p0, g * step + p1, bias);
-          continue;
-        }
-      }
-      panels(a.f, a.ld, M, C, ldc, accumulate, g * step + p0, g * step + p1, bias);
+    if constexpr (kBf16Dot) {  // (the pairs' kernels exist in the AVX512-BF16 copy only)
+      if (dot_) return panels(a.pairs, a.ld, M, C, ldc, accumulate, p0, p1, blocks, step, bias);
     }
+    panels(a.f, a.ld, M, C, ldc, accumulate, p0, p1, blocks, step, bias);
   }
 
   // C[M, N] (+)= A[M, K] @ op(Wm), A and C with leading dimensions lda, ldc. Rows go in chunks of
@@ -265,7 +256,7 @@ class PackedGemm {
   }
 
  private:
-  static constexpr int kWide = 4;  // panels per wide<R> call
+  static constexpr int kWide = 4;  // panels per wide<R, Q> call, at most
   static constexpr int64_t kCopyN = 128;  // the width of C from which tiles() copies a strided A
 
   // The left operand of a bfloat16 product, in this thread's buffer while alive: with
@@ -347,19 +338,31 @@ class PackedGemm {
     for (int64_t i0 = 0; i0 < n; i0 += block) f(i0, i0 + block < n ? i0 + block : n);
   }
 
-  // The panels [p0, p1) for the M rows of A (float32, or bfloat16 pairs with dot_).
+  // The panels [p0, p1) of each of `blocks` blocks, block g's at g * step + [p0, p1), for
+  // the M rows of A (float32, or bfloat16 pairs with dot_).
   template <typename TA>
   void panels(const TA* A, int64_t lda, int64_t M, float* C, int64_t ldc, bool accumulate,
-              int64_t p0, int64_t p1, const float* bias) const {
-    int64_t p = p0;
+              int64_t p0, int64_t p1, int64_t blocks, int64_t step, const float* bias) const {
+    const int64_t per = p1 - p0, n = blocks * per;
+    if (per <= 0) return;
+    auto index = [&](int64_t e) { return e / per * step + p0 + e % per; };
+    int64_t e = 0;  // panels [0, e) done, in the order of index()
     // One or two rows (a batch of one or two): a panel alone gives kV or 2 kV chains of
-    // dependent FMAs, too few to hide their latency; kWide panels at once give kWide
-    // times more. Every column is still summed over k in order: the same bits.
-    if (M == 1)
-      for (; p + kWide <= p1; p += kWide) wide<1>(A, lda, p, C, ldc, accumulate, bias);
-    else if (M == 2)
-      for (; p + kWide <= p1; p += kWide) wide<2>(A, lda, p, C, ldc, accumulate, bias);
-    for (; p < p1; ++p) {
+    // dependent FMAs, too few to hide their latency; up to kWide panels at once, taken
+    // across the gate blocks (at H = 64 a block has two panels), give as many times more.
+    // Every column is still summed over k in order: the same bits.
+    if ((M == 1 || M == 2) && n > 1) {
+      for (; e < n; e += kWide) {
+        int64_t ps[kWide];
+        const int q = n - e < kWide ? int(n - e) : kWide;
+        for (int j = 0; j < q; ++j) ps[j] = index(e + j);
+        if (M == 1) wide_n<1>(q, A, lda, ps, C, ldc, accumulate, bias);
+        else wide_n<2>(q, A, lda, ps, C, ldc, accumulate, bias);
+      }
+      return;
+    }
+    for (; e < n; ++e) {
+      const int64_t p = index(e);
       const vgf* panel = packed_.get() + p * depth_ * kV;
       const int64_t n0 = first_column(p), cols = columns(p);
       const float* bp = bias ? bias + n0 : nullptr;
@@ -456,17 +459,30 @@ class PackedGemm {
     for (int v = 0; v < kV; ++v) acc[v] = dot2(acc[v], a, w[v]);
   }
 
-  // Rows [0, R) of the panels [p, p + kWide), over all of K.
+  // wide<R, Q> for 1 <= q <= kWide.
   template <int R, typename TA>
-  void wide(const TA* A, int64_t lda, int64_t p, float* C, int64_t ldc, bool accumulate,
+  void wide_n(int q, const TA* A, int64_t lda, const int64_t* ps, float* C, int64_t ldc,
+              bool accumulate, const float* bias) const {
+    static_assert(kWide == 4);
+    switch (q) {
+      case 4: wide<R, 4>(A, lda, ps, C, ldc, accumulate, bias); break;
+      case 3: wide<R, 3>(A, lda, ps, C, ldc, accumulate, bias); break;
+      case 2: wide<R, 2>(A, lda, ps, C, ldc, accumulate, bias); break;
+      default: wide<R, 1>(A, lda, ps, C, ldc, accumulate, bias); break;
+    }
+  }
+
+  // Rows [0, R) of the Q panels ps[0 .. Q), over all of K.
+  template <int R, int Q, typename TA>
+  void wide(const TA* A, int64_t lda, const int64_t* ps, float* C, int64_t ldc, bool accumulate,
             const float* bias) const {
-    const vgf* panel[kWide];
-    int64_t n0[kWide], cols[kWide];
-    vgf acc[kWide][R][kV];
-    for (int q = 0; q < kWide; ++q) {
-      panel[q] = packed_.get() + (p + q) * depth_ * kV;
-      n0[q] = first_column(p + q);
-      cols[q] = columns(p + q);
+    const vgf* panel[Q];
+    int64_t n0[Q], cols[Q];
+    vgf acc[Q][R][kV];
+    for (int q = 0; q < Q; ++q) {
+      panel[q] = packed_.get() + ps[q] * depth_ * kV;
+      n0[q] = first_column(ps[q]);
+      cols[q] = columns(ps[q]);
       float tmp[kNR] = {};
       if (bias) std::memcpy(tmp, bias + n0[q], sizeof(float) * cols[q]);
       vgf init[kV];
@@ -477,12 +493,12 @@ class PackedGemm {
     for (int64_t k = 0; k < depth_; ++k) {
       TA a[R];
       for (int r = 0; r < R; ++r) a[r] = A[r * lda + k];
-      for (int q = 0; q < kWide; ++q) {
+      for (int q = 0; q < Q; ++q) {
         const vgf* w = panel[q] + kV * k;
         for (int r = 0; r < R; ++r) madd(acc[q][r], a[r], w);
       }
     }
-    for (int q = 0; q < kWide; ++q)
+    for (int q = 0; q < Q; ++q)
       for (int r = 0; r < R; ++r) store(acc[q][r], C + r * ldc + n0[q], cols[q], accumulate);
   }
 
