@@ -6,6 +6,7 @@
 2. The same call gives bitwise the same outputs, states, gradients, recorded gradient
    norms and gate statistics with 1, 2, 3 and 4 threads.
 """
+import copy
 import math
 
 import pytest
@@ -367,6 +368,65 @@ def test_inference_bitwise_equal_across_thread_counts(cell, lengths):
         other = saved if n == "grad" else results[n]
         diff = [i for i, (a, b) in enumerate(zip(results[1], other)) if not torch.equal(a, b)]
         assert not diff, f"{n}: results {diff} differ from 1 thread without grad"
+
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+def test_batches_of_one_and_two(cell, B):
+    """A step's product for one or two rows runs up to four panels (32 columns each) at
+    once, taken across the gate blocks. At these sizes the forward with grad runs a team
+    of two threads (2 B G H^2 >= 2^19 flops per step; B = 1: H = 320, ten panels per
+    gate block, split 5 + 5; B = 2: H = 224, seven, 4 + 3; the Elman RNN's single block at
+    H = 544 and 384), so a thread's panels come from every block. Bitwise the same on one
+    and two threads, the forward without grad the bits of the forward with grad, and like
+    torch.nn against float64 (_check_like). With B = 2 and lengths 9 and 5 the rows go
+    from two to one."""
+    H = {(1, True): 544, (2, True): 384, (1, False): 320, (2, False): 224}[B, cell == "rnn_tanh"]
+    T = 9
+    ours, ref = make_pair(cell, H, H, torch.float32)
+    truth = copy.deepcopy(ref).double()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(T, B, H, generator=g, dtype=torch.float64)
+    h = torch.randn(1, B, H, generator=g, dtype=torch.float64)
+    c = torch.randn(1, B, H, generator=g, dtype=torch.float64) if cell == "lstm" else None
+    names = ["output", "h_n"] + (["c_n"] if cell == "lstm" else [])
+    cot = {k: torch.randn((T if k == "output" else 1), B, H, generator=g,
+                          dtype=torch.float64) for k in names}
+    f32 = {k: v.float() for k, v in cot.items()}
+    c32 = c.float() if c is not None else None
+    packed = B == 2
+    lengths = torch.tensor([T, T - 4])
+    old = torch.get_num_threads()
+    runs, inference = {}, {}
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs[n] = _run(ours, x.float(), h.float(), c32, f32)
+            with torch.no_grad():
+                inference[n] = ours(x.float(), (h.float(), c32) if c is not None else h.float())[0]
+                if packed:
+                    inference[n, "packed"] = ours(pack_padded_sequence(x.float(), lengths),
+                                                  (h.float(), c32) if c is not None
+                                                  else h.float())[0].data
+    finally:
+        torch.set_num_threads(old)
+    for k in runs[1]:
+        assert torch.equal(runs[1][k], runs[2][k]), f"{k}: 1 and 2 threads differ"
+    assert torch.equal(inference[1], inference[2]) and torch.equal(inference[1],
+                                                                    runs[1]["output"])
+    want = _run(ref, x.float(), h.float(), c32, f32)
+    exact = _run(truth, x, h, c, cot)
+    eps = torch.finfo(torch.float32).eps
+    for k in runs[1]:
+        _check_like(runs[1][k], want[k], exact[k], eps, k)
+    if packed:
+        assert torch.equal(inference[1, "packed"], inference[2, "packed"])
+        state = (h.float(), c32) if c is not None else h.float()
+        with torch.no_grad():
+            want_p = ref(pack_padded_sequence(x.float(), lengths), state)[0].data
+            exact_p = truth(pack_padded_sequence(x, lengths),
+                            (h, c) if c is not None else h)[0].data
+        _check_like(inference[1, "packed"], want_p, exact_p, eps, "packed output")
+
 
 # ---------------------------------------------------------------------------------------
 # 3. Wide layers: the weight gradients' products with a copied left operand (gemm.h copies
