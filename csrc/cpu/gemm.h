@@ -472,9 +472,11 @@ class PackedGemm {
     }
   }
 
-  // Rows [0, R) of the Q panels ps[0 .. Q), over all of K.
+  // Rows [0, R) of the Q panels ps[0 .. Q), over all of K. Not inlined: the loops are
+  // flattened (kernels_impl.h), and eight shapes of this kernel in every loop of every
+  // cell would double the build's compile time; one call runs a whole product.
   template <int R, int Q, typename TA>
-  void wide(const TA* A, int64_t lda, const int64_t* ps, float* C, int64_t ldc, bool accumulate,
+  __attribute__((noinline)) void wide(const TA* A, int64_t lda, const int64_t* ps, float* C, int64_t ldc, bool accumulate,
             const float* bias) const {
     const vgf* panel[Q];
     int64_t n0[Q], cols[Q];
