@@ -106,8 +106,7 @@ def main():
           f"{args.rounds} rounds, medians in microseconds, each call {when} {info}")
     print(f"{'cell':9}{'shape':7}{'pass':10}{'module':>9}{'layer':>9}{'kernel':>9}"
           f"{'torch.nn':>10}{'module py':>11}{'wrapper':>9}{'1 op':>7}"
-          + (f"{'empty':>7}" if args.cold
-                                                                else ""))
+          + (f"{'empty':>7}" if args.cold else ""))
     for mode in args.cells.split(","):
         for shape in args.shapes.split(","):
             T, B, H = SHAPES[shape]

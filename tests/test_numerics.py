@@ -369,6 +369,7 @@ def test_inference_bitwise_equal_across_thread_counts(cell, lengths):
         diff = [i for i, (a, b) in enumerate(zip(results[1], other)) if not torch.equal(a, b)]
         assert not diff, f"{n}: results {diff} differ from 1 thread without grad"
 
+
 @pytest.mark.parametrize("B", [1, 2])
 @pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
 def test_batches_of_one_and_two(cell, B):
@@ -392,7 +393,9 @@ def test_batches_of_one_and_two(cell, B):
     cot = {k: torch.randn((T if k == "output" else 1), B, H, generator=g,
                           dtype=torch.float64) for k in names}
     f32 = {k: v.float() for k, v in cot.items()}
+    x32, h32 = x.float(), h.float()
     c32 = c.float() if c is not None else None
+    state = (h32, c32) if c is not None else h32
     packed = B == 2
     lengths = torch.tensor([T, T - 4])
     old = torch.get_num_threads()
@@ -400,29 +403,27 @@ def test_batches_of_one_and_two(cell, B):
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            runs[n] = _run(ours, x.float(), h.float(), c32, f32)
+            runs[n] = _run(ours, x32, h32, c32, f32)
             with torch.no_grad():
-                inference[n] = ours(x.float(), (h.float(), c32) if c is not None else h.float())[0]
+                inference[n] = ours(x32, state)[0]
                 if packed:
-                    inference[n, "packed"] = ours(pack_padded_sequence(x.float(), lengths),
-                                                  (h.float(), c32) if c is not None
-                                                  else h.float())[0].data
+                    inference[n, "packed"] = ours(pack_padded_sequence(x32, lengths),
+                                                  state)[0].data
     finally:
         torch.set_num_threads(old)
     for k in runs[1]:
         assert torch.equal(runs[1][k], runs[2][k]), f"{k}: 1 and 2 threads differ"
     assert torch.equal(inference[1], inference[2]) and torch.equal(inference[1],
                                                                     runs[1]["output"])
-    want = _run(ref, x.float(), h.float(), c32, f32)
+    want = _run(ref, x32, h32, c32, f32)
     exact = _run(truth, x, h, c, cot)
     eps = torch.finfo(torch.float32).eps
     for k in runs[1]:
         _check_like(runs[1][k], want[k], exact[k], eps, k)
     if packed:
         assert torch.equal(inference[1, "packed"], inference[2, "packed"])
-        state = (h.float(), c32) if c is not None else h.float()
         with torch.no_grad():
-            want_p = ref(pack_padded_sequence(x.float(), lengths), state)[0].data
+            want_p = ref(pack_padded_sequence(x32, lengths), state)[0].data
             exact_p = truth(pack_padded_sequence(x, lengths),
                             (h, c) if c is not None else h)[0].data
         _check_like(inference[1, "packed"], want_p, exact_p, eps, "packed output")

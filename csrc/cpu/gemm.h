@@ -476,8 +476,8 @@ class PackedGemm {
   // flattened (kernels_impl.h), and eight shapes of this kernel in every loop of every
   // cell would double the build's compile time; one call runs a whole product.
   template <int R, int Q, typename TA>
-  __attribute__((noinline)) void wide(const TA* A, int64_t lda, const int64_t* ps, float* C, int64_t ldc, bool accumulate,
-            const float* bias) const {
+  __attribute__((noinline)) void wide(const TA* A, int64_t lda, const int64_t* ps, float* C,
+                                      int64_t ldc, bool accumulate, const float* bias) const {
     const vgf* panel[Q];
     int64_t n0[Q], cols[Q];
     vgf acc[Q][R][kV];
