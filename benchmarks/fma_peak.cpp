@@ -7,8 +7,10 @@
 //
 //     g++ -O3 -march=native -fopenmp benchmarks/fma_peak.cpp -o fma_peak
 //     OMP_NUM_THREADS=2 ./fma_peak [iterations, default 1e8]
-#include <immintrin.h>
 #include <omp.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 #include <chrono>
 #include <cstdio>
