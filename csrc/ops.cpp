@@ -69,7 +69,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   const int64_t W = run_width(m, H, save);
   // A forward that saves nothing (inference), float32 without a projection, batch >= 8,
   // W_ih not too large (below): the time loop computes each step's input projection
-  // itself, each thread for the columns of its own units, so that the rows are still in
+  // itself, each thread for its own rows or units, so that the rows are still in
   // cache when the pointwise update reads them, and it needs the rows of one step only.
   // Otherwise (small batches, where one product over all T*B rows runs faster; training;
   // a W_ih that the loop would stream from memory at every step; float64; projections)
@@ -356,18 +356,35 @@ BackwardResult backward_cpu(
                   dx.data_ptr<scalar_t>(), d.I, nullptr);
     });
   }
-  Tensor dw_ih = at::empty({GH, d.I}, opt), dw_hh = at::empty({GH, P}, opt);
+  // dW_ih[G*H, I] = gin^T @ x and dW_hh[G*H, P] = gh^T @ h_prev, over all T*B rows; where
+  // gin and gh are one matrix (no cell splits its gate gradients, no layer norm), as one
+  // product [dW_ih | dW_hh] = gx^T @ [x | h_prev], which reads gx once.
+  const bool one_dw = gin.is_same(gh);
+  Tensor dw_ih, dw_hh;
+  Tensor dw_both = one_dw ? at::empty({GH, d.I + P}, opt) : Tensor();
+  if (!one_dw) {
+    dw_ih = at::empty({GH, d.I}, opt);
+    dw_hh = at::empty({GH, P}, opt);
+  }
   Tensor dw_hr = w_hr.defined() ? at::empty({P, H}, opt) : at::empty({0}, opt);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "pyrnn_backward_dw", [&] {
-    // dW_ih[G*H, I] = gin^T @ x and dW_hh[G*H, P] = gh^T @ h_prev, over all T*B rows
-    cpu::matmul_tn(gin.data_ptr<scalar_t>(), GH, T * B, input.data_ptr<scalar_t>(), d.I,
-                   dw_ih.data_ptr<scalar_t>());
-    cpu::matmul_tn(gh.data_ptr<scalar_t>(), GH, T * B, hprev.data_ptr<scalar_t>(), P,
-                   dw_hh.data_ptr<scalar_t>());
+    if (one_dw) {
+      cpu::matmul_tn(gh.data_ptr<scalar_t>(), GH, T * B, input.data_ptr<scalar_t>(), d.I,
+                     hprev.data_ptr<scalar_t>(), P, dw_both.data_ptr<scalar_t>());
+    } else {
+      cpu::matmul_tn(gin.data_ptr<scalar_t>(), GH, T * B, input.data_ptr<scalar_t>(), d.I,
+                     static_cast<scalar_t*>(nullptr), 0, dw_ih.data_ptr<scalar_t>());
+      cpu::matmul_tn(gh.data_ptr<scalar_t>(), GH, T * B, hprev.data_ptr<scalar_t>(), P,
+                     static_cast<scalar_t*>(nullptr), 0, dw_hh.data_ptr<scalar_t>());
+    }
     if (w_hr.defined())  // dW_hr[P, H] = dh^T @ m
       cpu::matmul_tn(dhtot.data_ptr<scalar_t>(), P, T * B, mall.data_ptr<scalar_t>(), H,
-                     dw_hr.data_ptr<scalar_t>());
+                     static_cast<scalar_t*>(nullptr), 0, dw_hr.data_ptr<scalar_t>());
   });
+  if (one_dw) {
+    dw_ih = dw_both.narrow(1, 0, d.I).contiguous();
+    dw_hh = dw_both.narrow(1, d.I, P).contiguous();
+  }
   // the bias gradients: column sums over the T*B rows, in an order fixed by T*B alone
   Tensor db_ih = has_bias ? at::empty({GH}, opt) : at::empty({0}, opt);
   Tensor db_hh = has_bias ? at::empty({GH}, opt) : at::empty({0}, opt);

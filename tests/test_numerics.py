@@ -284,6 +284,19 @@ CONFIGS = [(cell, bidi, 0) for cell in CELLS for bidi in (False, True)] + \
           [("lstm", False, 40), ("lstm", True, 40)]
 
 
+def _one_and_two_threads(f):
+    """f() on one thread, then on two (torch's and OpenMP's count restored after)."""
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = f()
+        torch.set_num_threads(2)
+        two = f()
+    finally:
+        torch.set_num_threads(old)
+    return one, two
+
+
 def _thread_run(cell, dtype, packed, bidi, proj):
     kw = {"num_layers": 2, "bidirectional": bidi}
     if proj:
@@ -368,6 +381,60 @@ def test_inference_bitwise_equal_across_thread_counts(cell, lengths):
         other = saved if n == "grad" else results[n]
         diff = [i for i, (a, b) in enumerate(zip(results[1], other)) if not torch.equal(a, b)]
         assert not diff, f"{n}: results {diff} differ from 1 thread without grad"
+
+
+@pytest.mark.parametrize("lengths", [None, "sorted", "unsorted"])
+@pytest.mark.parametrize("B", [17, 40])
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+def test_loops_split_by_batch_rows(cell, B, lengths):
+    """Two threads split the float32 time loops by batch rows where each gets a full
+    block of the kernel's rows or more (B = 17: 8 + 9 rows, B = 40: 20 + 20), by hidden
+    units below that (one thread here runs every row). Outputs, states, every gradient
+    and the recorded norms are the bits of one thread, forward with and without grad;
+    with lengths (sorted longest first, the rows still running at a step are a prefix of
+    the batch and each thread multiplies its part of it; unsorted, every row runs and
+    finished ones keep their state), and like torch.nn against float64 (_check_like)."""
+    T, H = 11, 96
+    ours, ref = make_pair(cell, H, H, torch.float32)
+    ours.record_grad_norms = True
+    truth = copy.deepcopy(ref).double()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(T, B, H, generator=g, dtype=torch.float64)
+    h = torch.randn(1, B, H, generator=g, dtype=torch.float64)
+    c = torch.randn(1, B, H, generator=g, dtype=torch.float64) if cell == "lstm" else None
+    lens = None
+    if lengths:
+        lens = torch.randint(1, T + 1, (B,), generator=g)
+        lens[0] = T
+        if lengths == "sorted":
+            lens = lens.sort(descending=True).values
+
+    def run(m, dtype):
+        xs = x.to(dtype).requires_grad_(True)
+        hs = h.to(dtype).requires_grad_(True)
+        state = hs if c is None else (hs, c.to(dtype).requires_grad_(True))
+        inp = pack_padded_sequence(xs, lens, enforce_sorted=False) if lens is not None else xs
+        out, hn = m(inp, state)
+        out = out.data if lens is not None else out
+        hn = list(hn) if isinstance(hn, tuple) else [hn]
+        loss = sum((t.double() * (1.0 + torch.arange(t.numel(), dtype=torch.float64)
+                                  .reshape(t.shape).sin())).sum() for t in [out] + hn)
+        leaves = [xs, hs] + ([state[1]] if c is not None else []) + list(m.parameters())
+        res = [out, *hn, *torch.autograd.grad(loss, leaves)]
+        with torch.no_grad():
+            res.append(m(inp, state)[0].data if lens is not None else m(inp, state)[0])
+        if m is ours:
+            res.append(m.grad_norms.hidden)
+        return [t.detach() for t in res]
+
+    one, two = _one_and_two_threads(lambda: run(ours, torch.float32))
+    diff = [i for i, (a, b) in enumerate(zip(one, two)) if not torch.equal(a, b)]
+    assert not diff, f"results {diff} differ between one and two threads"
+    assert torch.equal(one[-2], one[0]), "the forward without grad differs from with grad"
+    want, exact = run(ref, torch.float32), run(truth, torch.float64)
+    eps = torch.finfo(torch.float32).eps
+    for i, (a, b, t) in enumerate(zip(one[:-1], want, exact)):
+        _check_like(a, b, t, eps, f"result {i}")
 
 
 @pytest.mark.parametrize("B", [1, 2])
@@ -455,14 +522,7 @@ def test_wide_weight_gradients(cell):
         y, _ = m(x.to(dtype))
         return torch.autograd.grad((y * cot.to(dtype)).sum(), [m.weight_ih_l0, m.weight_hh_l0])
 
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = weight_grads(ours, torch.float32)
-        torch.set_num_threads(2)
-        two = weight_grads(ours, torch.float32)
-    finally:
-        torch.set_num_threads(old)
+    one, two = _one_and_two_threads(lambda: weight_grads(ours, torch.float32))
     truth = weight_grads(ref, torch.float64)
     bound = T * B * 2.0**-24
     for a, b, t in zip(one, two, truth):

@@ -144,11 +144,13 @@ void matmul(const double* A, int64_t M, int64_t K, const double* Wm, int64_t N, 
             double* C, int64_t ldc, const double* bias) {
   of<double>().matmul(A, M, K, Wm, N, transposed, C, ldc, bias);
 }
-void matmul_tn(const float* A, int64_t M, int64_t K, const float* Bm, int64_t N, float* C) {
-  of<float>().matmul_tn(A, M, K, Bm, N, C);
+void matmul_tn(const float* A, int64_t M, int64_t K, const float* Bm, int64_t N,
+               const float* B2, int64_t N2, float* C) {
+  of<float>().matmul_tn(A, M, K, Bm, N, B2, N2, C);
 }
-void matmul_tn(const double* A, int64_t M, int64_t K, const double* Bm, int64_t N, double* C) {
-  of<double>().matmul_tn(A, M, K, Bm, N, C);
+void matmul_tn(const double* A, int64_t M, int64_t K, const double* Bm, int64_t N,
+               const double* B2, int64_t N2, double* C) {
+  of<double>().matmul_tn(A, M, K, Bm, N, B2, N2, C);
 }
 void column_sums(const float* A, int64_t M, int64_t N, float* out) {
   of<float>().column_sums(A, M, N, out);

@@ -145,8 +145,12 @@ class PackedGemm {
   // recurrent matrix); panels never straddle two blocks, so a thread can own a slice of
   // hidden units across all gates. block = N (the default) is one block. bf16: products
   // of operands rounded to bfloat16 (see kBf16Dot).
+  // Wm2: a second right-hand matrix [K, N - N1] beside Wm [K, N1] (not transposed, one
+  // block): op(Wm) is then [Wm | Wm2], so that two products that share their left
+  // operand (the weight gradients of x and of h_{t-1}) run as one.
   PackedGemm(int64_t M, int64_t N, int64_t K, const float* Wm, bool transposed,
-             int64_t block = 0, bool bf16 = bf16_products())
+             int64_t block = 0, bool bf16 = bf16_products(), const float* Wm2 = nullptr,
+             int64_t N1 = -1)
       : M_(M), N_(N), K_(K), block_(block > 0 ? block : (N > 0 ? N : 1)),
         per_block_((block_ + kNR - 1) / kNR), panels_(N / block_ * per_block_),
         bf16_(bf16), dot_(bf16 && kBf16Dot), depth_(dot_ ? (K + 1) / 2 : K) {
@@ -154,11 +158,18 @@ class PackedGemm {
     // same size, so panel p, row k is at packed_ + (p * depth_ + k) * kV either way.
     packed_ = PackBuffers::take(panels_ * depth_ * kV + 1);
     float* base = reinterpret_cast<float*>(packed_.get());
-    // Column n of op(Wm), its element k at column(n)[k * kstep]. A whole panel of a
+    // Column n of op(Wm), its element k at column(n)[k * kstep(n)]. A whole panel of a
     // Wm [K, N] is packed a panel row at a time, any other a column at a time (along a row
     // of a transposed Wm).
-    auto column = [&](int64_t n) { return transposed ? Wm + n * K : Wm + n; };
-    const int64_t kstep = transposed ? 1 : N;
+    if (!Wm2 || N1 < 0 || N1 > N) N1 = N;
+    auto column = [&](int64_t n) {
+      return transposed ? Wm + n * K : n < N1 ? Wm + n : Wm2 + (n - N1);
+    };
+    auto kstep = [&](int64_t n) -> int64_t { return transposed ? 1 : n < N1 ? N1 : N - N1; };
+    // a full panel of a Wm [K, N] (or of Wm2) that lies in one of the two
+    auto whole = [&](int64_t n0, int64_t cols) {
+      return !transposed && cols == kNR && (n0 >= N1 || n0 + kNR <= N1);
+    };
     // A pure copy, so the threads may split it (from outside a parallel region, and when
     // the weights are large enough to pay for waking them: a one-step call with H = 512
     // spends about as long packing as multiplying).
@@ -167,12 +178,13 @@ class PackedGemm {
       const int64_t n0 = first_column(p), cols = columns(p);
       if (kBf16Dot && dot_) {  // (stored with memcpy: the buffer is read as vectors of float)
         char* dst = reinterpret_cast<char*>(base + p * depth_ * kNR);
-        if (!transposed && cols == kNR) {  // rows 2 k2 and 2 k2 + 1 of Wm, a vector at a time
+        if (whole(n0, cols)) {  // rows 2 k2 and 2 k2 + 1 of Wm, a vector at a time
+          const int64_t ld = kstep(n0);
           for (int64_t k2 = 0; k2 < depth_; ++k2) {
-            const float* lo = Wm + 2 * k2 * N + n0;
+            const float* lo = column(n0) + 2 * k2 * ld;
             for (int64_t v = 0; v < kV; ++v, dst += sizeof(vgu)) {
               vgu pair = bf16_bits_at(lo + v * kSimdLanes);
-              if (2 * k2 + 1 < K) pair |= bf16_bits_at(lo + N + v * kSimdLanes) << 16;
+              if (2 * k2 + 1 < K) pair |= bf16_bits_at(lo + ld + v * kSimdLanes) << 16;
               std::memcpy(dst, &pair, sizeof pair);
             }
           }
@@ -180,10 +192,11 @@ class PackedGemm {
         }
         for (int64_t c = 0; c < kNR; ++c) {
           const float* src = c < cols ? column(n0 + c) : nullptr;
+          const int64_t ks = kstep(n0 + c);
           for (int64_t k2 = 0; k2 < depth_; ++k2) {
             const int64_t k = 2 * k2;
             const uint32_t pair =
-                src ? bf16_bits(src[k * kstep]) | (k + 1 < K ? bf16_bits(src[(k + 1) * kstep]) << 16 : 0u)
+                src ? bf16_bits(src[k * ks]) | (k + 1 < K ? bf16_bits(src[(k + 1) * ks]) << 16 : 0u)
                     : 0u;
             std::memcpy(dst + (k2 * kNR + c) * sizeof pair, &pair, sizeof pair);
           }
@@ -191,9 +204,10 @@ class PackedGemm {
         continue;
       }
       float* dst = base + p * K * kNR;
-      if (!transposed && cols == kNR) {
+      if (whole(n0, cols)) {
+        const int64_t ld = kstep(n0);
         for (int64_t k = 0; k < K; ++k, dst += kNR) {
-          const float* src = Wm + k * N + n0;
+          const float* src = column(n0) + k * ld;
           if (!bf16_) {
             std::memcpy(dst, src, sizeof(float) * kNR);
             continue;
@@ -207,12 +221,13 @@ class PackedGemm {
       }
       for (int64_t c = 0; c < kNR; ++c) {
         const float* src = column(n0 + c);
+        const int64_t ks = kstep(n0 + c);
         if (c >= cols)
           for (int64_t k = 0; k < K; ++k) dst[k * kNR + c] = 0.f;
         else if (bf16_)
-          for (int64_t k = 0; k < K; ++k) dst[k * kNR + c] = bf16_round(src[k * kstep]);
+          for (int64_t k = 0; k < K; ++k) dst[k * kNR + c] = bf16_round(src[k * ks]);
         else
-          for (int64_t k = 0; k < K; ++k) dst[k * kNR + c] = src[k * kstep];
+          for (int64_t k = 0; k < K; ++k) dst[k * kNR + c] = src[k * ks];
       }
     }
   }

@@ -77,19 +77,23 @@ PYRNN_FLAT void matmul(const float* A, int64_t M, int64_t K, const float* Wm, in
 }
 
 PYRNN_FLAT void matmul_tn(const float* A, int64_t M, int64_t K, const float* Bm, int64_t N,
-                          float* C) {
-  if (M == 0 || N == 0) return;
-  const PackedGemm gemm(M, N, K, Bm, false);
-  gemm.run_strided(A, M, 1, M, C, N, false);
+                          const float* B2, int64_t N2, float* C) {
+  if (M == 0 || N + N2 == 0) return;
+  const PackedGemm gemm(M, N + N2, K, Bm, false, 0, bf16_products(), B2, N);
+  gemm.run_strided(A, M, 1, M, C, N + N2, false);
 }
 
 // float64 products: fixed tiles of the result, one sequential BLAS call each (see
 // over_tiles in blas.h), so that no sum is split by the number of threads.
-void matmul_tn(const double* A, int64_t M, int64_t K, const double* Bm, int64_t N, double* C) {
+void matmul_tn(const double* A, int64_t M, int64_t K, const double* Bm, int64_t N,
+               const double* B2, int64_t N2, double* C) {
   constexpr int64_t kTile = 256;  // rows of C (columns of A) per call
-  over_tiles((M + kTile - 1) / kTile, 2.0 * M * N * K, [&](int64_t i) {
+  const int64_t ldc = N + N2;
+  over_tiles((M + kTile - 1) / kTile, 2.0 * M * ldc * K, [&](int64_t i) {
     const int64_t m0 = i * kTile, w = std::min(kTile, M - m0);
-    mm_tn<double>(int(w), int(N), int(K), A + m0, int(M), Bm, C + m0 * N, int(N));
+    mm_tn<double>(int(w), int(N), int(K), A + m0, int(M), Bm, C + m0 * ldc, int(ldc));
+    if (N2 > 0)
+      mm_tn<double>(int(w), int(N2), int(K), A + m0, int(M), B2, C + m0 * ldc + N, int(ldc));
   });
 }
 
@@ -157,7 +161,8 @@ constexpr KernelsOf<T> table(CellList<Cells...>) {
   return {CellLoops<T, Cells...>::forward, CellLoops<T, Cells...>::backward,
           static_cast<void (*)(const T*, int64_t, int64_t, const T*, int64_t, bool, T*, int64_t,
                                const T*)>(&matmul),
-          static_cast<void (*)(const T*, int64_t, int64_t, const T*, int64_t, T*)>(&matmul_tn),
+          static_cast<void (*)(const T*, int64_t, int64_t, const T*, int64_t, const T*, int64_t,
+                               T*)>(&matmul_tn),
           static_cast<void (*)(const T*, int64_t, int64_t, T*)>(&column_sums)};
 }
 

@@ -95,7 +95,7 @@ struct KernelsOf {
   void (*const* forward)(const ForwardArgs<T>&);   // [number of cells]
   void (*const* backward)(const BackwardArgs<T>&);  // [number of cells]
   void (*matmul)(const T*, int64_t, int64_t, const T*, int64_t, bool, T*, int64_t, const T*);
-  void (*matmul_tn)(const T*, int64_t, int64_t, const T*, int64_t, T*);
+  void (*matmul_tn)(const T*, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*);
   void (*column_sums)(const T*, int64_t, int64_t, T*);
 };
 struct Kernels {
@@ -151,10 +151,14 @@ void matmul(const float* A, int64_t M, int64_t K, const float* Wm, int64_t N, bo
 void matmul(const double* A, int64_t M, int64_t K, const double* Wm, int64_t N, bool transposed,
             double* C, int64_t ldc, const double* bias);
 
-// C[M, N] = A^T @ Bm for A [K, M] and Bm [K, N] (the weight gradients: K = T*B rows).
-// Every product here gives the same bits for any number of threads.
-void matmul_tn(const float* A, int64_t M, int64_t K, const float* Bm, int64_t N, float* C);
-void matmul_tn(const double* A, int64_t M, int64_t K, const double* Bm, int64_t N, double* C);
+// C[M, N + N2] = A^T @ [Bm | B2] for A [K, M], Bm [K, N] and B2 [K, N2] (the weight
+// gradients: K = T*B rows; B2 may be nullptr with N2 = 0). Two weight gradients with the
+// same left operand run as one product: A is read, and rounded for bfloat16 products,
+// once. Every product here gives the same bits for any number of threads.
+void matmul_tn(const float* A, int64_t M, int64_t K, const float* Bm, int64_t N,
+               const float* B2, int64_t N2, float* C);
+void matmul_tn(const double* A, int64_t M, int64_t K, const double* Bm, int64_t N,
+               const double* B2, int64_t N2, double* C);
 
 // out[N] = the sum of the M rows of A[M, N] (the bias gradients), in an order that
 // depends on M alone.
