@@ -384,17 +384,17 @@ def test_inference_bitwise_equal_across_thread_counts(cell, lengths):
 
 
 @pytest.mark.parametrize("lengths", [None, "sorted", "unsorted"])
-@pytest.mark.parametrize("B", [17, 40])
+@pytest.mark.parametrize("B", [7, 8, 17, 40])
 @pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
 def test_loops_split_by_batch_rows(cell, B, lengths):
-    """Two threads split the float32 time loops by batch rows where each gets a full
-    block of the kernel's rows or more (B = 17: 8 + 9 rows, B = 40: 20 + 20), by hidden
-    units below that (one thread here runs every row). Outputs, states, every gradient
+    """Two threads split the float32 time loops by batch rows where each gets four rows or
+    more (B = 8: 4 + 4, B = 17: 8 + 9, B = 40: 20 + 20), by hidden units below that
+    (B = 7; one thread here runs every row). Outputs, states, every gradient
     and the recorded norms are the bits of one thread, forward with and without grad;
     with lengths (sorted longest first, the rows still running at a step are a prefix of
     the batch and each thread multiplies its part of it; unsorted, every row runs and
     finished ones keep their state), and like torch.nn against float64 (_check_like)."""
-    T, H = 11, 96
+    T, H = 11, 128
     ours, ref = make_pair(cell, H, H, torch.float32)
     ours.record_grad_norms = True
     truth = copy.deepcopy(ref).double()

@@ -144,25 +144,30 @@ class SplitBarrier {
 };
 
 // Whether a team of nt threads splits the time loops by batch rows rather than by hidden
-// units: float32 without a projection, each thread with at least a full block of rows
-// of the products' kernel. Each thread then runs every unit of its rows, and the threads
-// share no data within a step: no barriers, and no lines of h that one thread writes and
-// another reads. Split by units, every step exchanges h_{t-1} (or the gate gradients)
-// between the threads and waits at a barrier. The products' sums do not depend on the
-// split (each element of C is summed over k in order by the same kernel): the same bits.
-// Each thread reads all of the weights at every step instead of its share of them; with
-// B rows split in two, the panels of a step pass over as many rows in both splits.
-// Measured (AMD EPYC model 17, 2 threads, T = 100, B = 32, H = 128, medians of 21 - 41
-// interleaved rounds in one process, rows against units): LSTM inference 0.90 - 0.92,
-// training 0.86 - 0.88; GRU 0.73 and 0.93; Elman RNN 0.80 and 0.85; the LSTM with
-// bfloat16 products 0.66 and 0.74; at H = 512, LSTM inference 0.94, training 1.00. On
-// that machine the split by units ran, for seconds at a time, no faster on two threads
-// than on one (the stores of h_t and the barrier's atomic add stalled on lines the other
-// core held), where the split by rows kept its speed.
+// units: float32 without a projection, each thread with four rows or more. Each thread
+// then runs every unit of its rows, and the threads share no data within a step: no
+// barriers, and no lines of h that one thread writes and another reads. Split by units,
+// every step exchanges h_{t-1} (or the gate gradients) between the threads and waits at
+// a barrier. The products' sums do not depend on the split (each element of C is summed
+// over k in order by the same kernel): the same bits. Each thread reads all of the
+// weights at every step instead of its share of them, which costs where a thread has
+// few rows and the weights leave the second-level cache. Measured (AMD EPYC model 17,
+// 2 threads, medians of 9 - 41 interleaved rounds in one process, time split by rows
+// against by units): T = 100, B = 32, H = 128: LSTM inference 0.90 - 0.92, training
+// 0.86 - 0.88; GRU 0.73 and 0.93; Elman RNN 0.80 and 0.85; the LSTM with bfloat16
+// products 0.66 and 0.74; H = 512: LSTM inference 0.94, training 1.00. Four rows per
+// thread: T = 500, B = 8, H = 256: LSTM inference 0.82, training 0.87, GRU inference
+// 0.85, Elman RNN 0.95 (with the AVX2 copy: LSTM inference 0.98, GRU training 0.87);
+// B = 8, H = 512 and 1024: LSTM inference 0.92 and 0.99, Elman RNN training at 1024
+// 0.94. Two rows per thread: B = 4, H = 256 0.93 - 0.96, but H = 512 1.12 and 1024 1.23;
+// one row, B = 2, H = 512: 1.33. On that machine the split by units ran, for seconds at
+// a time, no faster on two threads than on one (the stores of h_t and the barrier's
+// atomic add stalled on lines the other core held), where the split by rows kept its
+// speed.
 template <typename T, bool proj>
 inline bool by_rows(int64_t B, int64_t nt) {
   if constexpr (std::is_same_v<T, float> && !proj) {
-    return nt > 1 && B >= nt * PackedGemm::kMR;
+    return nt > 1 && B >= nt * 4;
   } else {
     return false;
   }
