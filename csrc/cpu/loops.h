@@ -48,10 +48,12 @@ struct ForwardArgs : LayerArgs<T> {
   T* c_n = nullptr;           // [B, H] out: c_n, likewise (a cell with a cell state)
   T* hg = nullptr;            // [B, G*H] scratch: h_{t-1} @ W_hh^T
   T* m = nullptr;             // [B, H] scratch (projection): m_t = o * tanh(c_t)
-  // Optional (float32, a forward that saves nothing): with project set, the loop
-  // computes each step's input projection x_t @ W_ih^T + b_ih into the first G*H entries
-  // of ws itself, which then holds the rows of one step only, reused at every step.
+  // Optional (float32): with project set, the loop computes each step's input projection
+  // x_t @ W_ih^T + b_ih into the first G*H entries of ws itself. ws then holds the rows
+  // of one step only, reused at every step, or with every_step (a forward that saves
+  // for BPTT) the rows of every step.
   bool project = false;
+  bool every_step = false;
   const T* x = nullptr;       // [T, B, I] (nullptr when it is empty)
   const T* w_ih = nullptr;    // [G*H, I]
   const T* b_ih = nullptr;    // [G*H] or nullptr

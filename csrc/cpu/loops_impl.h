@@ -236,8 +236,9 @@ void forward_steps_of(const ForwardArgs<T>& p) {
     auto project = [&](int64_t s) {
       if constexpr (std::is_same_v<T, float>) {
         const int64_t t = p.reverse ? Tn - 1 - s : s;
-        xgemm->run_panels(p.x + (t * B + b0) * p.input, my_rows(t), p.input, p.ws + b0 * W, W,
-                          false, q0, q1, p.b_ih, true);
+        T* ws = p.ws + ((p.every_step ? t * B : 0) + b0) * W;
+        xgemm->run_panels(p.x + (t * B + b0) * p.input, my_rows(t), p.input, ws, W, false, q0,
+                          q1, p.b_ih, true);
       }
     };
     if (xgemm) {  // (the same for every thread of the team)
@@ -252,7 +253,7 @@ void forward_steps_of(const ForwardArgs<T>& p) {
       const T* hcur = !in_y ? bufs[s % 2] : s == 0 ? p.h0 : p.y + (p.reverse ? t + 1 : t - 1) * B * P;
       T* hnext = in_y ? p.y + t * B * P : bufs[(s + 1) % 2];
       const int64_t rows = rows_running(p, prefix, t);
-      const int64_t ws_step = p.project ? 0 : t;  // the rows of step t in ws
+      const int64_t ws_step = p.project && !p.every_step ? 0 : t;  // the rows of step t in ws
       // hg[my rows, my columns of every gate] = h_{t-1} @ W_hh^T
       gemm.run_panels(hcur + b0 * P, my_rows(t), P, p.hg + b0 * GH, GH, false, q0, q1, true);
       for (int64_t b = b0; b < b1 && u1 > u0; ++b) {
