@@ -163,11 +163,15 @@ class SplitBarrier {
 // one row, B = 2, H = 512: 1.33. On that machine the split by units ran, for seconds at
 // a time, no faster on two threads than on one (the stores of h_t and the barrier's
 // atomic add stalled on lines the other core held), where the split by rows kept its
-// speed.
+// speed. weights: the floats of the matrices a step multiplies by. With many threads,
+// the split by rows reads them nt times over at every step: it is taken where they take
+// 1 MB or less (a core's second-level cache on that EPYC) or nt copies of them 32 MB or
+// less (a last-level cache); only two threads were measured.
 template <typename T, bool proj>
-inline bool by_rows(int64_t B, int64_t nt) {
+inline bool by_rows(int64_t B, int64_t nt, int64_t weights) {
   if constexpr (std::is_same_v<T, float> && !proj) {
-    return nt > 1 && B >= nt * 4;
+    const int64_t bytes = weights * int64_t(sizeof(float));
+    return nt > 1 && B >= nt * 4 && (bytes <= (int64_t(1) << 20) || nt * bytes <= (int64_t(32) << 20));
   } else {
     return false;
   }
@@ -219,7 +223,7 @@ void forward_steps_of(const ForwardArgs<T>& p) {
   // projection fills the time it would have waited for a slower thread.
   std::unique_ptr<SplitBarrier> split;
   auto body = [&](int64_t nt, int64_t id) {
-    const bool rows_split = by_rows<T, proj>(B, nt);
+    const bool rows_split = by_rows<T, proj>(B, nt, GH * (P + (xgemm ? p.input : 0)));
     // this thread's units [u0, u1) (their panels [q0, q1) of each gate block) of the batch
     // rows [b0, b1)
     const int64_t q0 = rows_split ? 0 : per * id / nt, q1 = rows_split ? per : per * (id + 1) / nt;
@@ -343,7 +347,7 @@ void backward_steps_of(const BackwardArgs<T>& p) {
   // from inside a parallel region: it would start a nested team on every call).
   const bool team = per > 1 && 2 * B * GH * P >= (1 << 19);
   auto body = [&](int64_t nt, int64_t id) {
-    const bool rows_split = by_rows<T, proj>(B, nt);
+    const bool rows_split = by_rows<T, proj>(B, nt, GH * P);
     const int64_t q0 = rows_split ? 0 : per * id / nt, q1 = rows_split ? per : per * (id + 1) / nt;
     const int64_t u0 = std::min(q0 * pw, H);
     const int64_t u1 = std::min(q1 * pw, H);
