@@ -72,8 +72,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   // computes each step's input projection itself, each thread for its own rows or units,
   // so that the rows are still in cache when the pointwise update reads them (and in
   // inference it needs the rows of one step only). Otherwise (small batches, where one
-  // product over all T*B rows runs faster; the Elman cells' training; a W_ih that the loop would stream from memory at every step; float64; projections)
-  // that product comes first: ws[..., :G*H] = x @ W_ih^T + b_ih. The same kernel and
+  // product over all T*B rows runs faster; the Elman cells' training; a W_ih that the
+  // loop would stream from memory at every step; float64; projections) that product
+  // comes first: ws[..., :G*H] = x @ W_ih^T + b_ih. The same kernel and
   // order of sums either way: the same bits. Measured (2 threads, both ways in turn):
   // with the AVX2 copy (an AVX2-only AMD EPYC), inference at T = 100, B = 32, H = 128
   // 7 - 9% faster in the loop, the LSTM's at H = 512 (W_ih 2^20 elements) 9% slower: W_ih

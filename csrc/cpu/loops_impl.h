@@ -4,7 +4,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -171,7 +170,8 @@ template <typename T, bool proj>
 inline bool by_rows(int64_t B, int64_t nt, int64_t weights) {
   if constexpr (std::is_same_v<T, float> && !proj) {
     const int64_t bytes = weights * int64_t(sizeof(float));
-    return nt > 1 && B >= nt * 4 && (bytes <= (int64_t(1) << 20) || nt * bytes <= (int64_t(32) << 20));
+    const bool fit = bytes <= (int64_t(1) << 20) || nt * bytes <= (int64_t(32) << 20);
+    return nt > 1 && B >= nt * 4 && fit;
   } else {
     return false;
   }
@@ -199,7 +199,7 @@ void forward_steps_of(const ForwardArgs<T>& p) {
   // lengths, a finished row keeps its state while its output is zero, so h lives in two
   // buffers of its own.
   const bool in_y = !proj && !p.lengths;
-  std::unique_ptr<T[]> other(new T[B * P + 1]);
+  std::unique_ptr<T[]> other(in_y ? nullptr : new T[B * P + 1]);
   T* bufs[2] = {p.h_n, other.get()};
   const StepGemm<T> gemm(B, GH, P, p.w_hh, true, H);
   // h_t[B, P] = m_t[B, H] @ W_hr^T (projection), in panels of the P columns
@@ -254,7 +254,9 @@ void forward_steps_of(const ForwardArgs<T>& p) {
     }
     for (int64_t s = 0; s < Tn; ++s) {
       const int64_t t = p.reverse ? Tn - 1 - s : s;
-      const T* hcur = !in_y ? bufs[s % 2] : s == 0 ? p.h0 : p.y + (p.reverse ? t + 1 : t - 1) * B * P;
+      const T* hcur = !in_y    ? bufs[s % 2]
+                      : s == 0 ? p.h0
+                               : p.y + (p.reverse ? t + 1 : t - 1) * B * P;
       T* hnext = in_y ? p.y + t * B * P : bufs[(s + 1) % 2];
       const int64_t rows = rows_running(p, prefix, t);
       const int64_t ws_step = p.project && !p.every_step ? 0 : t;  // the rows of step t in ws
@@ -309,16 +311,17 @@ void forward_steps_of(const ForwardArgs<T>& p) {
     }
   };
   run_team(team, body);
-  if (in_y && Tn > 0) std::memcpy(p.h_n, p.y + (p.reverse ? 0 : Tn - 1) * B * P, sizeof(T) * B * P);
+  if (in_y && Tn > 0)
+    std::memcpy(p.h_n, p.y + (p.reverse ? 0 : Tn - 1) * B * P, sizeof(T) * B * P);
   else if (!in_y && Tn % 2) std::memcpy(p.h_n, bufs[1], sizeof(T) * B * P);
 }
 
 // BPTT with one team of threads (float32; float64 on one thread), split like the
 // forward. By rows, each thread runs its batch rows alone (their norms summed in the
-// same order of panels). By units, a thread owns the hidden units [u0, u1), so the pointwise backward of its
-// units reads the dh it produced itself in the step before. One barrier per step, before
-// the recurrent product (which reads every unit's gate gradients). The norms are summed
-// per panel of units (fixed by H, not by the threads), double-buffered, and the panels'
+// same order of panels). By units, a thread owns the hidden units [u0, u1), so the
+// pointwise backward of its units reads the dh it produced itself in the step before.
+// One barrier per step, before the recurrent product (which reads every unit's gate
+// gradients). The norms are summed per panel of units (fixed by H, not by the threads), double-buffered, and the panels'
 // sums added in order after that barrier: the same bits for any number of threads.
 // With a projection (P > 0) each step first forms the total dLoss/dh_t [P] per batch
 // row (rows split between the threads; its norm in one thread), then, after a barrier,
