@@ -357,7 +357,7 @@ class PackedGemm {
   // the M rows of A (float32, or bfloat16 pairs with dot_).
   // Not inlined (one call runs a step's product): the loops are flattened
   // (kernels_impl.h), and its row blocks of eight shapes at every call site of every loop
-  // of every cell made the copy for AVX512-BF16 compile in 194 s instead of 44 s; the
+  // of every cell made the copy for AVX512-BF16 compile in 194 s instead of 48 s; the
   // loops ran as fast either way (measured, S1 - S4, paired in one process: 0.98 - 1.03).
   template <typename TA>
   __attribute__((noinline)) void panels(const TA* A, int64_t lda, int64_t M, float* C,
