@@ -222,6 +222,9 @@ void forward_steps_of(const ForwardArgs<T>& p) {
   // own columns (which no other thread reads), and then waits for the team, so that the
   // projection fills the time it would have waited for a slower thread.
   std::unique_ptr<SplitBarrier> split;
+  // The rows of step t in ws: those of one step, reused, where the loop projects the
+  // inputs of a forward that saves nothing.
+  auto ws_step = [&](int64_t t) { return p.project && !p.every_step ? int64_t(0) : t; };
   auto body = [&](int64_t nt, int64_t id) {
     const bool rows_split = by_rows<T, proj>(B, nt, GH * (P + (xgemm ? p.input : 0)));
     // this thread's units [u0, u1) (their panels [q0, q1) of each gate block) of the batch
@@ -240,9 +243,8 @@ void forward_steps_of(const ForwardArgs<T>& p) {
     auto project = [&](int64_t s) {
       if constexpr (std::is_same_v<T, float>) {
         const int64_t t = p.reverse ? Tn - 1 - s : s;
-        T* ws = p.ws + ((p.every_step ? t * B : 0) + b0) * W;
-        xgemm->run_panels(p.x + (t * B + b0) * p.input, my_rows(t), p.input, ws, W, false, q0,
-                          q1, p.b_ih, true);
+        xgemm->run_panels(p.x + (t * B + b0) * p.input, my_rows(t), p.input,
+                          p.ws + (ws_step(t) * B + b0) * W, W, false, q0, q1, p.b_ih, true);
       }
     };
     if (xgemm) {  // (the same for every thread of the team)
@@ -259,12 +261,11 @@ void forward_steps_of(const ForwardArgs<T>& p) {
                                : p.y + (p.reverse ? t + 1 : t - 1) * B * P;
       T* hnext = in_y ? p.y + t * B * P : bufs[(s + 1) % 2];
       const int64_t rows = rows_running(p, prefix, t);
-      const int64_t ws_step = p.project && !p.every_step ? 0 : t;  // the rows of step t in ws
       // hg[my rows, my columns of every gate] = h_{t-1} @ W_hh^T
       gemm.run_panels(hcur + b0 * P, my_rows(t), P, p.hg + b0 * GH, GH, false, q0, q1, true);
       for (int64_t b = b0; b < b1 && u1 > u0; ++b) {
         T* yrow = p.y + (t * B + b) * P;
-        T* row = p.ws + (ws_step * B + b) * W;
+        T* row = p.ws + (ws_step(t) * B + b) * W;
         // the cell's output: h_t, or m_t with a projection
         T* h = proj ? p.m + b * H : hnext + b * H;
         if (!active(p, t, b)) {  // state unchanged, zero output and workspace
@@ -321,8 +322,9 @@ void forward_steps_of(const ForwardArgs<T>& p) {
 // same order of panels). By units, a thread owns the hidden units [u0, u1), so the
 // pointwise backward of its units reads the dh it produced itself in the step before.
 // One barrier per step, before the recurrent product (which reads every unit's gate
-// gradients). The norms are summed per panel of units (fixed by H, not by the threads), double-buffered, and the panels'
-// sums added in order after that barrier: the same bits for any number of threads.
+// gradients). The norms are summed per panel of units (fixed by H, not by the threads),
+// double-buffered, and the panels' sums added in order after that barrier: the same bits
+// for any number of threads.
 // With a projection (P > 0) each step first forms the total dLoss/dh_t [P] per batch
 // row (rows split between the threads; its norm in one thread), then, after a barrier,
 // dm_t = dh_t W_hr for the thread's units, on which the cell runs; the recurrent product
