@@ -250,10 +250,6 @@ class _Base(nn.RNNBase):
     def flatten_parameters(self) -> None:
         """No-op: pyrnn's kernels read the parameters where they are."""
 
-    def _apply(self, fn, recurse=True):
-        # RNNBase._apply re-flattens for cuDNN; pyrnn has nothing to flatten.
-        return nn.Module._apply(self, fn, recurse)
-
     def __setstate__(self, state):
         super().__setstate__(state)
         if "bptt_clip" in self.__dict__:
@@ -455,6 +451,9 @@ class _Base(nn.RNNBase):
                     raise RuntimeError(
                         f"For {form} input, hx and cx should also be {want}-D but got "
                         f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                # torch.nn passes a batched hx on to ATen's lstm, which takes exactly two
+                # tensors (after the size checks below); an unbatched one is rebuilt
+                two = not batched or len(hx) == 2
                 hx = (hx[0], hx[1]) if batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
             else:
                 if not batched and hx.dim() != 2:
@@ -465,6 +464,8 @@ class _Base(nn.RNNBase):
                                        f"{hx.dim()}-D tensor")
                 hx = hx if batched else hx.unsqueeze(1)
             self._check_forward_args(input, hx, None)
+            if is_lstm and not two:
+                raise RuntimeError("lstm expects two hidden states")
         else:
             self._check_input(input, None)
         states = None if hx is None else (list(hx) if is_lstm else [hx])
@@ -789,6 +790,17 @@ class _CellMixin:
                     raise ValueError(f"{self._name}: Expected {what} to be 1D or 2D, got "
                                      f"{h.dim()}D instead")
         batched = input.dim() == 2
+        if is_lstm and hx is not None:
+            # torch.nn passes a batched hx on to ATen's lstm_cell as it is, which takes
+            # exactly two tensors (before any size check); an unbatched one is rebuilt
+            # from its first two
+            if not batched:
+                hx = (hx[0], hx[1])
+            elif not isinstance(hx, (tuple, list)):
+                raise TypeError("lstm_cell(): argument 'hx' (position 2) must be tuple of "
+                                f"Tensors, not {type(hx).__name__}")
+            elif len(hx) != 2:
+                raise RuntimeError("lstm_cell expects two hidden states")
         x = input if batched else input.unsqueeze(0)
         B, H = x.shape[0], self.hidden_size
         if hx is None:

@@ -61,7 +61,13 @@ def _module_cases(kind):
         ("input_list", lambda m: m(x.tolist())),
         ("hx_meta", lambda m: m(x, _state(kind, (1, B), dtype=f64, device="meta"))),
         ("input_meta", lambda m: m(x.to("meta"))),
-    ] + ([] if kind.startswith("lstm") else [
+    ] + ([
+        # ATen's lstm takes exactly two states (checked after the sizes); torch.nn reads
+        # hx[1] first
+        ("hx_three", lambda m: m(x, (_state(kind, (1, B), dtype=f64) * 2)[:3])),
+        ("hx_three_list", lambda m: m(x, list(_state(kind, (1, B), dtype=f64)) * 2)),
+        ("hx_one", lambda m: m(x, _state(kind, (1, B), dtype=f64)[:1])),
+    ] if kind.startswith("lstm") else []) + ([] if kind.startswith("lstm") else [
         # torch.nn's LSTM runs no input check on packed input (a matmul or an index fails
         # deep inside instead); pyrnn's LSTM runs the checks of the other modules there
         ("packed_rank1", lambda m: m(PackedSequence(_x(6), torch.tensor([3, 2, 1])))),
@@ -133,7 +139,14 @@ def _cell_cases(kind):
         ("input_int64", lambda m: m(x.long())),
         ("hx_meta", lambda m: m(x, st(B, H, device="meta"))),
         ("input_meta", lambda m: m(x.to("meta"))),
-    ]
+    ] + ([
+        # ATen's lstm_cell takes a tuple of exactly two states, checked before any size
+        ("hx_three", lambda m: m(x, st(B, H) + st(B, H)[:1])),
+        ("hx_one", lambda m: m(x, st(B, H)[:1])),
+        ("hx_one_unbatched", lambda m: m(x[0], st(H)[:1])),
+        ("hx_three_bad_input", lambda m: m(_x(B, I + 1), st(B, H) + st(B, H)[:1])),
+        ("hx_tensor", lambda m: m(x, st(B, H)[0])),
+    ] if is_lstm else [])
 
 
 _CELL_CASES = [(k, n) for k in CELLS for n, _ in _cell_cases(k)]
@@ -142,6 +155,53 @@ _CELL_CASES = [(k, n) for k in CELLS for n, _ in _cell_cases(k)]
 @pytest.mark.parametrize("kind,case", _CELL_CASES, ids=[f"{k}-{n}" for k, n in _CELL_CASES])
 def test_cell_errors_match_torch_nn(kind, case):
     _check_case(CELLS[kind], dict(_cell_cases(kind))[case])
+
+
+def _same_results(ref_out, our_out):
+    ref_t, our_t = _flatten(ref_out), _flatten(our_out)
+    assert len(ref_t) == len(our_t)
+    for a, b in zip(ref_t, our_t):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)  # float64, one short call
+
+
+@pytest.mark.parametrize("case", ["lstm_three", "cell_three", "cell_tensor"])
+def test_unbatched_lstm_states_taken_from_the_first_two(case):
+    # torch.nn rebuilds an unbatched hx from hx[0] and hx[1], whatever else it holds
+    ref = nn.LSTMCell(I, H, dtype=f64) if case.startswith("cell") else nn.LSTM(I, H, dtype=f64)
+    ours = pyrnn.convert(ref)
+    h = _x(1, H) if case == "lstm_three" else _x(H)
+    hx = torch.stack([h, 2 * h]) if case == "cell_tensor" else (h, 2 * h, 3 * h)
+    x = _x(T, I) if case == "lstm_three" else _x(I)
+    _same_results(ref(x, hx), ours(x, hx))
+
+
+@pytest.mark.parametrize("kind", ["RNN", "LSTM", "GRU"])
+def test_modules_built_on_meta_then_materialised(kind):
+    # to_empty and reset_parameters give new parameters: the module's list of weights
+    # follows them (torch.nn's _apply), for the packed input's path as for the plain one
+    mods = []
+    for cls in (getattr(nn, kind), getattr(pyrnn, kind)):
+        m = cls(I, H, num_layers=2, device="meta", dtype=f64)
+        m.to_empty(device="cpu")
+        torch.manual_seed(0)
+        m.reset_parameters()
+        mods.append(m)
+    x = _x(T, B, I)
+    for inp in (x, pack_padded_sequence(x, [5, 3, 2])):
+        _same_results(mods[0](inp), mods[1](inp))
+
+
+def test_dtype_conversion_by_swapping_parameters():
+    ref = nn.GRU(I, H)
+    ours = pyrnn.convert(nn.GRU(I, H))
+    ours.load_state_dict(ref.state_dict())
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        ref, ours = ref.double(), ours.double()
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+    x = _x(T, B, I)
+    _same_results(ref(x), ours(x))
 
 
 def test_cell_unknown_nonlinearity_at_forward():
