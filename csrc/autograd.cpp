@@ -95,7 +95,14 @@ struct Layer : torch::autograd::Function<Layer> {
     // recomputes the layer from all of them.
     ctx->save_for_backward({input, hx, or_undefined(cx), w_ih, w_hh, or_undefined(b_ih),
                             or_undefined(b_hh), or_undefined(w_hr), or_undefined(cell_weight),
-                            out, ws, or_undefined(e.lengths)});
+                            Tensor(), ws, or_undefined(e.lengths)});
+    // The output is held (an alias without history, which shares its version counter)
+    // rather than saved: torch.nn's modules let it be changed in place before backward
+    // (out += x), since their graphs keep the steps' states apart. Where it has been,
+    // backward runs the forward again for the states (the same bits).
+    ctx->saved_data["out"] = out.detach();
+    ctx->saved_data["out_version"] = static_cast<int64_t>(out._version());
+    ctx->saved_data["keys"] = static_cast<int64_t>(e.keys.raw_repr());
     ctx->saved_data["mode"] = e.mode;
     ctx->saved_data["cell"] = c_n.dim() == 2;  // a cell state [B, H]; else [0]
     ctx->saved_data["reverse"] = e.reverse;
@@ -160,13 +167,26 @@ variable_list reference_backward(AutogradContext* ctx, const variable_list& save
 
 variable_list Layer::backward(AutogradContext* ctx, variable_list grads) {
   const variable_list saved = ctx->get_saved_variables();
-  const Tensor& out = saved[9];
   const bool has_cell = ctx->saved_data["cell"].toBool();
   const std::array<bool, kInputs> needs = needs_grads(ctx, saved);
   if (at::GradMode::is_enabled()) return reference_backward(ctx, saved, grads, needs, has_cell);
   TORCH_CHECK(ctx->saved_data["save"].toBool(),
               "pyrnn: this forward ran with save=False, so it cannot be differentiated; call "
               "it with save=True");
+  Tensor out = ctx->saved_data["out"].toTensor();
+  Tensor ws = saved[10];
+  if (out._version() != ctx->saved_data["out_version"].toInt()) {  // changed in place
+    const std::vector<double> params = ctx->saved_data["params"].toDoubleVector();
+    const c10::DispatchKeySet keys(c10::DispatchKeySet::RAW,
+                                   static_cast<uint64_t>(ctx->saved_data["keys"].toInt()));
+    std::tie(out, std::ignore, std::ignore, ws) = forward_below_autograd(
+        keys, ctx->saved_data["mode"].toStringRef(), saved[0], saved[1], opt(saved[2]),
+        saved[3], saved[4], opt(saved[5]), opt(saved[6]), opt(saved[7]), opt(saved[11]),
+        ctx->saved_data["reverse"].toBool(), true, ctx->saved_data["clip"].toDouble(),
+        opt(ctx->saved_data["norm_out"].toTensor()), ctx->saved_data["penalty"].toDouble(),
+        opt(ctx->saved_data["ratio_out"].toTensor()),
+        opt(ctx->saved_data["omega_out"].toTensor()), params, opt(saved[8]));
+  }
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("pyrnn::backward", "")
@@ -187,7 +207,7 @@ variable_list Layer::backward(AutogradContext* ctx, variable_list grads) {
         ctx->saved_data["mode"].toStringRef(),
         grads[0].defined() ? grads[0] : at::zeros_like(out), opt(grads[1]),
         has_cell ? opt(grads[2]) : OptTensor(), saved[0], saved[1], opt(saved[2]), saved[3],
-        saved[4], opt(saved[7]), has_bias, needs[0], opt(saved[11]), out, saved[10],
+        saved[4], opt(saved[7]), has_bias, needs[0], opt(saved[11]), out, ws,
         ctx->saved_data["reverse"].toBool(), ctx->saved_data["clip"].toDouble(),
         norm_out.defined(), penalty, params, opt(saved[8]));
     if (norm_out.defined()) norm_out.copy_(norms);
