@@ -250,21 +250,20 @@ class _Base(nn.RNNBase):
     def flatten_parameters(self) -> None:
         """No-op: pyrnn's kernels read the parameters where they are."""
 
+    @staticmethod
+    def _own_state() -> dict:
+        """The attributes of pyrnn's own settings and records, as a new module has them."""
+        return {"_bptt_clip": 0.0, "vanishing_penalty": 0.0, "_vanishing_omega": None,
+                "_ratio_store": None, "record_grad_norms": False, "_norm_shape": None,
+                "record_gate_stats": False, "_gate_stats": None, "_gate_order": None,
+                "_norm_order": None, "_grad_norm_store": torch.zeros(0)}
+
     def __setstate__(self, state):
         super().__setstate__(state)
         if "bptt_clip" in self.__dict__:
             self.__dict__["_bptt_clip"] = self.__dict__.pop("bptt_clip")
-        self.__dict__.setdefault("_bptt_clip", 0.0)
-        self.__dict__.setdefault("vanishing_penalty", 0.0)
-        self.__dict__.setdefault("_vanishing_omega", None)
-        self.__dict__.setdefault("_ratio_store", None)
-        self.__dict__.setdefault("record_grad_norms", False)
-        self.__dict__.setdefault("_norm_shape", None)
-        self.__dict__.setdefault("record_gate_stats", False)
-        self.__dict__.setdefault("_gate_stats", None)
-        self.__dict__.setdefault("_gate_order", None)
-        self.__dict__.setdefault("_norm_order", None)
-        self.__dict__.setdefault("_grad_norm_store", torch.zeros(0))
+        for k, v in self._own_state().items():
+            self.__dict__.setdefault(k, v)
 
     @property
     def _cell_mode(self) -> str:
@@ -949,12 +948,16 @@ _REPLACEMENTS = {nn.RNN: RNN, nn.LSTM: LSTM, nn.GRU: GRU,
 _TORCH_NN = {ours: theirs for theirs, ours in _REPLACEMENTS.items()}
 
 
-def _rebuild(m: nn.Module, cls) -> nn.Module:
-    """A cls module with m's arguments, weights, device, dtype, requires_grad and training
-    mode (m and cls: a torch.nn recurrent module or cell and its pyrnn twin, either way)."""
+def _check_twin(m: nn.Module) -> None:
     if getattr(m, "nonlinearity", None) == "leaky_relu":
         raise ValueError(f"{type(m).__name__} with nonlinearity='leaky_relu' has no torch.nn "
                          "counterpart (torch.nn's RNN takes 'tanh' or 'relu')")
+
+
+def _rebuild(m: nn.Module, cls) -> nn.Module:
+    """A cls module with m's arguments, weights, device, dtype, requires_grad and training
+    mode (m and cls: a torch.nn recurrent module or cell and its pyrnn twin, either way)."""
+    _check_twin(m)
     if isinstance(m, nn.RNNCellBase):
         w = m.weight_ih
         kw = dict(bias=m.bias, device=w.device, dtype=w.dtype)
@@ -978,29 +981,41 @@ def _rebuild(m: nn.Module, cls) -> nn.Module:
 
 
 def _swap(module: nn.Module, classes: dict) -> nn.Module:
-    """Replace, in place, every submodule whose type is a key of classes by its rebuild as
-    the value; a bare module of such a type is returned rebuilt."""
+    """Make every submodule whose type is a key of classes a module of the value's type, in
+    place: the same object, with its parameters (which an optimizer may hold), hooks,
+    attributes and every place it has in the model (a module held twice stays one). The
+    two classes of a pair keep the same attributes (pyrnn's have their own settings on
+    top, set to their defaults here, or dropped on the way back). A bare module of such a
+    type is returned rebuilt, a new module: the one passed in is left as it was."""
     if type(module) in classes:
         return _rebuild(module, classes[type(module)])
-    for name, child in list(module.named_children()):
-        if type(child) in classes:
-            setattr(module, name, _rebuild(child, classes[type(child)]))
-        else:
-            _swap(child, classes)
+    found = [m for m in module.modules() if type(m) in classes]
+    for m in found:
+        _check_twin(m)
+    for m in found:
+        m.__class__ = classes[type(m)]
+        if isinstance(m, _Base):
+            for k, v in m._own_state().items():
+                m.__dict__.setdefault(k, v)
+        elif isinstance(m, nn.RNNBase):
+            for k in _Base._own_state():
+                m.__dict__.pop(k, None)
     return module
 
 
 def convert(module: nn.Module) -> nn.Module:
-    """Replace every torch.nn.RNN, LSTM, GRU and their cells inside ``module`` (in place) by its pyrnn
-    equivalent with the same weights, device, dtype and training mode. Returns the module
-    (a bare torch.nn.LSTM passed in directly is returned converted)."""
+    """Make every torch.nn.RNN, LSTM, GRU and cell inside ``module`` its pyrnn equivalent, in
+    place: each stays the same object, with the same parameters (an optimizer built
+    before keeps training them), hooks and attributes. Returns the module. A bare
+    torch.nn.LSTM passed in directly is returned as a new pyrnn module with the same
+    weights, device, dtype, requires_grad and training mode, and is itself left as it was."""
     return _swap(module, _REPLACEMENTS)
 
 
 def to_torch(module: nn.Module) -> nn.Module:
-    """The inverse of convert: replace every pyrnn.RNN, LSTM, GRU and cell inside
-    ``module`` (in place) by its torch.nn equivalent with the same weights, device, dtype,
-    requires_grad and training mode. Returns the module (a bare pyrnn module passed in
-    directly is returned converted). pyrnn's own settings (bptt_clip, record_grad_norms,
-    record_gate_stats, vanishing_penalty) have no torch.nn counterpart and are dropped."""
+    """The inverse of convert: make every pyrnn.RNN, LSTM, GRU and cell inside ``module``
+    its torch.nn equivalent in place, the same objects with the same parameters (a bare
+    pyrnn module passed in directly is returned as a new torch.nn module). pyrnn's own
+    settings (bptt_clip, record_grad_norms, record_gate_stats, vanishing_penalty) have no
+    torch.nn counterpart and are dropped."""
     return _swap(module, _TORCH_NN)

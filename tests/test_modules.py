@@ -260,6 +260,57 @@ def test_convert(dtype):
     torch.testing.assert_close(model(x), original(x), **tol)
 
 
+class _Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(I, H, dtype=torch.float64)
+        self.again = self.rnn  # one module, held twice
+        self.cell = nn.GRUCell(H, H, dtype=torch.float64)
+
+    def forward(self, x):
+        y = self.again(self.rnn(x)[0][:, :, :I])[0]
+        return self.cell(y[-1])
+
+
+def test_convert_keeps_the_objects():
+    model = _Shared()
+    original = copy.deepcopy(model)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # built before the conversion
+    calls = []
+    model.rnn.register_forward_hook(lambda *args: calls.append(1))
+    model.rnn.note = "kept"
+    rnn, cell = model.rnn, model.cell
+    pyrnn.convert(model)
+    assert model.rnn is rnn and model.again is rnn and model.cell is cell
+    assert type(rnn) is pyrnn.LSTM and type(cell) is pyrnn.GRUCell
+    assert rnn.note == "kept" and rnn.bptt_clip == 0.0 and not rnn.record_grad_norms
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    close64(model(x), original(x))
+    assert calls == [1, 1]
+    model(x).sum().backward()
+    opt.step()  # the optimizer trains the converted module's parameters
+    assert not torch.equal(model.rnn.weight_hh_l0, original.rnn.weight_hh_l0)
+    back = pyrnn.to_torch(model)
+    assert back is model and type(model.rnn) is nn.LSTM and model.again is model.rnn
+    assert "_bptt_clip" not in model.rnn.__dict__
+
+
+@pytest.mark.parametrize("norm", ["weight_norm", "spectral_norm"])
+def test_convert_inside_a_model_with_norm_hooks(norm):
+    # the norms' forward pre-hooks set weight_hh_l0 from their own parameters
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LSTM(I, H, dtype=torch.float64))
+    getattr(nn.utils, norm)(model[0], "weight_hh_l0")
+    model.eval()
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    want = model(x)[0]
+    pyrnn.convert(model)
+    assert type(model[0]) is pyrnn.LSTM
+    close64(model(x)[0], want)
+
+
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("training", [True, False])
 def test_convert_bare_module(cell, training):
