@@ -590,7 +590,12 @@ class _Base(nn.RNNBase):
                     c_n.append(c)
             layer_input = outs[0] if D == 1 else torch.cat(outs, 2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, training=True)
+                if packed:  # torch.nn draws the mask over the packed rows, in their order
+                    flat = layer_input.reshape(T * B, -1)
+                    kept = F.dropout(flat.index_select(0, rows), self.dropout, training=True)
+                    layer_input = torch.zeros_like(flat).index_copy(0, rows, kept).view(T, B, -1)
+                else:
+                    layer_input = F.dropout(layer_input, self.dropout, training=True)
         output = layer_input
         h_n = h_n[0].unsqueeze(0) if LD == 1 else torch.stack(h_n)
         c_n = None if not is_lstm else c_n[0].unsqueeze(0) if LD == 1 else torch.stack(c_n)

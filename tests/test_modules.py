@@ -330,6 +330,26 @@ def test_convert_bare_module(cell, training):
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("packed", [False, True])
+def test_dropout_draws_torch_nns_masks(cell, packed):
+    # the same seed gives torch.nn's masks (over the packed rows for packed input, in
+    # their order) and leaves the generator where torch.nn leaves it
+    ours, ref = make_pair(cell, num_layers=3, dropout=0.4, bidirectional=True)
+    got = []
+    for m in (ref, ours):
+        x = torch.randn(T, B, I, dtype=torch.float64, generator=torch.Generator().manual_seed(2),
+                        requires_grad=True)
+        torch.manual_seed(5)
+        inp = pack_padded_sequence(x, LENGTHS, enforce_sorted=False) if packed else x
+        out, _ = m(inp)
+        out = out.data if packed else out
+        out.pow(2).sum().backward()
+        got.append((out, x.grad, torch.rand(3)))
+    for a, b in zip(*got):
+        close64(b, a)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
 def test_dropout(cell):
     ours, ref = make_pair(cell, num_layers=2, dropout=0.5)
     x = torch.randn(T, B, I, dtype=torch.float64)
