@@ -829,7 +829,8 @@ class _CellMixin:
                 raise RuntimeError(f"Tensor on device {self.weight_ih.device} is not on the "
                                    f"expected device {t.device}!")
         w = self.weight_ih
-        autocast = torch.is_autocast_enabled(x.device.type)
+        autocast = torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(
+            x.device.type)
         if not autocast:
             for t in [x] + states[:1]:
                 if t.dtype != w.dtype:

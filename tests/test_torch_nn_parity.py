@@ -222,6 +222,20 @@ def test_output_changed_in_place_before_backward(kind, layers):
     _same_results(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("kind", list(CELLS))
+@pytest.mark.parametrize("batched", [True, False])
+def test_cells_on_meta(kind, batched):
+    # shapes and dtypes without data, as torch.nn's cells give them
+    shapes = []
+    for m in (CELLS[kind](), pyrnn.convert(CELLS[kind]())):
+        m = m.to("meta")
+        x = torch.empty((B, I) if batched else (I,), dtype=f64, device="meta")
+        r = _flatten(m(x))
+        assert all(t.device.type == "meta" for t in r)
+        shapes.append([(t.shape, t.dtype) for t in r])
+    assert shapes[0] == shapes[1]
+
+
 def test_cell_unknown_nonlinearity_at_forward():
     # torch.nn.RNNCell accepts any nonlinearity in its constructor and raises at forward
     ref, ours = nn.RNNCell(I, H, nonlinearity="gelu"), pyrnn.RNNCell(I, H, nonlinearity="gelu")
