@@ -250,6 +250,9 @@ class _Base(nn.RNNBase):
     def flatten_parameters(self) -> None:
         """No-op: pyrnn's kernels read the parameters where they are."""
 
+    def __prepare_scriptable__(self):
+        return _script_twin(self)
+
     @staticmethod
     def _own_state() -> dict:
         """The attributes of pyrnn's own settings and records, as a new module has them."""
@@ -755,6 +758,9 @@ class _CellMixin:
     def _cell_params(self) -> list:
         return _constants(self, self._mode)
 
+    def __prepare_scriptable__(self):
+        return _script_twin(self)
+
     def _cell_weight(self) -> Optional[Tensor]:
         """The cell's own weights (a layer-normalised cell), else None."""
         return None
@@ -958,6 +964,24 @@ def _check_twin(m: nn.Module) -> None:
     if getattr(m, "nonlinearity", None) == "leaky_relu":
         raise ValueError(f"{type(m).__name__} with nonlinearity='leaky_relu' has no torch.nn "
                          "counterpart (torch.nn's RNN takes 'tanh' or 'relu')")
+
+
+def _script_twin(m: nn.Module) -> nn.Module:
+    """What torch.jit.script compiles for a pyrnn module or cell (__prepare_scriptable__):
+    TorchScript cannot compile pyrnn's forward, so it takes torch.nn's twin of m, which
+    holds m's state (the same parameters, hooks and attributes) under torch.nn's class, and
+    whose forward is torch.nn's own (as while exporting)."""
+    cls = _TORCH_NN.get(type(m))
+    if cls is None or getattr(m, "nonlinearity", None) == "leaky_relu":
+        raise NotImplementedError(
+            f"torch.jit.script: {type(m).__name__} has no torch.nn counterpart to compile"
+            + (" (nonlinearity='leaky_relu')" if cls is not None else "")
+            + "; torch.export and torch.compile take it")
+    twin = cls.__new__(cls)
+    twin.__dict__.update(m.__dict__)
+    for k in _Base._own_state():
+        twin.__dict__.pop(k, None)
+    return twin
 
 
 def _rebuild(m: nn.Module, cls) -> nn.Module:

@@ -236,6 +236,35 @@ def test_cells_on_meta(kind, batched):
     assert shapes[0] == shapes[1]
 
 
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_cells_script(kind):
+    # torch.jit.script compiles torch.nn's cell over the same parameters
+    ref = CELLS[kind]()
+    ours = pyrnn.convert(ref)
+    scripted = torch.jit.script(ours)
+    x, hx = _x(B, I), _state(kind.replace("_cell", ""), (B,), dtype=f64)
+    _same_results(ref(x, hx), scripted(x, hx))
+    out = scripted(x, hx)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    assert all(p.grad is not None for p in ours.parameters())
+
+
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_modules_script_as_torch_nns(kind):
+    # torch.nn's recurrent modules script without a callable forward; pyrnn's the same way
+    for m in (MODULES[kind](), pyrnn.convert(MODULES[kind]())):
+        scripted = torch.jit.script(m)
+        with pytest.raises(AttributeError, match="has no attribute 'forward'"):
+            scripted(_x(T, B, I))
+
+
+@pytest.mark.parametrize("make", [lambda: pyrnn.LayerNormLSTMCell(I, H),
+                                  lambda: pyrnn.RNNCell(I, H, nonlinearity="leaky_relu")])
+def test_script_without_a_torch_nn_twin(make):
+    with pytest.raises(NotImplementedError, match="no torch.nn counterpart"):
+        torch.jit.script(make())
+
+
 def test_cell_unknown_nonlinearity_at_forward():
     # torch.nn.RNNCell accepts any nonlinearity in its constructor and raises at forward
     ref, ours = nn.RNNCell(I, H, nonlinearity="gelu"), pyrnn.RNNCell(I, H, nonlinearity="gelu")
