@@ -9,7 +9,6 @@ from typing import Optional
 
 import torch
 import torch.autograd.forward_ad as _fwad
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
@@ -595,10 +594,10 @@ class _Base(nn.RNNBase):
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 if packed:  # torch.nn draws the mask over the packed rows, in their order
                     flat = layer_input.reshape(T * B, -1)
-                    kept = F.dropout(flat.index_select(0, rows), self.dropout, training=True)
+                    kept = torch.dropout(flat.index_select(0, rows), self.dropout, True)
                     layer_input = torch.zeros_like(flat).index_copy(0, rows, kept).view(T, B, -1)
                 else:
-                    layer_input = F.dropout(layer_input, self.dropout, training=True)
+                    layer_input = torch.dropout(layer_input, self.dropout, True)
         output = layer_input
         h_n = h_n[0].unsqueeze(0) if LD == 1 else torch.stack(h_n)
         c_n = None if not is_lstm else c_n[0].unsqueeze(0) if LD == 1 else torch.stack(c_n)

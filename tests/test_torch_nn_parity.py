@@ -265,6 +265,21 @@ def test_script_without_a_torch_nn_twin(make):
         torch.jit.script(make())
 
 
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_dropout_set_out_of_range_after_construction(kind):
+    # checked by ATen's dropout, in training between layers only
+    def call(m):
+        m.dropout = 1.5
+        return m(_x(T, B, I))
+    _check_case(lambda: MODULES[kind](num_layers=2), call)
+    for layers, training in ((2, False), (1, True)):
+        ref = MODULES[kind](num_layers=layers).train(training)
+        ours = pyrnn.convert(MODULES[kind](num_layers=layers)).train(training)
+        ours.load_state_dict(ref.state_dict())
+        ref.dropout = ours.dropout = 1.5
+        _same_results(ref(_x(T, B, I)), ours(_x(T, B, I)))
+
+
 def test_cell_unknown_nonlinearity_at_forward():
     # torch.nn.RNNCell accepts any nonlinearity in its constructor and raises at forward
     ref, ours = nn.RNNCell(I, H, nonlinearity="gelu"), pyrnn.RNNCell(I, H, nonlinearity="gelu")
