@@ -260,6 +260,27 @@ def test_convert(dtype):
     torch.testing.assert_close(model(x), original(x), **tol)
 
 
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("kw", [{}, {"record_grad_norms": True, "bptt_clip": 0.1}],
+                         ids=["plain", "recorded_clipped"])
+def test_output_changed_in_place_same_bits(cell, kw):
+    # a backward that finds its output changed runs the forward again: the same bits as
+    # when the output is left alone, for the gradients and the recorded norms
+    name, extra = CELLS[cell]
+    m = getattr(pyrnn, name)(I, H, **extra, **kw)
+    got = []
+    for in_place in (False, True):
+        x = torch.randn(T, B, I, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        out, _ = m(x)
+        out = out.mul_(1.5) if in_place else out * 1.5
+        out.pow(2).sum().backward()
+        norms = [m.grad_norms.hidden.clone()] if kw else []
+        got.append([x.grad] + [p.grad.clone() for p in m.parameters()] + norms)
+        m.zero_grad()
+    for a, b in zip(*got):
+        assert torch.equal(a, b)
+
+
 class _Shared(nn.Module):
     def __init__(self):
         super().__init__()
