@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.autograd.forward_ad as _fwad
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from . import _C
@@ -1009,6 +1010,23 @@ def _rebuild(m: nn.Module, cls) -> nn.Module:
     return new
 
 
+def _twin_class(m: nn.Module, classes: dict):
+    """The class that _swap gives m, or None: classes[type(m)], or for a module that
+    torch.nn.utils.parametrize parametrizes (its class then a class of its own over the
+    module's, which holds the parametrized tensors' properties) a class of that kind over
+    the twin."""
+    t = type(m)
+    if t in classes:
+        return classes[t]
+    base = t.__bases__[0] if len(t.__bases__) == 1 else None
+    if base not in classes or t.__name__ != f"Parametrized{base.__name__}" or \
+            not parametrize.is_parametrized(m):
+        return None
+    twin = classes[base]
+    own = {k: v for k, v in vars(t).items() if k not in ("__dict__", "__weakref__")}
+    return type(f"Parametrized{twin.__name__}", (twin,), own)
+
+
 def _swap(module: nn.Module, classes: dict) -> nn.Module:
     """Make every submodule whose type is a key of classes a module of the value's type, in
     place: the same object, with its parameters (which an optimizer may hold), hooks,
@@ -1018,11 +1036,12 @@ def _swap(module: nn.Module, classes: dict) -> nn.Module:
     type is returned rebuilt, a new module: the one passed in is left as it was."""
     if type(module) in classes:
         return _rebuild(module, classes[type(module)])
-    found = [m for m in module.modules() if type(m) in classes]
-    for m in found:
+    found = [(m, _twin_class(m, classes)) for m in module.modules()]
+    found = [(m, cls) for m, cls in found if cls is not None]
+    for m, _ in found:
         _check_twin(m)
-    for m in found:
-        m.__class__ = classes[type(m)]
+    for m, cls in found:
+        m.__class__ = cls
         if isinstance(m, _Base):
             for k, v in m._own_state().items():
                 m.__dict__.setdefault(k, v)
@@ -1035,9 +1054,11 @@ def _swap(module: nn.Module, classes: dict) -> nn.Module:
 def convert(module: nn.Module) -> nn.Module:
     """Make every torch.nn.RNN, LSTM, GRU and cell inside ``module`` its pyrnn equivalent, in
     place: each stays the same object, with the same parameters (an optimizer built
-    before keeps training them), hooks and attributes. Returns the module. A bare
-    torch.nn.LSTM passed in directly is returned as a new pyrnn module with the same
-    weights, device, dtype, requires_grad and training mode, and is itself left as it was."""
+    before keeps training them), hooks, attributes and parametrizations. Returns the
+    module. A bare torch.nn.LSTM passed in directly (without parametrizations) is returned
+    as a new pyrnn module with the same weights, device, dtype, requires_grad and training
+    mode, and is itself left as it was. Subclasses of torch.nn's modules are left as they
+    are."""
     return _swap(module, _REPLACEMENTS)
 
 

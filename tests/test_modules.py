@@ -332,6 +332,34 @@ def test_convert_inside_a_model_with_norm_hooks(norm):
     close64(model(x)[0], want)
 
 
+@pytest.mark.parametrize("kind", ["weight_norm", "orthogonal"])
+def test_convert_parametrized_modules(kind):
+    # torch.nn.utils.parametrize gives a module a class of its own over torch.nn's: the
+    # conversion gives it one over pyrnn's, with the same parametrizations
+    from torch.nn.utils import parametrize
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LSTM(I, H, dtype=torch.float64), nn.GRUCell(H, H, dtype=torch.float64))
+    for m, name in ((model[0], "weight_hh_l0"), (model[1], "weight_hh")):
+        getattr(nn.utils.parametrizations, kind)(m, name)
+    original = copy.deepcopy(model)
+    pyrnn.convert(model)
+    assert isinstance(model[0], pyrnn.LSTM) and isinstance(model[1], pyrnn.GRUCell)
+    assert parametrize.is_parametrized(model[0], "weight_hh_l0")
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    got = model[1](model[0](x)[0][-1])
+    want = original[1](original[0](x)[0][-1])
+    close64(got, want)
+    got.sum().backward()
+    want.sum().backward()
+    for p, q in zip(model.parameters(), original.parameters()):
+        close64(p.grad, q.grad)
+    parametrize.remove_parametrizations(model[0], "weight_hh_l0")
+    assert type(model[0]) is pyrnn.LSTM
+    pyrnn.to_torch(model)
+    assert type(model[0]) is nn.LSTM and isinstance(model[1], nn.GRUCell)
+    assert not isinstance(model[1], pyrnn.GRUCell)
+
+
 @pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("training", [True, False])
 def test_convert_bare_module(cell, training):
