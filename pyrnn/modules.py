@@ -849,6 +849,10 @@ class _CellMixin:
             out_dtype, c_dtype = _autocast_dtypes(self._mode, x, given[0], given[-1])
         elif dtype in _UPCAST:
             dtype = torch.float32  # float16 and bfloat16 run in float32
+        if is_lstm and hx is not None and not autocast:
+            # torch.nn's cell adds c_{t-1} into c_t in the dtype of both: a float64 c with
+            # a float32 cell gives float64 h and c
+            out_dtype = c_dtype = torch.promote_types(x.dtype, states[1].dtype)
         wdtype = _weight_dtype(x, w, autocast, dtype)
         h0 = states[0].to(dtype)
         c0 = states[1].to(dtype) if is_lstm else None

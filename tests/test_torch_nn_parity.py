@@ -280,6 +280,21 @@ def test_dropout_set_out_of_range_after_construction(kind):
         _same_results(ref(_x(T, B, I)), ours(_x(T, B, I)))
 
 
+@pytest.mark.parametrize("c_dtype", [torch.float64, torch.float16, torch.int64])
+def test_lstm_cell_state_of_another_dtype(c_dtype):
+    # torch.nn's cell adds c_{t-1} into c_t in the dtype of both: h and c come back in
+    # the promoted dtype (pyrnn computes in float32 and returns that dtype; float32
+    # rounding of the cell state)
+    ref = nn.LSTMCell(I, H)
+    ours = pyrnn.convert(ref)
+    x, h = _x(B, I).float(), _x(B, H).float()
+    c = (3 * _x(B, H)).to(c_dtype)
+    want, got = ref(x, (h, c)), ours(x, (h, c))
+    for a, b in zip(want, got):
+        assert b.dtype == a.dtype
+        torch.testing.assert_close(b.double(), a.double(), rtol=1e-5, atol=1e-6)
+
+
 def test_cell_unknown_nonlinearity_at_forward():
     # torch.nn.RNNCell accepts any nonlinearity in its constructor and raises at forward
     ref, ours = nn.RNNCell(I, H, nonlinearity="gelu"), pyrnn.RNNCell(I, H, nonlinearity="gelu")
