@@ -405,7 +405,7 @@ class _Base(nn.RNNBase):
             if h.size() != expected:
                 raise RuntimeError(msg.format(expected, list(h.size())))
 
-    def _check_attributes(self, input: Tensor, states) -> None:
+    def _check_attributes(self, input: Tensor, states, packed: bool = False) -> None:
         """ATen's checks that torch.nn runs inside its kernels: devices, hidden dtypes and a
         non-empty sequence."""
         device = input.device
@@ -416,7 +416,12 @@ class _Base(nn.RNNBase):
                         f"Input and {name} tensors are not at the same device, found input "
                         f"tensor at {device} and {name} tensor at {t.device}")
         w = self._param("weight_hh_l0")
-        for h in states:
+        # Off oneDNN, torch.nn's LSTM adds c_{t-1} into c_t in the dtype of both: a cell
+        # state that promotes to the parameters' dtype runs (in that dtype).
+        off_onednn = self.proj_size > 0 or packed or not _onednn_lstm(input)
+        for k, h in enumerate(states):
+            if k == 1 and off_onednn and torch.promote_types(w.dtype, h.dtype) == w.dtype:
+                continue
             if h.dtype != w.dtype and not torch._C._is_any_autocast_enabled():
                 raise RuntimeError(
                     f"mat1 and mat2 must have the same dtype, but got {_type_name(h)} and "
@@ -498,7 +503,7 @@ class _Base(nn.RNNBase):
         is_lstm = ops.CELLS[mode]["has_cell"]
         packed = isinstance(input, PackedSequence)
         x, batch_sizes, sorted_idx, unsorted_idx, batched, states = self._prepare(input, hx)
-        self._check_attributes(x, states or [])
+        self._check_attributes(x, states or [], packed)
         lengths = rows = None
         if packed:
             # Padded [T, B, I] in the packed (sorted) order, as torch.nn runs it: one

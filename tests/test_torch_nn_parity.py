@@ -295,6 +295,25 @@ def test_lstm_cell_state_of_another_dtype(c_dtype):
         torch.testing.assert_close(b.double(), a.double(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype,proj,c_dtype,packed", [
+    (f64, 0, torch.float32, False), (f64, 0, torch.float32, True), (f64, 0, torch.int64, False),
+    (torch.float32, 2, torch.float16, False), (torch.float32, 2, torch.int64, False),
+    (torch.float32, 0, torch.float16, True)])
+def test_lstm_cell_state_promoted_to_the_parameters_dtype(dtype, proj, c_dtype, packed):
+    # off oneDNN (float64, a projection, packed input) torch.nn's LSTM runs a cell state
+    # of a dtype that promotes to the parameters' dtype, in that dtype
+    ref = nn.LSTM(I, H, proj_size=proj, dtype=dtype)
+    ours = pyrnn.convert(ref)
+    x = _x(T, B, I).to(dtype)
+    inp = pack_padded_sequence(x, [5, 3, 2]) if packed else x
+    hx = (_x(1, B, proj or H).to(dtype), (3 * _x(1, B, H)).to(c_dtype))
+    want, got = _flatten(ref(inp, hx)), _flatten(ours(inp, hx))
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == f64 else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip(want, got):
+        assert b.dtype == a.dtype
+        torch.testing.assert_close(b, a, **tol)
+
+
 def test_cell_unknown_nonlinearity_at_forward():
     # torch.nn.RNNCell accepts any nonlinearity in its constructor and raises at forward
     ref, ours = nn.RNNCell(I, H, nonlinearity="gelu"), pyrnn.RNNCell(I, H, nonlinearity="gelu")
