@@ -174,12 +174,13 @@ def layer(mode: str, input: Tensor, hx: Tensor, cx: Optional[Tensor], weight_ih:
     element) receive the ratios and omega when the backward runs.
     cell_weight: the own weights of a layer-normalised cell (see ln_lstm; None: the
     initial ones); None for the other cells.
-    Under torch.func's transforms (grad, vjp, jacrev, jvp, vmap, ...) and with a
-    forward-mode AD tangent (torch.autograd.forward_ad) the layer runs as its reference
-    formulation (pyrnn.reference), whose ATen ops they differentiate and batch; recording,
-    clipping, gate statistics and the regulariser, which live in the fused kernels, raise
+    Under torch.func's transforms (grad, vjp, jacrev, jvp, vmap, ...), with a
+    forward-mode AD tangent (torch.autograd.forward_ad) and for complex dtypes (which
+    torch.nn's modules take too) the layer runs as its reference formulation
+    (pyrnn.reference), whose ATen ops they differentiate and batch; recording, clipping,
+    gate statistics and the regulariser, which live in the fused kernels, raise
     NotImplementedError there."""
-    if torch._C._are_functorch_transforms_active() or (
+    if torch._C._are_functorch_transforms_active() or input.is_complex() or (
             _fwad._current_level >= 0 and _has_tangent(input, hx, cx, weight_ih, weight_hh,
                                                        bias_ih, bias_hh, weight_hr,
                                                        cell_weight)):
@@ -221,6 +222,10 @@ def _transformed_layer(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_
                 "gate_stats_out (record_gate_stats)": gate_stats_out is not None,
                 "vanishing_penalty": vanishing_penalty}
     fused = [name for name, on in features.items() if on]
+    if fused and input.is_complex():
+        raise NotImplementedError(
+            f"pyrnn: {', '.join(fused)} run in the fused kernels, which take float32 and "
+            f"float64 (a layer of {input.dtype} runs as its reference formulation)")
     if fused:
         raise NotImplementedError(
             f"pyrnn: {', '.join(fused)} run in the fused kernels, which torch.func's "

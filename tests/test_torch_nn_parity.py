@@ -314,6 +314,38 @@ def test_lstm_cell_state_promoted_to_the_parameters_dtype(dtype, proj, c_dtype, 
         torch.testing.assert_close(b, a, **tol)
 
 
+_COMPLEX_CASES = [(k, p) for k in ("rnn_tanh", "lstm", "lstm_proj", "gru") for p in (False, True)] \
+    + [(k, False) for k in ("rnn_tanh_cell", "lstm_cell", "gru_cell")]
+
+
+@pytest.mark.parametrize("kind,packed", _COMPLEX_CASES)
+def test_complex_modules(kind, packed):
+    # torch.nn's modules take complex dtypes; pyrnn runs them as the reference formulation
+    # (the same formulas as torch.nn's, summed in another order)
+    cell = kind.endswith("_cell")
+    make = CELLS[kind] if cell else lambda: MODULES[kind](num_layers=2, bidirectional=True)
+    ref = make().to(torch.complex128)
+    ours = pyrnn.convert(ref)
+    got = []
+    for m in (ref, ours):
+        x = _x(B, I) if cell else _x(T, B, I)
+        # (torch's pack_padded_sequence has no complex gradient: the parameters' only)
+        x = torch.complex(x, 0.5 * x.flip(0)).requires_grad_(not packed)
+        inp = pack_padded_sequence(x, [5, 3, 2]) if packed else x
+        out = _flatten(m(inp))[0]
+        out.abs().pow(2).sum().backward()
+        got.append([out] + ([] if packed else [x.grad]) + [p.grad for p in m.parameters()])
+    for a, b in zip(*got):
+        assert b.dtype == torch.complex128
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def test_complex_layer_with_fused_features():
+    m = pyrnn.GRU(I, H, dtype=torch.complex64, bptt_clip=1.0)
+    with pytest.raises(NotImplementedError, match="bptt_clip run in the fused kernels"):
+        m(_x(T, B, I).to(torch.complex64))
+
+
 def test_cell_unknown_nonlinearity_at_forward():
     # torch.nn.RNNCell accepts any nonlinearity in its constructor and raises at forward
     ref, ours = nn.RNNCell(I, H, nonlinearity="gelu"), pyrnn.RNNCell(I, H, nonlinearity="gelu")
