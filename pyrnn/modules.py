@@ -416,13 +416,13 @@ class _Base(nn.RNNBase):
                         f"Input and {name} tensors are not at the same device, found input "
                         f"tensor at {device} and {name} tensor at {t.device}")
         w = self._param("weight_hh_l0")
-        # Off oneDNN, torch.nn's LSTM adds c_{t-1} into c_t in the dtype of both: a cell
-        # state that promotes to the parameters' dtype runs (in that dtype).
-        off_onednn = self.proj_size > 0 or packed or not _onednn_lstm(input)
         for k, h in enumerate(states):
-            if k == 1 and off_onednn and torch.promote_types(w.dtype, h.dtype) == w.dtype:
-                continue
             if h.dtype != w.dtype and not torch._C._is_any_autocast_enabled():
+                # Off oneDNN, torch.nn's LSTM adds c_{t-1} into c_t in the dtype of both: a
+                # cell state that promotes to the parameters' dtype runs (in that dtype).
+                if k == 1 and torch.promote_types(w.dtype, h.dtype) == w.dtype and (
+                        self.proj_size > 0 or packed or not _onednn_lstm(input)):
+                    continue
                 raise RuntimeError(
                     f"mat1 and mat2 must have the same dtype, but got {_type_name(h)} and "
                     f"{_type_name(w)} (hx: expected the parameters' dtype {w.dtype}, got {h.dtype})")
