@@ -173,18 +173,19 @@ variable_list Layer::backward(AutogradContext* ctx, variable_list grads) {
   TORCH_CHECK(ctx->saved_data["save"].toBool(),
               "pyrnn: this forward ran with save=False, so it cannot be differentiated; call "
               "it with save=True");
+  const Tensor norm_out = ctx->saved_data["norm_out"].toTensor();
+  const double penalty = ctx->saved_data["penalty"].toDouble();
+  const std::vector<double> params = ctx->saved_data["params"].toDoubleVector();
   Tensor out = ctx->saved_data["out"].toTensor();
   Tensor ws = saved[10];
   if (out._version() != ctx->saved_data["out_version"].toInt()) {  // changed in place
-    const std::vector<double> params = ctx->saved_data["params"].toDoubleVector();
     const c10::DispatchKeySet keys(c10::DispatchKeySet::RAW,
                                    static_cast<uint64_t>(ctx->saved_data["keys"].toInt()));
     std::tie(out, std::ignore, std::ignore, ws) = forward_below_autograd(
         keys, ctx->saved_data["mode"].toStringRef(), saved[0], saved[1], opt(saved[2]),
         saved[3], saved[4], opt(saved[5]), opt(saved[6]), opt(saved[7]), opt(saved[11]),
         ctx->saved_data["reverse"].toBool(), true, ctx->saved_data["clip"].toDouble(),
-        opt(ctx->saved_data["norm_out"].toTensor()), ctx->saved_data["penalty"].toDouble(),
-        opt(ctx->saved_data["ratio_out"].toTensor()),
+        opt(norm_out), penalty, opt(ctx->saved_data["ratio_out"].toTensor()),
         opt(ctx->saved_data["omega_out"].toTensor()), params, opt(saved[8]));
   }
   static const auto op =
@@ -196,9 +197,6 @@ variable_list Layer::backward(AutogradContext* ctx, variable_list grads) {
               const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const Tensor&,
               const OptTensor&, bool, bool, const OptTensor&, const Tensor&, const Tensor&,
               bool, double, bool, double, c10::ArrayRef<double>, const OptTensor&)>();
-  const Tensor norm_out = ctx->saved_data["norm_out"].toTensor();
-  const double penalty = ctx->saved_data["penalty"].toDouble();
-  const std::vector<double> params = ctx->saved_data["params"].toDoubleVector();
   const bool has_bias = saved[5].defined();
   Tensor dx, dh, dc, dw_ih, dw_hh, db_ih, db_hh, dw_hr, norms, ratio, omega, dcw;
   {

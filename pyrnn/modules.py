@@ -92,8 +92,12 @@ def _unpack(seq: PackedSequence):
     rows = step * B + (torch.arange(step.shape[0]) - first[step])
     lengths = (bs.unsqueeze(0) > torch.arange(B).unsqueeze(1)).sum(1)
     rows = rows.to(seq.data.device)
-    flat = seq.data.new_zeros(T * B, seq.data.shape[1]).index_copy(0, rows, seq.data)
-    return flat.view(T, B, -1), lengths, rows
+    return _padded(seq.data, rows, T, B), lengths, rows
+
+
+def _padded(data: Tensor, rows: Tensor, T: int, B: int) -> Tensor:
+    """[T, B, *] zeros with the packed rows data [N, *] at rows (as _unpack gives them)."""
+    return data.new_zeros(T * B, data.shape[1]).index_copy(0, rows, data).view(T, B, -1)
 
 
 # Dtypes that the modules accept and run in float32, returning results in their own dtype.
@@ -265,8 +269,7 @@ class _Base(nn.RNNBase):
         super().__setstate__(state)
         if "bptt_clip" in self.__dict__:
             self.__dict__["_bptt_clip"] = self.__dict__.pop("bptt_clip")
-        for k, v in self._own_state().items():
-            self.__dict__.setdefault(k, v)
+        _fit_state(self.__dict__, type(self))
 
     @property
     def _cell_mode(self) -> str:
@@ -405,7 +408,7 @@ class _Base(nn.RNNBase):
             if h.size() != expected:
                 raise RuntimeError(msg.format(expected, list(h.size())))
 
-    def _check_attributes(self, input: Tensor, states, packed: bool = False) -> None:
+    def _check_attributes(self, input: Tensor, states, packed: bool) -> None:
         """ATen's checks that torch.nn runs inside its kernels: devices, hidden dtypes and a
         non-empty sequence."""
         device = input.device
@@ -599,9 +602,8 @@ class _Base(nn.RNNBase):
             layer_input = outs[0] if D == 1 else torch.cat(outs, 2)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 if packed:  # torch.nn draws the mask over the packed rows, in their order
-                    flat = layer_input.reshape(T * B, -1)
-                    kept = torch.dropout(flat.index_select(0, rows), self.dropout, True)
-                    layer_input = torch.zeros_like(flat).index_copy(0, rows, kept).view(T, B, -1)
+                    data = layer_input.reshape(T * B, -1).index_select(0, rows)
+                    layer_input = _padded(torch.dropout(data, self.dropout, True), rows, T, B)
                 else:
                     layer_input = torch.dropout(layer_input, self.dropout, True)
         output = layer_input
@@ -988,9 +990,19 @@ def _script_twin(m: nn.Module) -> nn.Module:
             + "; torch.export and torch.compile take it")
     twin = cls.__new__(cls)
     twin.__dict__.update(m.__dict__)
-    for k in _Base._own_state():
-        twin.__dict__.pop(k, None)
+    _fit_state(twin.__dict__, cls)
     return twin
+
+
+def _fit_state(state: dict, cls) -> None:
+    """A module's attributes (its __dict__) made those of a cls module: pyrnn's own
+    settings and records at their defaults for a pyrnn module, none for torch.nn's."""
+    own = _Base._own_state()
+    for k, v in own.items():
+        if issubclass(cls, _Base):
+            state.setdefault(k, v)
+        else:
+            state.pop(k, None)
 
 
 def _rebuild(m: nn.Module, cls) -> nn.Module:
@@ -1051,12 +1063,7 @@ def _swap(module: nn.Module, classes: dict) -> nn.Module:
         _check_twin(m)
     for m, cls in found:
         m.__class__ = cls
-        if isinstance(m, _Base):
-            for k, v in m._own_state().items():
-                m.__dict__.setdefault(k, v)
-        elif isinstance(m, nn.RNNBase):
-            for k in _Base._own_state():
-                m.__dict__.pop(k, None)
+        _fit_state(m.__dict__, cls)
     return module
 
 

@@ -215,22 +215,21 @@ def _has_tangent(*tensors):
 def _transformed_layer(mode, input, hx, cx, weight_ih, weight_hh, bias_ih, bias_hh, lengths,
                        reverse, bptt_clip, norm_out, weight_hr, gate_stats_out,
                        vanishing_penalty, cell_params, cell_weight):
-    """layer() under a torch.func transform or with a forward AD tangent: the reference
-    formulation."""
+    """layer() under a torch.func transform, with a forward AD tangent or for a complex
+    dtype: the reference formulation."""
     features = {"bptt_clip": bptt_clip,
                 "norm_out (record_grad_norms)": norm_out is not None,
                 "gate_stats_out (record_gate_stats)": gate_stats_out is not None,
                 "vanishing_penalty": vanishing_penalty}
     fused = [name for name, on in features.items() if on]
-    if fused and input.is_complex():
-        raise NotImplementedError(
-            f"pyrnn: {', '.join(fused)} run in the fused kernels, which take float32 and "
-            f"float64 (a layer of {input.dtype} runs as its reference formulation)")
     if fused:
-        raise NotImplementedError(
-            f"pyrnn: {', '.join(fused)} run in the fused kernels, which torch.func's "
-            "transforms and forward-mode AD cannot see (there a layer runs as its reference "
-            "formulation); turn them off inside the transform or the dual level")
+        why = (f"take float32 and float64 (a layer of {input.dtype} runs as its reference "
+               "formulation)" if input.is_complex() else
+               "torch.func's transforms and forward-mode AD cannot see (there a layer runs "
+               "as its reference formulation); turn them off inside the transform or the "
+               "dual level")
+        raise NotImplementedError(f"pyrnn: {', '.join(fused)} run in the fused kernels, "
+                                  f"which {why}")
     out, h_n, c_n = reference._run(mode, input, hx, cx, weight_ih, weight_hh, bias_ih,
                                    bias_hh, lengths, reverse, 0.0, None, weight_hr,
                                    params=list(cell_params) or None, cell_weight=cell_weight)
