@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include "checks.h"
 #include "layer_norm.h"
@@ -462,6 +463,28 @@ void def_module_forward(pybind11::module_& module);  // autograd.cpp
 }  // namespace pyrnn
 
 namespace {
+// bfloat16 products on the matrix units (AMX) through oneDNN's brgemm, which torch
+// carries; registered when the library loads, where that brgemm runs on them
+// (could_pack: the units are there and the library was built with them). The loops then
+// offer the capability avx512_amx (cpu/loops.h). One brgemm call multiplies a panel of
+// 32 columns; its kernels are generated once per shape and cached by torch.
+void units_gemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
+                bool add, const uint16_t* A, const uint16_t* B, float* C) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add,
+                              reinterpret_cast<const at::BFloat16*>(A),
+                              reinterpret_cast<const at::BFloat16*>(B), C, /*is_vnni=*/true);
+}
+void units_release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
+// (false while torch.backends.mkldnn is switched off: the loops then run vdpbf16ps)
+bool units_usable() { return at::native::cpublas::could_pack(at::kBFloat16); }
+const pyrnn::cpu::MatrixGemm kUnits{units_gemm, units_release, units_usable};
+const bool kUnitsRegistered = [] {
+#if defined(__x86_64__)
+  if (at::native::cpublas::could_pack(at::kBFloat16)) pyrnn::cpu::register_matrix_gemm(&kUnits);
+#endif
+  return true;
+}();
+
 bool has_cuda_backend() {
 #ifdef PYRNN_WITH_CUDA
   return true;

@@ -34,12 +34,16 @@ def test_capabilities_listed():
     assert "default" in COMPILED and SUPPORTED[0] == "default"
     assert all(c in COMPILED for c in SUPPORTED)
     if sys.platform == "linux" and os.uname().machine == "x86_64":
-        assert COMPILED == ["default", "avx2", "avx512", "avx512_bf16"]
+        assert COMPILED == ["default", "avx2", "avx512", "avx512_bf16", "avx512_amx"]
         flags = open("/proc/cpuinfo").read().split("\nflags")[1].split("\n")[0].split()
         assert ("avx2" in SUPPORTED) == ("avx2" in flags and "fma" in flags)
         assert ("avx512" in SUPPORTED) == all(
             f in flags for f in ("avx512f", "avx512bw", "avx512dq", "avx512vl"))
         assert ("avx512_bf16" in SUPPORTED) == ("avx512" in SUPPORTED and "avx512_bf16" in flags)
+        # the matrix units' bfloat16 products come from the library torch carries, which
+        # runs them wherever the CPU has AMX-BF16 (and the kernel grants the tiles)
+        assert ("avx512_amx" in SUPPORTED) == ("avx512_bf16" in SUPPORTED and
+                                               "amx_bf16" in flags and "amx_tile" in flags)
 
 
 def test_best_capability_by_default():

@@ -223,7 +223,8 @@ def test_module_matches_reference(dtype, layers, bidir, batch_first):
     mine = [out, h_n, c_n] + list(grads)
     if dtype == F64:
         for a, b in zip(mine, r64):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+            # a few hundred ulps of these sums, relative to values that reach 3e2
+            torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-11)
     else:
         runs = [ref(copy.deepcopy(m), x, h0, c0)]
         for k in range(PERTURBED):

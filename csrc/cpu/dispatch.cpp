@@ -21,6 +21,8 @@ extern const Kernels kernels_pyrnn_isa_avx512_bf16;
 
 namespace {
 
+std::atomic<const MatrixGemm*> g_matrix{nullptr};
+
 struct Capability {
   const char* name;
   const Kernels* table;
@@ -39,6 +41,11 @@ const Capability kCapabilities[] = {
      [] {
        return __builtin_cpu_supports("x86-64-v4") > 0 &&
               __builtin_cpu_supports("avx512bf16") > 0;
+     }},
+    {"avx512_amx", &kernels_pyrnn_isa_avx512_bf16,
+     [] {
+       return __builtin_cpu_supports("x86-64-v4") > 0 &&
+              __builtin_cpu_supports("avx512bf16") > 0 && g_matrix.load() != nullptr;
      }},
 #endif
 };
@@ -91,6 +98,14 @@ template <>  // only the baseline copy has float64 loops (kernels_impl.h)
 const KernelsOf<double>& of<double>() { return kernels_pyrnn_isa_default.f64; }
 
 }  // namespace
+
+void register_matrix_gemm(const MatrixGemm* g) { g_matrix.store(g); }
+const MatrixGemm* matrix_gemm() {
+  const MatrixGemm* g = g_matrix.load();
+  return g && std::strcmp(kCapabilities[current()].name, "avx512_amx") == 0 && g->usable()
+             ? g
+             : nullptr;
+}
 
 static thread_local bool t_bf16 = false;
 bool bf16_products() { return t_bf16; }

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 
 #include <omp.h>
 
@@ -176,7 +177,8 @@ class PackedGemm {
              int64_t N1 = -1)
       : M_(M), N_(N), K_(K), block_(block > 0 ? block : (N > 0 ? N : 1)),
         per_block_((block_ + kNR - 1) / kNR), panels_(N / block_ * per_block_),
-        bf16_(bf16), dot_(bf16 && kBf16Dot), depth_(dot_ ? (K + 1) / 2 : K) {
+        bf16_(bf16), dot_(bf16 && kBf16Dot), depth_(dot_ ? (K + 1) / 2 : K),
+        amx_(kBf16Dot && dot_ && K > 0 ? matrix_gemm() : nullptr) {
     // A panel row: kNR floats, or kNR pairs of bfloat16 (k even, k odd) with dot_; the
     // same size, so panel p, row k is at packed_ + (p * depth_ + k) * kV either way.
     packed_ = PackBuffers::take(panels_ * depth_ * kV + 1);
@@ -421,6 +423,13 @@ class PackedGemm {
     const int64_t per = p1 - p0, n = blocks * per;
     if (per <= 0) return;
     auto index = [&](int64_t e) { return e / per * step + p0 + e % per; };
+    if constexpr (std::is_same_v<TA, uint32_t>) {
+      if (amx_) {
+        for (int64_t e = 0; e < n; ++e) on_units(A, lda, M, index(e), C, ldc, accumulate, bias);
+        amx_->release();
+        return;
+      }
+    }
     int64_t e = 0;  // panels [0, e) done, in the order of index()
     // One or two rows (a batch of one or two): a panel alone gives kV or 2 kV chains of
     // dependent FMAs, too few to hide their latency; up to kWide panels at once, taken
@@ -512,6 +521,12 @@ class PackedGemm {
               own_q = q;
             }
             float* Cc = C + m0 * ldc;
+            if constexpr (std::is_same_v<TA, uint32_t>) {
+              if (amx_) {  // (one pass: the pairs come row-major)
+                on_units(Ac, ars, rows, p, Cc, ldc, acc, bias0);
+                continue;
+              }
+            }
             const vgf* panel = packed_.get() + p * depth_ * kV + k0 * kV;
             const int64_t n0 = first_column(p), cols = columns(p);
             const float* bp = bias0 ? bias0 + n0 : nullptr;
@@ -521,9 +536,26 @@ class PackedGemm {
             });
           }
         }
+        if (amx_) amx_->release();
       }
       if (depth_ == 0) break;
     }
+  }
+
+  // Rows [0, rows) of C's columns of panel p (+)= A (bfloat16 pairs, lda pairs a row) @
+  // panel p, on the matrix units; bias (with accumulate false) is written to C first.
+  void on_units(const uint32_t* A, int64_t lda, int64_t rows, int64_t p, float* C, int64_t ldc,
+                bool accumulate, const float* bias) const {
+    const int64_t n0 = first_column(p), cols = columns(p);
+    if (rows <= 0) return;
+    if (bias && !accumulate) {
+      for (int64_t i = 0; i < rows; ++i)
+        std::memcpy(C + i * ldc + n0, bias + n0, sizeof(float) * cols);
+      accumulate = true;
+    }
+    amx_->gemm(rows, cols, 2 * depth_, 2 * lda, kNR, ldc, accumulate,
+               reinterpret_cast<const uint16_t*>(A),
+               reinterpret_cast<const uint16_t*>(packed_.get() + p * depth_ * kV), C + n0);
   }
 
   // acc[v] += a * w[v]: float32 a, or (dot_) a pair of bfloat16 against panel-row pairs.
@@ -659,6 +691,10 @@ class PackedGemm {
   int64_t M_, N_, K_, block_, per_block_, panels_;
   bool bf16_, dot_;
   int64_t depth_;  // K, or the pairs of K with dot_
+  // The matrix units' product (capability avx512_amx), or nullptr: with dot_, each panel
+  // is then multiplied by one call of it (a panel is [depth_][kNR] pairs, the layout the
+  // units read) in place of the vdpbf16ps kernel.
+  const MatrixGemm* amx_;
   PackBuffers::Ptr packed_;
 };
 

@@ -42,6 +42,8 @@ using ::pyrnn::cpu::BackwardArgs;
 using ::pyrnn::cpu::ForwardArgs;
 using ::pyrnn::cpu::LayerArgs;
 using ::pyrnn::cpu::bf16_products;
+using ::pyrnn::cpu::matrix_gemm;
+using ::pyrnn::cpu::MatrixGemm;
 }
 
 #ifdef PYRNN_TARGET

@@ -120,11 +120,30 @@ class Bf16Products {
   bool prev_;
 };
 
+// bfloat16 products on the CPU's matrix units: C[M, N] (+ C if add) = A[M, K] @ B[K, N],
+// A bfloat16 row-major with leading dimension lda, B bfloat16 in pairs of rows
+// ([K / 2][ldb][2], K even), C float32 (ldc), summed in float32. A thread that multiplied
+// calls release() before it leaves pyrnn's code, so that the units' configuration never
+// outlives the call (the library that owns them tracks it per thread). ops.cpp registers
+// the library's (oneDNN's brgemm, which torch carries) where it runs on the units (AMX).
+struct MatrixGemm {
+  void (*gemm)(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
+               bool add, const uint16_t* A, const uint16_t* B, float* C);
+  void (*release)();
+  bool (*usable)();  // now (false while torch's oneDNN is switched off)
+};
+void register_matrix_gemm(const MatrixGemm* g);
+// The registered product while the capability in use is "avx512_amx" and the product
+// is usable, else nullptr.
+const MatrixGemm* matrix_gemm();
+
 // The CPU capabilities (instruction sets) the loops are compiled for, and the one in use:
 // the best this CPU supports, or the one the environment variable PYRNN_CPU_CAPABILITY
 // names, or the last set_cpu_capability. Names: "default" (the build's baseline),
 // "avx2" (x86-64-v3: AVX2, FMA), "avx512" (x86-64-v4: AVX-512 F, BW, DQ, VL),
-// "avx512_bf16" (x86-64-v4 and AVX512-BF16: bfloat16 products in vdpbf16ps).
+// "avx512_bf16" (x86-64-v4 and AVX512-BF16: bfloat16 products in vdpbf16ps),
+// "avx512_amx" (the avx512_bf16 copy, whose bfloat16 products run on the matrix units
+// through the registered MatrixGemm).
 // compiled_capabilities: those in this build; supported_capabilities: those of them this
 // CPU can run (best last). set_cpu_capability returns false for a name not in the latter.
 const char* compiled_capabilities();   // comma-separated
