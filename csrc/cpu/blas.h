@@ -136,6 +136,7 @@ class StepGemm<float> {
   void run(const float* A, int64_t M, int64_t lda, float* C, int64_t ldc, bool accumulate) const {
     gemm_.run(A, M, lda, C, ldc, accumulate);
   }
+  bool on_units() const { return gemm_.on_units(); }
 
  private:
   PackedGemm gemm_;
@@ -150,6 +151,7 @@ class StepGemm<double> {
   }
   int64_t panels_per_block() const { return 1; }
   int64_t panel_width() const { return block_; }
+  bool on_units() const { return false; }
   void run(const double* A, int64_t M, int64_t lda, double* C, int64_t ldc,
            bool accumulate) const {
     run_panels(A, M, lda, C, ldc, accumulate, 0, N_ / block_);

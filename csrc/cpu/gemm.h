@@ -270,6 +270,8 @@ class PackedGemm {
   }
 
   int64_t panels_per_block() const { return per_block_; }
+  // whether the products run on the matrix units
+  bool on_units() const { return amx_ != nullptr; }
 
   // The panels [p0, p1) only, for all M rows of A (no threads of its own); with every,
   // the panels [p0, p1) of each block (p1 <= panels_per_block()). bias: as for run.
