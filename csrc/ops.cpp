@@ -105,13 +105,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   // projection in the loop, at T = 500, B = 8, H = 256 in 0.98 - 0.99, the GRU in 0.98 -
   // 0.99, and the Elman RNN in 1.01 - 1.05: in the loop for cells of three or four gates.
   const bool avx512 = std::strncmp(cpu::cpu_capability(), "avx512", 6) == 0;
-  // On the matrix units (bfloat16 products, Intel Xeon with AMX, 2 threads, medians of 11
-  // interleaved rounds, in the loop against outside it) the LSTM at T = 100, B = 32,
-  // H = 128 infers in 0.86 of the time, and trains in 1.00; at H = 512 (W_ih 2^20
-  // elements) inference takes 1.08 and training 1.20, the GRU's 1.23 and 1.10: under
-  // 2^20 elements there.
+  // With second-level caches of 2 MB a core (an Intel Xeon with AMX, 2 threads, medians
+  // of 9 - 11 interleaved rounds, in the loop against outside it), the LSTM at T = 100,
+  // B = 32, H = 128 infers in 0.88 of the time, at T = 500, B = 8, H = 256 in 0.84, the
+  // GRU in 0.86 and 0.84; at H = 512 (W_ih 2^20 elements) the LSTM takes 1.09 and the GRU
+  // 1.11 (training: 0.96 - 1.06, 1.02): a thread's share of W_ih and W_hh together (4 MB)
+  // no longer fits there, of W_hh alone it does. On the matrix units (bfloat16 products,
+  // 2 bytes a weight), at H = 128 0.86 inference, 1.00 training; at H = 512 1.08 and 1.20,
+  // the GRU's 1.23 and 1.10. There the limit is 2^20 elements.
   const bool units = bf16 && cpu::matrix_gemm() != nullptr;
-  const int64_t in_loop_limit = int64_t(1) << (avx512 && d.G >= 3 && !units ? 21 : 20);
+  const bool big_l2 = cpu::second_level_cache() >= (int64_t(2) << 20);
+  const int64_t in_loop_limit = int64_t(1) << (avx512 && d.G >= 3 && !units && !big_l2 ? 21 : 20);
   const bool in_loop = (!save || d.G >= 3) && input.scalar_type() == at::kFloat &&
                        !w_hr.defined() && !m.layer_norm && B >= 8 && GH * d.I < in_loop_limit;
   Tensor ws = at::empty({in_loop && !save ? 1 : T, B, W}, opt);

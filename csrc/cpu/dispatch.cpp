@@ -8,6 +8,8 @@
 #include <cstring>
 #include <string>
 
+#include <unistd.h>
+
 #include "loops.h"
 
 namespace pyrnn::cpu {
@@ -98,6 +100,14 @@ template <>  // only the baseline copy has float64 loops (kernels_impl.h)
 const KernelsOf<double>& of<double>() { return kernels_pyrnn_isa_default.f64; }
 
 }  // namespace
+
+int64_t second_level_cache() {
+  static const int64_t bytes = [] {
+    const long n = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return n > 0 ? int64_t(n) : int64_t(512) << 10;
+  }();
+  return bytes;
+}
 
 void register_matrix_gemm(const MatrixGemm* g) { g_matrix.store(g); }
 const MatrixGemm* matrix_gemm() {

@@ -44,6 +44,7 @@ using ::pyrnn::cpu::LayerArgs;
 using ::pyrnn::cpu::bf16_products;
 using ::pyrnn::cpu::matrix_gemm;
 using ::pyrnn::cpu::MatrixGemm;
+using ::pyrnn::cpu::second_level_cache;
 }
 
 #ifdef PYRNN_TARGET

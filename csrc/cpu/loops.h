@@ -137,6 +137,9 @@ void register_matrix_gemm(const MatrixGemm* g);
 // is usable, else nullptr.
 const MatrixGemm* matrix_gemm();
 
+// The bytes of one core's second-level cache (512 KB where the system does not say).
+int64_t second_level_cache();
+
 // The CPU capabilities (instruction sets) the loops are compiled for, and the one in use:
 // the best this CPU supports, or the one the environment variable PYRNN_CPU_CAPABILITY
 // names, or the last set_cpu_capability. Names: "default" (the build's baseline),

@@ -165,18 +165,25 @@ class SplitBarrier {
 // atomic add stalled on lines the other core held), where the split by rows kept its
 // speed. weights: the floats of the matrices a step multiplies by. With many threads,
 // the split by rows reads them nt times over at every step: it is taken where they take
-// 1 MB or less (a core's second-level cache on that EPYC) or nt copies of them 32 MB or
-// less (a last-level cache); only two threads were measured.
-// On the matrix units (units: bfloat16 weights, 2 bytes each) the split by units is taken
-// where the weights pass 1 MB: T = 100, B = 32, H = 512, LSTM inference 0.89 of the time
-// split by rows, training 0.95 (Intel Xeon with AMX, 2 threads, medians of 11 interleaved
-// rounds); at H = 128 and 256 the split by rows stays 0.79 - 0.97 of it.
+// 1 MB or less, or nt copies of them 32 MB or less (a last-level cache) while a thread's
+// share of them would not fit in a core's second-level cache either (on that EPYC,
+// 512 KB; only two threads were measured). Where the share fits in it and the whole does
+// not, each thread keeps its share there split by units. On an Intel Xeon with AMX (2 MB
+// second-level caches per core, 2 threads, medians of 11 interleaved rounds, split by
+// units against by rows): T = 500, B = 8, H = 256 (2 MB of weights with the input
+// projection in the loop): LSTM inference 0.62, training 0.87, GRU (1.5 MB) inference
+// 0.77, training 0.98; T = 100, B = 32, H = 128 (512 KB): 1.05 - 1.28 (the split by rows
+// stays); H = 512 (8 MB, a 4 MB share): LSTM inference 0.88, training 0.99 (not taken).
+// units: the products run on the matrix units, whose packed weights take 2 bytes each:
+// at H = 512 (2 MB) LSTM inference 0.89, training 0.95; at H = 128 and 256 (1 MB or
+// less) the split by rows stays 0.79 - 0.97 of the time by units.
 template <typename T, bool proj>
 inline bool by_rows(int64_t B, int64_t nt, int64_t weights, bool units = false) {
   if constexpr (std::is_same_v<T, float> && !proj) {
-    if (units && weights * 2 > (int64_t(1) << 20)) return false;
-    const int64_t bytes = weights * int64_t(sizeof(float));
-    const bool fit = bytes <= (int64_t(1) << 20) || nt * bytes <= (int64_t(32) << 20);
+    const int64_t bytes = weights * int64_t(units ? 2 : sizeof(float));
+    const bool share_fits = nt > 0 && bytes / nt <= second_level_cache();
+    const bool fit = bytes <= (int64_t(1) << 20) ||
+                     (!share_fits && nt * bytes <= (int64_t(32) << 20));
     return nt > 1 && B >= nt * 4 && fit;
   } else {
     return false;
