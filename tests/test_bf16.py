@@ -1,6 +1,7 @@
 """bfloat16 products on the CPU: an op given bfloat16 weights with a float32 input
 multiplies the weights by its other operands rounded to bfloat16 and sums in float32, in
-every compiled copy of the loops (avx512_bf16 in vdpbf16ps, the others in float32 FMAs).
+every compiled copy of the loops (avx512_bf16 in vdpbf16ps, avx512_amx on the matrix units
+through oneDNN's brgemm, the others in float32 FMAs).
 One step of the ReLU Elman cell isolates the products: h_1 = relu(x W_ih^T + b_ih +
 h_0 W_hh^T + b_hh), whose error is that of the sums, checked against float64 sums of the
 rounded operands."""
@@ -86,3 +87,42 @@ def test_weight_dtypes_checked():
         pyrnn.ops.rnn_tanh(x, h, w_ih.bfloat16(), w_hh)
     with pytest.raises(TypeError, match=r"weight_ih: expected dtype Double"):
         pyrnn.ops.rnn_tanh(x.double(), h.double(), w_ih.bfloat16(), w_hh.bfloat16())
+
+
+@pytest.mark.parametrize("capability", SUPPORTED, indirect=True)
+@pytest.mark.parametrize("name,T,B,H", [
+    ("LSTM", 6, 16, 72),    # split by batch rows (weights under 1 MB)
+    ("LSTM", 4, 12, 400),   # split by units on the matrix units (bfloat16 weights over 1 MB)
+    ("GRU", 5, 7, 100),     # split by units (fewer than 4 rows a thread)
+    ("RNN", 5, 33, 40),
+])
+def test_bfloat16_bitwise_equal_across_thread_counts(capability, name, T, B, H):
+    """Under bfloat16 autocast, outputs, states and every gradient have the same bits on
+    1 - 3 threads: each product's tiles are fixed by its shape, not by the threads."""
+    torch.manual_seed(0)
+    m = getattr(pyrnn, name)(H, H, num_layers=2)
+    x = torch.randn(T, B, H)
+    cot = torch.randn(T, B, H)
+
+    def run():
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, h = m(xx)
+        states = list(h) if isinstance(h, tuple) else [h]
+        grads = torch.autograd.grad((out.float() * cot).sum(), [xx, *m.parameters()])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            inf = m(x)[0]
+        return [out, *states, *grads, inf]
+
+    old = torch.get_num_threads()
+    try:
+        results = {}
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results[n] = run()
+    finally:
+        torch.set_num_threads(old)
+    assert all(t.float().isfinite().all() for t in results[1])
+    for n in (2, 3):
+        diff = [i for i, (a, b) in enumerate(zip(results[1], results[n])) if not torch.equal(a, b)]
+        assert not diff, f"{n} threads: results {diff} differ from 1 thread"
