@@ -535,12 +535,15 @@ PYBIND11_MODULE(_C, module) {
   pyrnn::def_module_forward(module);
   module.def("has_cuda", &has_cuda_backend, "whether the CUDA kernels were compiled in");
   module.def("blas", [] {
+    const std::string bf16 = pyrnn::cpu::matrix_gemm()
+                                 ? "bfloat16: the matrix units (oneDNN's brgemm); "
+                                 : "bfloat16: pyrnn's kernel; ";
 #ifdef PYRNN_NO_BLAS
-    return std::string("float32: pyrnn's kernel; float64: at::mm");
+    return "float32: pyrnn's kernel; " + bf16 + "float64: at::mm";
 #else
-    return std::string("float32: pyrnn's kernel; float64: libtorch dgemm_");
+    return "float32: pyrnn's kernel; " + bf16 + "float64: libtorch dgemm_";
 #endif
-  }, "which products the CPU time loops run");
+  }, "which products the CPU time loops run (with the capability in use)");
   module.def("cpu_capability", [] { return std::string(pyrnn::cpu::cpu_capability()); },
              "the instruction set of the CPU loops in use (default, avx2, avx512)");
   module.def("compiled_capabilities", [] { return std::string(pyrnn::cpu::compiled_capabilities()); },

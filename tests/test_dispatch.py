@@ -154,6 +154,8 @@ def test_each_capability_cells_and_norms(capability):
 def test_info_names_the_capability():
     r = _python(["-m", "pyrnn", "info"])
     assert f"CPU loops: {_C.cpu_capability()}" in r.stdout
+    units = "bfloat16: the matrix units (oneDNN's brgemm)"
+    assert (units in r.stdout) == (_C.cpu_capability() == "avx512_amx"), r.stdout
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _C.cpu_capability_error() == ""
