@@ -476,8 +476,9 @@ namespace {
 // bfloat16 products on the matrix units (AMX) through oneDNN's brgemm, which torch
 // carries; registered when the library loads, where that brgemm runs on them
 // (could_pack: the units are there and the library was built with them). The loops then
-// offer the capability avx512_amx (cpu/loops.h). One brgemm call multiplies a panel of
-// 32 columns; its kernels are generated once per shape and cached by torch.
+// offer the capability avx512_amx (cpu/loops.h). One brgemm call multiplies a run of up
+// to 256 columns (cpu/gemm.h); its kernels are generated once per shape and cached by
+// torch.
 void units_gemm(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc,
                 bool add, const uint16_t* A, const uint16_t* B, float* C) {
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add,
