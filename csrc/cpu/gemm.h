@@ -178,7 +178,7 @@ class PackedGemm {
       : M_(M), N_(N), K_(K), block_(block > 0 ? block : (N > 0 ? N : 1)),
         per_block_((block_ + kNR - 1) / kNR), panels_(N / block_ * per_block_),
         bf16_(bf16), dot_(bf16 && kBf16Dot), depth_(dot_ ? (K + 1) / 2 : K),
-        amx_(kBf16Dot && dot_ && K > 0 ? matrix_gemm() : nullptr) {
+        amx_(dot_ && K > 0 ? matrix_gemm() : nullptr) {
     // A panel row: kNR floats, or kNR pairs of bfloat16 (k even, k odd) with dot_; the
     // same size, so panel p, row k is at packed_ + (p * depth_ + k) * kV either way.
     packed_ = PackBuffers::take(panels_ * depth_ * kV + 1);
@@ -790,9 +790,10 @@ class PackedGemm {
   int64_t M_, N_, K_, block_, per_block_, panels_;
   bool bf16_, dot_;
   int64_t depth_;  // K, or the pairs of K with dot_
-  // The matrix units' product (capability avx512_amx), or nullptr: with dot_, each panel
-  // is then multiplied by one call of it (a panel is [depth_][kNR] pairs, the layout the
-  // units read) in place of the vdpbf16ps kernel.
+  // The matrix units' product (capability avx512_amx), or nullptr: with dot_, runs of up
+  // to kGroup adjacent panels of a block are then multiplied by one call of it (on_units;
+  // the packing lays a block's panels side by side, origin()) in place of the vdpbf16ps
+  // kernel.
   const MatrixGemm* amx_;
   PackBuffers::Ptr packed_;
 };
