@@ -561,4 +561,10 @@ PYBIND11_MODULE(_C, module) {
                 "set_cpu_capability: expected one of ", pyrnn::cpu::supported_capabilities(),
                 " (the capabilities this CPU runs), got '", name, "'");
   }, "use the CPU loops compiled for this instruction set (for tests and benchmarks)");
+  module.def("gemm_rows", [] { return pyrnn::cpu::gemm_rows(); },
+             "the rows of a register block of the float32 products in the AVX-512 copies");
+  module.def("set_gemm_rows", [](int64_t rows) {
+    TORCH_CHECK(pyrnn::cpu::set_gemm_rows(rows),
+                "set_gemm_rows: expected 1 - 12 rows (0: the CPU's default), got ", rows);
+  }, "the rows of those blocks (for tests and benchmarks; 0: the CPU's default)");
 }

@@ -151,6 +151,41 @@ def test_each_capability_cells_and_norms(capability):
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("capability", SUPPORTED, indirect=True)
+def test_row_blocks_change_no_bit(capability):
+    """The register blocks of the float32 products (gemm_rows: 12 rows on Intel CPUs, 8 on
+    others, in the AVX-512 copies) only group the rows of C: every output and gradient
+    keeps its bits with blocks of 3, 8 and 12 rows. B = 27 gives blocks and a tail in the
+    step products, T * B rows the input projection and the weight gradients (whose
+    transposed left operand is copied block by block); a bfloat16 module runs the
+    products of pairs."""
+    torch.manual_seed(0)
+    cases = [(pyrnn.LSTM(24, 40, bidirectional=True), 7, 27, torch.float32),
+             (pyrnn.GRU(24, 40), 9, 27, torch.float32),
+             (pyrnn.RNN(24, 40, num_layers=2), 30, 5, torch.float32),
+             (pyrnn.LSTM(24, 40).bfloat16(), 7, 27, torch.bfloat16)]
+    try:
+        for module, T, B, dtype in cases:
+            x = torch.randn(T, B, 24, dtype=dtype)
+            grad = torch.randn(T, B, module.hidden_size * (1 + module.bidirectional),
+                               dtype=dtype)
+            runs = {}
+            for rows in (3, 8, 12):
+                _C.set_gemm_rows(rows)
+                runs[rows] = _run(module, x, None, grad)
+            for rows in (3, 8):
+                for k, (a, b) in enumerate(zip(runs[rows], runs[12])):
+                    assert torch.equal(a, b), (type(module).__name__, dtype, rows, k)
+    finally:
+        _C.set_gemm_rows(0)
+    assert _C.gemm_rows() in (8, 12)
+
+
+def test_set_gemm_rows_checks_its_argument():
+    with pytest.raises(RuntimeError, match="expected 1 - 12 rows .*got 13"):
+        _C.set_gemm_rows(13)
+
+
 def test_info_names_the_capability():
     r = _python(["-m", "pyrnn", "info"])
     assert f"CPU loops: {_C.cpu_capability()}" in r.stdout

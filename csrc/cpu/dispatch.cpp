@@ -109,6 +109,22 @@ int64_t second_level_cache() {
   return bytes;
 }
 
+static std::atomic<int64_t> g_gemm_rows{0};  // 0: the CPU's default
+int64_t gemm_rows() {
+  const int64_t n = g_gemm_rows.load(std::memory_order_relaxed);
+  if (n > 0) return n;
+  static const int64_t by_cpu = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") ? int64_t(12) : int64_t(8);
+  }();
+  return by_cpu;
+}
+bool set_gemm_rows(int64_t rows) {
+  if (rows < 0 || rows > 12) return false;
+  g_gemm_rows.store(rows, std::memory_order_relaxed);
+  return true;
+}
+
 void register_matrix_gemm(const MatrixGemm* g) { g_matrix.store(g); }
 const MatrixGemm* matrix_gemm() {
   const MatrixGemm* g = g_matrix.load();

@@ -45,6 +45,7 @@ using ::pyrnn::cpu::bf16_products;
 using ::pyrnn::cpu::matrix_gemm;
 using ::pyrnn::cpu::MatrixGemm;
 using ::pyrnn::cpu::second_level_cache;
+using ::pyrnn::cpu::gemm_rows;
 }
 
 #ifdef PYRNN_TARGET

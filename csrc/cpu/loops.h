@@ -140,6 +140,12 @@ const MatrixGemm* matrix_gemm();
 // The bytes of one core's second-level cache (512 KB where the system does not say).
 int64_t second_level_cache();
 
+// The rows of a register block of the float32 product kernel in the AVX-512 copies
+// (gemm.h, which takes at most 12): 12 on Intel CPUs, 8 on others, or the last
+// set_gemm_rows (1 - 12). The same bits whatever it is.
+int64_t gemm_rows();
+bool set_gemm_rows(int64_t rows);
+
 // The CPU capabilities (instruction sets) the loops are compiled for, and the one in use:
 // the best this CPU supports, or the one the environment variable PYRNN_CPU_CAPABILITY
 // names, or the last set_cpu_capability. Names: "default" (the build's baseline),
