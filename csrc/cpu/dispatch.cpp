@@ -113,11 +113,14 @@ static std::atomic<int64_t> g_gemm_rows{0};  // 0: the CPU's default
 int64_t gemm_rows() {
   const int64_t n = g_gemm_rows.load(std::memory_order_relaxed);
   if (n > 0) return n;
-  static const int64_t by_cpu = [] {
+  return cpu_is_intel() ? int64_t(12) : int64_t(8);
+}
+bool cpu_is_intel() {
+  static const bool intel = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_is("intel") ? int64_t(12) : int64_t(8);
+    return __builtin_cpu_is("intel") > 0;
   }();
-  return by_cpu;
+  return intel;
 }
 bool set_gemm_rows(int64_t rows) {
   if (rows < 0 || rows > 12) return false;

@@ -46,6 +46,7 @@ using ::pyrnn::cpu::matrix_gemm;
 using ::pyrnn::cpu::MatrixGemm;
 using ::pyrnn::cpu::second_level_cache;
 using ::pyrnn::cpu::gemm_rows;
+using ::pyrnn::cpu::cpu_is_intel;
 }
 
 #ifdef PYRNN_TARGET

@@ -145,6 +145,8 @@ int64_t second_level_cache();
 // set_gemm_rows (1 - 12). The same bits whatever it is.
 int64_t gemm_rows();
 bool set_gemm_rows(int64_t rows);
+// Whether the CPU is an Intel one (its vendor string), for the choices measured there.
+bool cpu_is_intel();
 
 // The CPU capabilities (instruction sets) the loops are compiled for, and the one in use:
 // the best this CPU supports, or the one the environment variable PYRNN_CPU_CAPABILITY
