@@ -181,6 +181,26 @@ def test_row_blocks_change_no_bit(capability):
     assert _C.gemm_rows() in (8, 12)
 
 
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_matrices_beyond_the_second_level_cache(cls):
+    """H = 512: W_hh packs into 3 - 4 MB, more than a core's second-level cache, with
+    panels 512 rows deep, where the products prefetch their panels on Intel CPUs (gemm.h).
+    Outputs and gradients against float64, within twice torch.nn's float32 error (plus
+    8 ulps of the largest value, as above)."""
+    torch.manual_seed(0)
+    ref32 = cls(64, 512)
+    ref64 = cls(64, 512).double()
+    ref64.load_state_dict(ref32.state_dict())
+    x, grad = torch.randn(3, 13, 64), torch.randn(3, 13, 512)
+    exact = _run(ref64, x.double(), None, grad.double())
+    theirs = _run(ref32, x, None, grad)
+    eps = torch.finfo(torch.float32).eps
+    for k, (o, r, e) in enumerate(zip(_run(pyrnn.convert(ref32), x, None, grad), theirs,
+                                      exact)):
+        scale = max(e.abs().max().item(), 1.0)
+        assert _err(o, e) <= 2 * _err(r, e) + 8 * eps * scale, (k, _err(o, e), _err(r, e))
+
+
 def test_set_gemm_rows_checks_its_argument():
     with pytest.raises(RuntimeError, match="expected 1 - 12 rows .*got 13"):
         _C.set_gemm_rows(13)
