@@ -542,7 +542,14 @@ PYBIND11_MODULE(_C, module) {
 #ifdef PYRNN_NO_BLAS
     return "float32: pyrnn's kernel; " + bf16 + "float64: at::mm";
 #else
-    return "float32: pyrnn's kernel; " + bf16 + "float64: libtorch dgemm_";
+    const int mode = pyrnn::cpu::blas_weight_grads_mode();
+    const std::string f32 =
+        mode > 0 ? "float32: pyrnn's kernel, weight gradients on libtorch sgemm_; "
+        : mode == 0 || !pyrnn::cpu::cpu_is_intel()
+            ? "float32: pyrnn's kernel; "
+            : "float32: pyrnn's kernel, weight gradients with up to 1024 rows on libtorch "
+              "sgemm_; ";
+    return f32 + bf16 + "float64: libtorch dgemm_";
 #endif
   }, "which products the CPU time loops run (with the capability in use)");
   module.def("cpu_capability", [] { return std::string(pyrnn::cpu::cpu_capability()); },
@@ -561,6 +568,14 @@ PYBIND11_MODULE(_C, module) {
                 "set_cpu_capability: expected one of ", pyrnn::cpu::supported_capabilities(),
                 " (the capabilities this CPU runs), got '", name, "'");
   }, "use the CPU loops compiled for this instruction set (for tests and benchmarks)");
+  module.def("blas_weight_grads", [] { return pyrnn::cpu::blas_weight_grads_mode(); },
+             "where the float32 weight gradients run: 1 libtorch's BLAS, 0 pyrnn's kernel, "
+             "-1 the CPU's default (the BLAS on Intel CPUs for up to 1024 rows)");
+  module.def("set_blas_weight_grads", [](int64_t mode) {
+    TORCH_CHECK(mode >= -1 && mode <= 1 && pyrnn::cpu::set_blas_weight_grads(int(mode)),
+                "set_blas_weight_grads: expected 1 (the BLAS), 0 (pyrnn's kernel) or -1 (the "
+                "CPU's default), got ", mode);
+  }, "where the float32 weight gradients run (for tests and benchmarks)");
   module.def("gemm_rows", [] { return pyrnn::cpu::gemm_rows(); },
              "the rows of a register block of the float32 products in the AVX-512 copies");
   module.def("set_gemm_rows", [](int64_t rows) {

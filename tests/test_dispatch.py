@@ -201,6 +201,53 @@ def test_matrices_beyond_the_second_level_cache(cls):
         assert _err(o, e) <= 2 * _err(r, e) + 8 * eps * scale, (k, _err(o, e), _err(r, e))
 
 
+@pytest.mark.parametrize("mode", [0, 1], ids=["pyrnn", "blas"])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
+def test_weight_gradients_on_either_product(cls, mode):
+    """The float32 weight gradients run on pyrnn's kernel (mode 0) or on libtorch's BLAS in
+    fixed tiles of one sequential call each (mode 1; the default on Intel CPUs for up to
+    1024 rows of the result and 2^24 flops). Either way: against float64, within twice torch.nn's own
+    float32 error plus 8 ulps of the largest value (as above); bitwise the same on 1 - 4
+    threads, and with the input at an address 4 - 12 bytes off the allocator's alignment.
+    T * B = 400 rows of x summed in every element (at this depth the BLAS's bits differ from
+    the kernel's: both are covered); H = 136 gives tiles of rows and of columns with
+    tails."""
+    torch.manual_seed(0)
+    ref32 = cls(24, 136, num_layers=2, bidirectional=True)
+    ref64 = cls(24, 136, num_layers=2, bidirectional=True).double()
+    ref64.load_state_dict(ref32.state_dict())
+    x, grad = torch.randn(25, 16, 24), torch.randn(25, 16, 272)
+    exact = _run(ref64, x.double(), None, grad.double())
+    theirs = _run(ref32, x, None, grad)
+    module = pyrnn.convert(ref32)
+    old = torch.get_num_threads()
+    try:
+        _C.set_blas_weight_grads(mode)
+        ours = _run(module, x, None, grad)
+        eps = torch.finfo(torch.float32).eps
+        for k, (o, r, e) in enumerate(zip(ours, theirs, exact)):
+            scale = max(e.abs().max().item(), 1.0)
+            assert _err(o, e) <= 2 * _err(r, e) + 8 * eps * scale, (k, _err(o, e), _err(r, e))
+        for n in (1, 3, 4):
+            torch.set_num_threads(n)
+            again = _run(module, x, None, grad)
+            assert all(torch.equal(a, b) for a, b in zip(ours, again)), n
+        torch.set_num_threads(old)
+        for off in (1, 2, 3):
+            shifted = torch.empty(x.numel() + off)[off:].view(x.shape).copy_(x)
+            again = _run(module, shifted, None, grad)
+            assert all(torch.equal(a, b) for a, b in zip(ours, again)), off
+    finally:
+        torch.set_num_threads(old)
+        _C.set_blas_weight_grads(-1)
+    assert _C.blas_weight_grads() == -1
+
+
+def test_set_blas_weight_grads_checks_its_argument():
+    with pytest.raises(RuntimeError, match=r"expected 1 \(the BLAS\), 0 .* got 2"):
+        _C.set_blas_weight_grads(2)
+
+
 def test_set_gemm_rows_checks_its_argument():
     with pytest.raises(RuntimeError, match="expected 1 - 12 rows .*got 13"):
         _C.set_gemm_rows(13)

@@ -1,7 +1,8 @@
-// Row-major float64 matrix products on raw pointers for the CPU time loops (float32 has
-// its own kernel, gemm.h). They call the Fortran BLAS that ships inside libtorch
-// (dgemm_), so no dispatcher call, no allocation and no tensor is made inside a time
-// loop. A build against a libtorch without that symbol defines PYRNN_NO_BLAS and falls
+// Row-major matrix products on raw pointers for the CPU loops: float64's, and float32's
+// outside the time loop where the BLAS is chosen for them (blas_products(), loops.h;
+// float32 otherwise has its own kernel, gemm.h). They call the Fortran BLAS that ships
+// inside libtorch (dgemm_, sgemm_), so no dispatcher call, no allocation and no tensor
+// is made inside a time loop. A build against a libtorch without that symbol defines PYRNN_NO_BLAS and falls
 // back to at::mm_out on borrowed tensors (same results, a little dispatch overhead).
 #pragma once
 #include <algorithm>
@@ -14,6 +15,9 @@
 #include <ATen/ATen.h>
 #else
 extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b,
+            const int* ldb, const float* beta, float* c, const int* ldc);
 void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b,
             const int* ldb, const double* beta, double* c, const int* ldc);
@@ -46,8 +50,8 @@ class SequentialBlas {
 // least 2^20 flops. Every entry of the result is then computed by one call whose
 // operands do not depend on the number of threads, and so are its bits.
 template <typename F>
-inline void over_tiles(int64_t n, double flops, F&& f) {
-#pragma omp parallel if (n > 1 && flops >= double(1 << 20))
+inline void over_tiles(int64_t n, double flops, F&& f, double team_flops = double(1 << 20)) {
+#pragma omp parallel if (n > 1 && flops >= team_flops)
   {
     SequentialBlas sequential;
 #pragma omp for schedule(static)
@@ -56,6 +60,11 @@ inline void over_tiles(int64_t n, double flops, F&& f) {
 }
 
 #ifndef PYRNN_NO_BLAS
+inline void fgemm(char ta, char tb, int m, int n, int k, float alpha, const float* a,
+                  int lda, const float* b, int ldb, float beta, float* c, int ldc) {
+  lda = lda < 1 ? 1 : lda; ldb = ldb < 1 ? 1 : ldb; ldc = ldc < 1 ? 1 : ldc;
+  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
 inline void fgemm(char ta, char tb, int m, int n, int k, double alpha, const double* a,
                   int lda, const double* b, int ldb, double beta, double* c, int ldc) {
   lda = lda < 1 ? 1 : lda; ldb = ldb < 1 ? 1 : ldb; ldc = ldc < 1 ? 1 : ldc;
@@ -96,19 +105,20 @@ void mm_nn(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C, 
 #endif
 }
 
-// C[M, N] = A[K, M]^T @ B[K, N]; A has leading dimension lda (>= M), C ldc (>= N)
+// C[M, N] = A[K, M]^T @ B[K, N]; A, B and C have leading dimensions lda (>= M), ldb
+// (>= N) and ldc (>= N)
 template <typename T>
-void mm_tn(int M, int N, int K, const T* A, int lda, const T* B, T* C, int ldc) {
+void mm_tn(int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C, int ldc) {
   if (M == 0 || N == 0) return;
 #ifdef PYRNN_NO_BLAS
   auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   auto a = at::from_blob(const_cast<T*>(A), {K, M}, {lda, 1}, opt);
-  auto b = at::from_blob(const_cast<T*>(B), {K, N}, opt);
+  auto b = at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opt);
   auto c = at::from_blob(C, {M, N}, {ldc, 1}, opt);
   at::mm_out(c, a.t(), b);
 #else
   // column-major view: C^T[N, M] = B^T[N, K] @ A[K, M]
-  fgemm('N', 'T', N, M, K, T(1), B, N, A, lda, T(0), C, ldc);
+  fgemm('N', 'T', N, M, K, T(1), B, ldb, A, lda, T(0), C, ldc);
 #endif
 }
 

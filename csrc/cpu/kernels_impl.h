@@ -47,6 +47,7 @@ using ::pyrnn::cpu::MatrixGemm;
 using ::pyrnn::cpu::second_level_cache;
 using ::pyrnn::cpu::gemm_rows;
 using ::pyrnn::cpu::cpu_is_intel;
+using ::pyrnn::cpu::blas_weight_grads;
 }
 
 #ifdef PYRNN_TARGET
@@ -74,6 +75,56 @@ PYRNN_FLAT void backward_loop(const BackwardArgs<T>& p) {
   if constexpr (Cell::kRowWise) backward_rows<Cell, T>(p);
   else backward_steps<Cell, T>(p);
 }
+// Products on the BLAS in fixed tiles of the result, one sequential call each (see
+// over_tiles in blas.h), so that no sum is split by the number of threads: C[M, N] =
+// A[M, K] @ op(Wm) (+ bias, written first and the products added to it, as torch's
+// addmm) in tiles of `tile` rows.
+template <typename T>
+void tiled_matmul(const T* A, int64_t M, int64_t K, const T* Wm, int64_t N, bool transposed,
+                  T* C, int64_t ldc, const T* bias, int64_t tile, double team_flops) {
+  over_tiles((M + tile - 1) / tile, 2.0 * M * N * K, [&](int64_t i) {
+    const int64_t m0 = i * tile, rows = std::min(tile, M - m0);
+    const T* a = A + m0 * K;
+    T* c = C + m0 * ldc;
+    if (bias)
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(c + r * ldc, bias, sizeof(T) * N);
+    if (transposed)
+      mm_nt<T>(int(rows), int(N), int(K), a, int(K), Wm, int(K), c, int(ldc), bias != nullptr);
+    else
+      mm_nn<T>(int(rows), int(N), int(K), a, int(K), Wm, int(N), c, int(ldc), bias != nullptr);
+  }, team_flops);
+}
+
+// C[M, N + N2] = A^T @ [Bm | B2] (A [K, M]) in tiles of `tile` rows of C by `cols`
+// columns of Bm or of B2.
+template <typename T>
+void tiled_matmul_tn(const T* A, int64_t M, int64_t K, const T* Bm, int64_t N, const T* B2,
+                     int64_t N2, T* C, int64_t tile, int64_t cols, double team_flops) {
+  const int64_t ldc = N + N2;
+  const int64_t rt = (M + tile - 1) / tile;
+  const int64_t c1 = (N + cols - 1) / cols, c2 = N2 > 0 ? (N2 + cols - 1) / cols : 0;
+  over_tiles(rt * (c1 + c2), 2.0 * M * ldc * K, [&](int64_t i) {
+    const int64_t m0 = i / (c1 + c2) * tile, w = std::min(tile, M - m0);
+    const int64_t j = i % (c1 + c2);
+    const bool second = j >= c1;
+    const int64_t n0 = (second ? j - c1 : j) * cols, width = std::min(cols, (second ? N2 : N) - n0);
+    const T* b = (second ? B2 : Bm) + n0;
+    mm_tn<T>(int(w), int(width), int(K), A + m0, int(M), b, second ? int(N2) : int(N),
+             C + m0 * ldc + (second ? N : 0) + n0, int(ldc));
+  }, team_flops);
+}
+
+// The rows of a float32 tile on the BLAS: an even number of tiles of about 256 rows or
+// fewer (whole multiples of 16), so that two threads get equal shares; fixed by M alone.
+inline int64_t blas_tile(int64_t M) {
+  int64_t n = (M + 255) / 256;
+  if (n > 1 && n % 2) ++n;
+  return std::max<int64_t>(16, ((M + n - 1) / n + 15) / 16 * 16);
+}
+
+// Threads split float32 tiles from 2^22 flops, as in pyrnn's kernel (gemm.h, tiles()).
+constexpr double kBlasTeam = double(1 << 22);
+
 PYRNN_FLAT void matmul(const float* A, int64_t M, int64_t K, const float* Wm, int64_t N,
                        bool transposed, float* C, int64_t ldc, const float* bias) {
   if (M == 0 || N == 0) return;
@@ -84,38 +135,21 @@ PYRNN_FLAT void matmul(const float* A, int64_t M, int64_t K, const float* Wm, in
 PYRNN_FLAT void matmul_tn(const float* A, int64_t M, int64_t K, const float* Bm, int64_t N,
                           const float* B2, int64_t N2, float* C) {
   if (M == 0 || N + N2 == 0) return;
+  if (!bf16_products() && blas_weight_grads(M, N + N2, K))
+    return tiled_matmul_tn(A, M, K, Bm, N, B2, N2, C, blas_tile(M), 256, kBlasTeam);
   const PackedGemm gemm(M, N + N2, K, Bm, false, 0, bf16_products(), B2, N);
   gemm.run_strided(A, M, 1, M, C, N + N2, false);
 }
 
-// float64 products: fixed tiles of the result, one sequential BLAS call each (see
-// over_tiles in blas.h), so that no sum is split by the number of threads.
+// float64 products: on the BLAS in tiles of 256 rows.
 void matmul_tn(const double* A, int64_t M, int64_t K, const double* Bm, int64_t N,
                const double* B2, int64_t N2, double* C) {
-  constexpr int64_t kTile = 256;  // rows of C (columns of A) per call
-  const int64_t ldc = N + N2;
-  over_tiles((M + kTile - 1) / kTile, 2.0 * M * ldc * K, [&](int64_t i) {
-    const int64_t m0 = i * kTile, w = std::min(kTile, M - m0);
-    mm_tn<double>(int(w), int(N), int(K), A + m0, int(M), Bm, C + m0 * ldc, int(ldc));
-    if (N2 > 0)
-      mm_tn<double>(int(w), int(N2), int(K), A + m0, int(M), B2, C + m0 * ldc + N, int(ldc));
-  });
+  tiled_matmul_tn(A, M, K, Bm, N, B2, N2, C, 256, std::max<int64_t>(N, N2), 1 << 20);
 }
 
 void matmul(const double* A, int64_t M, int64_t K, const double* Wm, int64_t N,
             bool transposed, double* C, int64_t ldc, const double* bias) {
-  constexpr int64_t kTile = 256;  // rows of A and C per call
-  over_tiles((M + kTile - 1) / kTile, 2.0 * M * N * K, [&](int64_t i) {
-    const int64_t m0 = i * kTile, rows = std::min(kTile, M - m0);
-    const double* a = A + m0 * K;
-    double* c = C + m0 * ldc;
-    if (bias)
-      for (int64_t r = 0; r < rows; ++r) std::memcpy(c + r * ldc, bias, sizeof(double) * N);
-    if (transposed)
-      mm_nt<double>(int(rows), int(N), int(K), a, int(K), Wm, int(K), c, int(ldc), bias != nullptr);
-    else
-      mm_nn<double>(int(rows), int(N), int(K), a, int(K), Wm, int(N), c, int(ldc), bias != nullptr);
-  });
+  tiled_matmul(A, M, K, Wm, N, transposed, C, ldc, bias, 256, 1 << 20);
 }
 
 // out[N] = sum over the M rows of A[M, N]: each column summed in blocks of kRows rows, one
