@@ -258,6 +258,10 @@ def test_info_names_the_capability():
     assert f"CPU loops: {_C.cpu_capability()}" in r.stdout
     units = "bfloat16: the matrix units (oneDNN's brgemm)"
     assert (units in r.stdout) == (_C.cpu_capability() == "avx512_amx"), r.stdout
+    intel = os.path.exists("/proc/cpuinfo") and "GenuineIntel" in open("/proc/cpuinfo").read()
+    # (the float32 weight gradients' default on Intel CPUs, in a build with the BLAS)
+    assert ("weight gradients with up to 1024 rows on libtorch sgemm_" in r.stdout) == (
+        intel and "float64: libtorch dgemm_" in r.stdout), r.stdout
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _C.cpu_capability_error() == ""
