@@ -144,7 +144,7 @@ PYRNN_FLAT void matmul_tn(const float* A, int64_t M, int64_t K, const float* Bm,
 // float64 products: on the BLAS in tiles of 256 rows.
 void matmul_tn(const double* A, int64_t M, int64_t K, const double* Bm, int64_t N,
                const double* B2, int64_t N2, double* C) {
-  tiled_matmul_tn(A, M, K, Bm, N, B2, N2, C, 256, std::max<int64_t>(N, N2), 1 << 20);
+  tiled_matmul_tn(A, M, K, Bm, N, B2, N2, C, 256, std::max<int64_t>({N, N2, 1}), 1 << 20);
 }
 
 void matmul(const double* A, int64_t M, int64_t K, const double* Wm, int64_t N,
