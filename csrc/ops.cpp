@@ -547,8 +547,8 @@ PYBIND11_MODULE(_C, module) {
         mode > 0 ? "float32: pyrnn's kernel, weight gradients on libtorch sgemm_; "
         : mode == 0 || !pyrnn::cpu::cpu_is_intel()
             ? "float32: pyrnn's kernel; "
-            : "float32: pyrnn's kernel, weight gradients with up to 1024 rows on libtorch "
-              "sgemm_; ";
+            : "float32: pyrnn's kernel, weight gradients of 2^24 flops or more on "
+              "libtorch sgemm_; ";
     return f32 + bf16 + "float64: libtorch dgemm_";
 #endif
   }, "which products the CPU time loops run (with the capability in use)");
@@ -570,7 +570,7 @@ PYBIND11_MODULE(_C, module) {
   }, "use the CPU loops compiled for this instruction set (for tests and benchmarks)");
   module.def("blas_weight_grads", [] { return pyrnn::cpu::blas_weight_grads_mode(); },
              "where the float32 weight gradients run: 1 libtorch's BLAS, 0 pyrnn's kernel, "
-             "-1 the CPU's default (the BLAS on Intel CPUs for up to 1024 rows)");
+             "-1 the CPU's default (the BLAS on Intel CPUs from 2^24 flops)");
   module.def("set_blas_weight_grads", [](int64_t mode) {
     TORCH_CHECK(mode >= -1 && mode <= 1 && pyrnn::cpu::set_blas_weight_grads(int(mode)),
                 "set_blas_weight_grads: expected 1 (the BLAS), 0 (pyrnn's kernel) or -1 (the "

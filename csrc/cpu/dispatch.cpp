@@ -122,15 +122,16 @@ bool cpu_is_intel() {
   }();
   return intel;
 }
-// The weight gradients' products on the BLAS (its tiles: kernels_impl.h), against
-// pyrnn's kernel, measured on an Intel Xeon with AMX (2 threads, training, 15 - 25
-// interleaved rounds in one process, medians of the ratios): at T = 100, B = 32,
-// H = 128 the LSTM (a product of 512 rows) trains in 0.94 - 0.95 of the time, the GRU
-// 0.92, the Elman RNN 0.90 - 0.91; at T = 500, B = 8, H = 256 0.97 - 0.99, 0.95 - 0.96,
-// 0.91; at T = 100, B = 32, H = 512 the Elman RNN (512 rows) 0.92 - 0.93, but the LSTM
-// (2048 rows) 0.98 - 1.00 and the GRU (two products of 1536 rows) 1.02 - 1.04; at
-// T = 100, B = 1, H = 64 (2^21 - 2^23 flops) 1.03 - 1.30. Hence up to 1024 rows and from
-// 2^24 flops. On AMD CPUs that BLAS runs generic kernels: not taken there.
+// The weight gradients' products on the BLAS (its tiles: kernels_impl.h, 512 columns
+// wide), against pyrnn's kernel, measured on an Intel Xeon with AMX (2 threads,
+// training, 11 - 25 interleaved rounds in one process, medians of the ratios): at
+// T = 100, B = 32, H = 128 the LSTM trains in 0.93 - 0.94 of the time, the GRU 0.91, the
+// Elman RNN 0.89; at H = 512 0.96 - 0.98, 0.99, 0.92 - 0.93; at T = 500, B = 8, H = 256
+// 0.96 - 0.97, 0.95 - 0.97, 0.92; at T = 100, B = 64, H = 256 0.96 - 0.97 (all three); at
+// T = 50, B = 32, H = 1024 the LSTM and GRU 1.00 - 1.01, the Elman RNN 0.96. With tiles
+// 256 columns wide the LSTM and GRU at H = 512 read 0.98 - 1.00 and 1.02 - 1.04. At
+// T = 100, B = 1, H = 64 (2^21 - 2^23 flops) 1.03 - 1.30: hence from 2^24 flops. On AMD
+// CPUs that BLAS runs generic kernels: not taken there.
 static std::atomic<int> g_blas{-1};  // -1: the CPU's default
 int blas_weight_grads_mode() {
 #ifdef PYRNN_NO_BLAS
@@ -142,7 +143,7 @@ int blas_weight_grads_mode() {
 bool blas_weight_grads(int64_t M, int64_t N, int64_t K) {
   const int mode = blas_weight_grads_mode();
   if (mode >= 0) return mode > 0;
-  return cpu_is_intel() && M <= 1024 && 2.0 * M * N * K >= double(1 << 24);
+  return cpu_is_intel() && 2.0 * M * N * K >= double(1 << 24);
 }
 bool set_blas_weight_grads(int mode) {
   if (mode < -1 || mode > 1) return false;

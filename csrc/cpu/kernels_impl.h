@@ -136,7 +136,7 @@ PYRNN_FLAT void matmul_tn(const float* A, int64_t M, int64_t K, const float* Bm,
                           const float* B2, int64_t N2, float* C) {
   if (M == 0 || N + N2 == 0) return;
   if (!bf16_products() && blas_weight_grads(M, N + N2, K))
-    return tiled_matmul_tn(A, M, K, Bm, N, B2, N2, C, blas_tile(M), 256, kBlasTeam);
+    return tiled_matmul_tn(A, M, K, Bm, N, B2, N2, C, blas_tile(M), 512, kBlasTeam);
   const PackedGemm gemm(M, N + N2, K, Bm, false, 0, bf16_products(), B2, N);
   gemm.run_strided(A, M, 1, M, C, N + N2, false);
 }

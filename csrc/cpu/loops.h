@@ -150,8 +150,8 @@ bool cpu_is_intel();
 // Whether a float32 weight gradient C[M, N] = A^T B over K = T*B rows (matmul_tn; not a
 // bfloat16 one) runs on libtorch's BLAS (sgemm_, in fixed tiles of C of one sequential
 // call each: the same bits for any number of threads) rather than on pyrnn's kernel. By
-// default (mode -1): on Intel CPUs, where that BLAS is MKL at its best, for M <= 1024
-// and 2^24 flops or more (measured: dispatch.cpp); elsewhere never. set_blas_weight_grads(1)
+// default (mode -1): on Intel CPUs, where that BLAS is MKL at its best, from 2^24 flops
+// (measured: dispatch.cpp); elsewhere never. set_blas_weight_grads(1)
 // takes the BLAS for every shape, (0) never, (-1) the default. A build without the BLAS
 // (PYRNN_NO_BLAS) never does.
 bool blas_weight_grads(int64_t M, int64_t N, int64_t K);
