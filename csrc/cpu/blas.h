@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 
 #include "gemm.h"
 
@@ -48,7 +49,7 @@ class SequentialBlas {
 
 // Runs f(i) for the tiles i in [0, n) of a product whose tiles are fixed by its shape
 // alone, each with a sequential BLAS, on the team's threads when the product has at
-// least 2^20 flops. Every entry of the result is then computed by one call whose
+// least team_flops flops. Every entry of the result is then computed by one call whose
 // operands do not depend on the number of threads, and so are its bits.
 template <typename F>
 inline void over_tiles(int64_t n, double flops, F&& f, double team_flops = double(1 << 20)) {
@@ -61,15 +62,15 @@ inline void over_tiles(int64_t n, double flops, F&& f, double team_flops = doubl
 }
 
 #ifndef PYRNN_NO_BLAS
-inline void fgemm(char ta, char tb, int m, int n, int k, float alpha, const float* a,
-                  int lda, const float* b, int ldb, float beta, float* c, int ldc) {
+// sgemm_ or dgemm_ by T, with leading dimensions of at least 1 (as the BLAS requires).
+template <typename T>
+inline void fgemm(char ta, char tb, int m, int n, int k, T alpha, const T* a, int lda,
+                  const T* b, int ldb, T beta, T* c, int ldc) {
   lda = lda < 1 ? 1 : lda; ldb = ldb < 1 ? 1 : ldb; ldc = ldc < 1 ? 1 : ldc;
-  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
-}
-inline void fgemm(char ta, char tb, int m, int n, int k, double alpha, const double* a,
-                  int lda, const double* b, int ldb, double beta, double* c, int ldc) {
-  lda = lda < 1 ? 1 : lda; ldb = ldb < 1 ? 1 : ldb; ldc = ldc < 1 ? 1 : ldc;
-  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+  if constexpr (std::is_same_v<T, float>)
+    sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+  else
+    dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
 }
 #endif
 

@@ -174,6 +174,9 @@ class PackedGemm {
   // T = 500, B = 8, H = 256 0.95 - 1.01. Each element of C is summed over k in the same
   // order whatever the blocks: the same bits (tests/test_dispatch.py).
   static constexpr int64_t kMR = kSimdLanes == 16 ? 12 : 6;
+  // The flops from which a product outside the loops is split across the threads (see
+  // tiles()); the weight gradients on the BLAS take the same bound (kernels_impl.h).
+  static constexpr int64_t kTeamFlops = int64_t(1) << 22;
 
   // block: the columns form N / block blocks of that width (the gate blocks of a
   // recurrent matrix); panels never straddle two blocks, so a thread can own a slice of
@@ -577,7 +580,7 @@ class PackedGemm {
       // saves (measured, AVX2, 2 threads, 5 ms pauses: an RNN-tanh layer at T = 100,
       // B = 1, H = 64, whose input projection has 2^19.6 flops, 1.1 ms with the team
       // against 0.38 ms without; warm, 0.07 - 0.09 ms either way).
-#pragma omp parallel if (2 * M * N_ * kn * (dot_ ? 2 : 1) >= (int64_t(1) << 22))
+#pragma omp parallel if (2 * M * N_ * kn * (dot_ ? 2 : 1) >= kTeamFlops)
       {
         PackBuffers::Ptr kept;  // the copy's memory, kept by this thread for its next calls
         if (copy) kept = PackBuffers::take((chunk * kn + kSimdLanes - 1) / kSimdLanes);
@@ -678,7 +681,7 @@ class PackedGemm {
     const int64_t chunk = ((M + parts - 1) / parts + 15) / 16 * 16;
     const int64_t chunks = M > 0 ? (M + chunk - 1) / chunk : 0;
     const int64_t groups = (per_block_ + kGroup - 1) / kGroup, blocks = panels_ / per_block_;
-#pragma omp parallel if (4 * M * N_ * depth_ >= (int64_t(1) << 22))
+#pragma omp parallel if (4 * M * N_ * depth_ >= kTeamFlops)
     {
 #pragma omp for collapse(2) schedule(static)
       for (int64_t q = 0; q < chunks; ++q) {

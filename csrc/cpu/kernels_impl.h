@@ -75,26 +75,8 @@ PYRNN_FLAT void backward_loop(const BackwardArgs<T>& p) {
   if constexpr (Cell::kRowWise) backward_rows<Cell, T>(p);
   else backward_steps<Cell, T>(p);
 }
-// Products on the BLAS in fixed tiles of the result, one sequential call each (see
-// over_tiles in blas.h), so that no sum is split by the number of threads: C[M, N] =
-// A[M, K] @ op(Wm) (+ bias, written first and the products added to it, as torch's
-// addmm) in tiles of `tile` rows.
-template <typename T>
-void tiled_matmul(const T* A, int64_t M, int64_t K, const T* Wm, int64_t N, bool transposed,
-                  T* C, int64_t ldc, const T* bias, int64_t tile, double team_flops) {
-  over_tiles((M + tile - 1) / tile, 2.0 * M * N * K, [&](int64_t i) {
-    const int64_t m0 = i * tile, rows = std::min(tile, M - m0);
-    const T* a = A + m0 * K;
-    T* c = C + m0 * ldc;
-    if (bias)
-      for (int64_t r = 0; r < rows; ++r) std::memcpy(c + r * ldc, bias, sizeof(T) * N);
-    if (transposed)
-      mm_nt<T>(int(rows), int(N), int(K), a, int(K), Wm, int(K), c, int(ldc), bias != nullptr);
-    else
-      mm_nn<T>(int(rows), int(N), int(K), a, int(K), Wm, int(N), c, int(ldc), bias != nullptr);
-  }, team_flops);
-}
-
+// The weight gradients on the BLAS in fixed tiles of the result, one sequential call
+// each (see over_tiles in blas.h), so that no sum is split by the number of threads:
 // C[M, N + N2] = A^T @ [Bm | B2] (A [K, M]) in tiles of `tile` rows of C by `cols`
 // columns of Bm or of B2.
 template <typename T>
@@ -122,9 +104,6 @@ inline int64_t blas_tile(int64_t M) {
   return std::max<int64_t>(16, ((M + n - 1) / n + 15) / 16 * 16);
 }
 
-// Threads split float32 tiles from 2^22 flops, as in pyrnn's kernel (gemm.h, tiles()).
-constexpr double kBlasTeam = double(1 << 22);
-
 PYRNN_FLAT void matmul(const float* A, int64_t M, int64_t K, const float* Wm, int64_t N,
                        bool transposed, float* C, int64_t ldc, const float* bias) {
   if (M == 0 || N == 0) return;
@@ -136,12 +115,15 @@ PYRNN_FLAT void matmul_tn(const float* A, int64_t M, int64_t K, const float* Bm,
                           const float* B2, int64_t N2, float* C) {
   if (M == 0 || N + N2 == 0) return;
   if (!bf16_products() && blas_weight_grads(M, N + N2, K))
-    return tiled_matmul_tn(A, M, K, Bm, N, B2, N2, C, blas_tile(M), 512, kBlasTeam);
+    return tiled_matmul_tn(A, M, K, Bm, N, B2, N2, C, blas_tile(M), 512,
+                           double(PackedGemm::kTeamFlops));
   const PackedGemm gemm(M, N + N2, K, Bm, false, 0, bf16_products(), B2, N);
   gemm.run_strided(A, M, 1, M, C, N + N2, false);
 }
 
-// float64 products: on the BLAS in tiles of 256 rows.
+// float64 products: fixed tiles of the result, one sequential BLAS call each (see
+// over_tiles in blas.h), so that no sum is split by the number of threads. The weight
+// gradients: tiles of 256 rows of C (columns of A), each right-hand matrix whole.
 void matmul_tn(const double* A, int64_t M, int64_t K, const double* Bm, int64_t N,
                const double* B2, int64_t N2, double* C) {
   tiled_matmul_tn(A, M, K, Bm, N, B2, N2, C, 256, std::max<int64_t>({N, N2, 1}), 1 << 20);
@@ -149,7 +131,18 @@ void matmul_tn(const double* A, int64_t M, int64_t K, const double* Bm, int64_t 
 
 void matmul(const double* A, int64_t M, int64_t K, const double* Wm, int64_t N,
             bool transposed, double* C, int64_t ldc, const double* bias) {
-  tiled_matmul(A, M, K, Wm, N, transposed, C, ldc, bias, 256, 1 << 20);
+  constexpr int64_t kTile = 256;  // rows of A and C per call
+  over_tiles((M + kTile - 1) / kTile, 2.0 * M * N * K, [&](int64_t i) {
+    const int64_t m0 = i * kTile, rows = std::min(kTile, M - m0);
+    const double* a = A + m0 * K;
+    double* c = C + m0 * ldc;
+    if (bias)
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(c + r * ldc, bias, sizeof(double) * N);
+    if (transposed)
+      mm_nt<double>(int(rows), int(N), int(K), a, int(K), Wm, int(K), c, int(ldc), bias != nullptr);
+    else
+      mm_nn<double>(int(rows), int(N), int(K), a, int(K), Wm, int(N), c, int(ldc), bias != nullptr);
+  });
 }
 
 // out[N] = sum over the M rows of A[M, N]: each column summed in blocks of kRows rows, one
