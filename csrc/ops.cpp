@@ -112,10 +112,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   // 1.11 (training: 0.96 - 1.06, 1.02): a thread's share of W_ih and W_hh together (4 MB)
   // no longer fits there, of W_hh alone it does. On the matrix units (bfloat16 products,
   // 2 bytes a weight), at H = 128 0.86 inference, 1.00 training; at H = 512 1.08 and 1.20,
-  // the GRU's 1.23 and 1.10. There the limit is 2^20 elements.
+  // the GRU's 1.23 and 1.10. There the limit is 2^20 elements. In float32 it is 2^19 since
+  // the projections over all rows run on MKL (blas_products, loops.h; the same CPU, 11
+  // rounds, outside against in the loop): the GRU at H = 512 (W_ih 2^19.6) infers in 0.89
+  // of the time and trains in 0.96, the LSTM at H = 384 (2^19.2) infers in 0.95; at H =
+  // 384 the GRU reads 0.98, at H = 256 the LSTM and GRU 0.97 - 1.00 (B = 32) and 1.02 -
+  // 1.03 (B = 8, T = 500).
   const bool units = bf16 && cpu::matrix_gemm() != nullptr;
   const bool big_l2 = cpu::second_level_cache() >= (int64_t(2) << 20);
-  const int64_t in_loop_limit = int64_t(1) << (avx512 && d.G >= 3 && !units && !big_l2 ? 21 : 20);
+  const int64_t in_loop_limit =
+      int64_t(1) << (avx512 && d.G >= 3 && !units && !big_l2 ? 21 : big_l2 && !units ? 19 : 20);
   const bool in_loop = (!save || d.G >= 3) && input.scalar_type() == at::kFloat &&
                        !w_hr.defined() && !m.layer_norm && B >= 8 && GH * d.I < in_loop_limit;
   Tensor ws = at::empty({in_loop && !save ? 1 : T, B, W}, opt);
@@ -542,13 +548,20 @@ PYBIND11_MODULE(_C, module) {
 #ifdef PYRNN_NO_BLAS
     return "float32: pyrnn's kernel; " + bf16 + "float64: at::mm";
 #else
-    const int mode = pyrnn::cpu::blas_weight_grads_mode();
+    const int mode = pyrnn::cpu::blas_products_mode();
+    const bool packed = pyrnn::cpu::packed_blas();
     const std::string f32 =
-        mode > 0 ? "float32: pyrnn's kernel, weight gradients on libtorch sgemm_; "
+        mode > 0 ? std::string("float32: pyrnn's kernel, the weight gradients on libtorch "
+                               "sgemm_") +
+                       (packed ? ", the input projections and dX on its cblas_sgemm_compute; "
+                               : "; ")
         : mode == 0 || !pyrnn::cpu::cpu_is_intel()
             ? "float32: pyrnn's kernel; "
-            : "float32: pyrnn's kernel, weight gradients of 2^24 flops or more on "
-              "libtorch sgemm_; ";
+            : std::string("float32: pyrnn's kernel, weight gradients of 2^24 flops or more on "
+                          "libtorch sgemm_") +
+                  (packed ? ", input projections and dX of 2^30 or more on its "
+                            "cblas_sgemm_compute; "
+                          : "; ");
     return f32 + bf16 + "float64: libtorch dgemm_";
 #endif
   }, "which products the CPU time loops run (with the capability in use)");
@@ -568,14 +581,14 @@ PYBIND11_MODULE(_C, module) {
                 "set_cpu_capability: expected one of ", pyrnn::cpu::supported_capabilities(),
                 " (the capabilities this CPU runs), got '", name, "'");
   }, "use the CPU loops compiled for this instruction set (for tests and benchmarks)");
-  module.def("blas_weight_grads", [] { return pyrnn::cpu::blas_weight_grads_mode(); },
-             "where the float32 weight gradients run: 1 libtorch's BLAS, 0 pyrnn's kernel, "
-             "-1 the CPU's default (the BLAS on Intel CPUs from 2^24 flops)");
-  module.def("set_blas_weight_grads", [](int64_t mode) {
-    TORCH_CHECK(mode >= -1 && mode <= 1 && pyrnn::cpu::set_blas_weight_grads(int(mode)),
-                "set_blas_weight_grads: expected 1 (the BLAS), 0 (pyrnn's kernel) or -1 (the "
+  module.def("blas_products", [] { return pyrnn::cpu::blas_products_mode(); },
+             "where the float32 products outside the time loops run: 1 libtorch's BLAS, 0 "
+             "pyrnn's kernel, -1 the CPU's default (the BLAS on Intel CPUs from 2^24 flops)");
+  module.def("set_blas_products", [](int64_t mode) {
+    TORCH_CHECK(mode >= -1 && mode <= 1 && pyrnn::cpu::set_blas_products(int(mode)),
+                "set_blas_products: expected 1 (the BLAS), 0 (pyrnn's kernel) or -1 (the "
                 "CPU's default), got ", mode);
-  }, "where the float32 weight gradients run (for tests and benchmarks)");
+  }, "where the float32 products outside the time loops run (for tests and benchmarks)");
   module.def("gemm_rows", [] { return pyrnn::cpu::gemm_rows(); },
              "the rows of a register block of the float32 products in the AVX-512 copies");
   module.def("set_gemm_rows", [](int64_t rows) {

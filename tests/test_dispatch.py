@@ -93,6 +93,26 @@ def _run(module, x, lengths, grad):
     return [r.detach() for r in res]
 
 
+def _float64_and_torch(cls, x, grad, *args, **kwargs):
+    """cls(*args, **kwargs) in float32 (seeded), its results (_run) in float32, torch.nn's,
+    and those of its float64 copy, the exact ones."""
+    torch.manual_seed(0)
+    ref32 = cls(*args, **kwargs)
+    ref64 = cls(*args, **kwargs).double()
+    ref64.load_state_dict(ref32.state_dict())
+    return ref32, _run(ref32, x, None, grad), _run(ref64, x.double(), None, grad.double())
+
+
+def _assert_near(ours, theirs, exact):
+    """Each result within twice torch.nn's float32 error against float64, plus 8 ulps of
+    the largest value (a float32 rounding of the sums' order: the kernels and torch.nn sum
+    in different orders)."""
+    eps = torch.finfo(torch.float32).eps
+    for k, (o, r, e) in enumerate(zip(ours, theirs, exact)):
+        scale = max(e.abs().max().item(), 1.0)
+        assert _err(o, e) <= 2 * _err(r, e) + 8 * eps * scale, (k, _err(o, e), _err(r, e))
+
+
 CASES = [  # cls, kwargs, T, B, I (batch 13: blocks of 6 or 8 rows and a tail; H 37: panel tails)
     (nn.RNN, dict(hidden_size=37), 6, 13, 11),
     (nn.RNN, dict(hidden_size=16, nonlinearity="relu", num_layers=2), 5, 3, 7),
@@ -187,47 +207,30 @@ def test_matrices_beyond_the_second_level_cache(cls):
     panels 512 rows deep, where the products prefetch their panels on Intel CPUs (gemm.h).
     Outputs and gradients against float64, within twice torch.nn's float32 error (plus
     8 ulps of the largest value, as above)."""
-    torch.manual_seed(0)
-    ref32 = cls(64, 512)
-    ref64 = cls(64, 512).double()
-    ref64.load_state_dict(ref32.state_dict())
     x, grad = torch.randn(3, 13, 64), torch.randn(3, 13, 512)
-    exact = _run(ref64, x.double(), None, grad.double())
-    theirs = _run(ref32, x, None, grad)
-    eps = torch.finfo(torch.float32).eps
-    for k, (o, r, e) in enumerate(zip(_run(pyrnn.convert(ref32), x, None, grad), theirs,
-                                      exact)):
-        scale = max(e.abs().max().item(), 1.0)
-        assert _err(o, e) <= 2 * _err(r, e) + 8 * eps * scale, (k, _err(o, e), _err(r, e))
+    ref32, theirs, exact = _float64_and_torch(cls, x, grad, 64, 512)
+    _assert_near(_run(pyrnn.convert(ref32), x, None, grad), theirs, exact)
 
 
 @pytest.mark.parametrize("mode", [0, 1], ids=["pyrnn", "blas"])
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
 def test_weight_gradients_on_either_product(cls, mode):
     """The float32 weight gradients run on pyrnn's kernel (mode 0) or on libtorch's BLAS in
-    fixed tiles of one sequential call each (mode 1; the default on Intel CPUs from 2^24
-    flops). Either way: against float64, within twice torch.nn's own float32 error plus 8
-    ulps of the largest value (as above); bitwise the same on 1 - 4 threads, and with the
+    fixed tiles of one sequential call each (mode 1, which takes the BLAS for dX too; the
+    default on Intel CPUs from 2^24 flops). Either way: against float64 (_assert_near); bitwise the same on 1 - 4 threads, and with the
     input at an address 4 - 12 bytes off the allocator's alignment. T * B = 400 rows of x
     summed in every element (at this depth the BLAS's bits differ from the kernel's: both
     are covered); H = 136 gives tiles of rows with a tail, an input of 600 a tile of 512
     columns and one of 88."""
-    torch.manual_seed(0)
-    ref32 = cls(600, 136, num_layers=2, bidirectional=True)
-    ref64 = cls(600, 136, num_layers=2, bidirectional=True).double()
-    ref64.load_state_dict(ref32.state_dict())
     x, grad = torch.randn(25, 16, 600), torch.randn(25, 16, 272)
-    exact = _run(ref64, x.double(), None, grad.double())
-    theirs = _run(ref32, x, None, grad)
+    ref32, theirs, exact = _float64_and_torch(cls, x, grad, 600, 136, num_layers=2,
+                                              bidirectional=True)
     module = pyrnn.convert(ref32)
     old = torch.get_num_threads()
     try:
-        _C.set_blas_weight_grads(mode)
+        _C.set_blas_products(mode)
         ours = _run(module, x, None, grad)
-        eps = torch.finfo(torch.float32).eps
-        for k, (o, r, e) in enumerate(zip(ours, theirs, exact)):
-            scale = max(e.abs().max().item(), 1.0)
-            assert _err(o, e) <= 2 * _err(r, e) + 8 * eps * scale, (k, _err(o, e), _err(r, e))
+        _assert_near(ours, theirs, exact)
         for n in (1, 3, 4):
             torch.set_num_threads(n)
             again = _run(module, x, None, grad)
@@ -239,13 +242,44 @@ def test_weight_gradients_on_either_product(cls, mode):
             assert all(torch.equal(a, b) for a, b in zip(ours, again)), off
     finally:
         torch.set_num_threads(old)
-        _C.set_blas_weight_grads(-1)
-    assert _C.blas_weight_grads() == -1
+        _C.set_blas_products(-1)
+    assert _C.blas_products() == -1
 
 
-def test_set_blas_weight_grads_checks_its_argument():
+@pytest.mark.parametrize("mode", [0, 1], ids=["pyrnn", "blas"])
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
+def test_input_products_on_either_product(cls, mode):
+    """The float32 input projection x @ W_ih^T + b_ih and dX over all T*B rows run on
+    pyrnn's kernel (mode 0) or on MKL's packed product in fixed tiles of rows, one
+    sequential call each (mode 1, where libtorch's BLAS is MKL; the default on Intel CPUs
+    from 2^30 flops). A batch of 7 keeps the projection out of the time loop on every CPU;
+    T * B = 707 rows make two tiles, the second one row short. Against float64 within
+    twice torch.nn's float32 error plus 8 ulps of the largest value, in inference and in
+    training; bitwise the same on 1 - 4 threads."""
+    x, grad = torch.randn(101, 7, 600), torch.randn(101, 7, 136)
+    ref32, theirs, exact = _float64_and_torch(cls, x, grad, 600, 136)
+    module = pyrnn.convert(ref32)
+    old = torch.get_num_threads()
+    try:
+        _C.set_blas_products(mode)
+        with torch.no_grad():
+            inferred = module(x)[0]
+        ours = _run(module, x, None, grad)
+        _assert_near([inferred] + ours, theirs[:1] + theirs, exact[:1] + exact)
+        for n in (1, 3, 4):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                assert torch.equal(module(x)[0], inferred), n
+            again = _run(module, x, None, grad)
+            assert all(torch.equal(a, b) for a, b in zip(ours, again)), n
+    finally:
+        torch.set_num_threads(old)
+        _C.set_blas_products(-1)
+
+
+def test_set_blas_products_checks_its_argument():
     with pytest.raises(RuntimeError, match=r"expected 1 \(the BLAS\), 0 .* got 2"):
-        _C.set_blas_weight_grads(2)
+        _C.set_blas_products(2)
 
 
 def test_set_gemm_rows_checks_its_argument():
@@ -259,7 +293,7 @@ def test_info_names_the_capability():
     units = "bfloat16: the matrix units (oneDNN's brgemm)"
     assert (units in r.stdout) == (_C.cpu_capability() == "avx512_amx"), r.stdout
     intel = os.path.exists("/proc/cpuinfo") and "GenuineIntel" in open("/proc/cpuinfo").read()
-    # (the float32 weight gradients' default on Intel CPUs, in a build with the BLAS)
+    # (the float32 products' default on Intel CPUs, in a build with the BLAS)
     assert ("weight gradients of 2^24 flops or more on libtorch sgemm_" in r.stdout) == (
         intel and "float64: libtorch dgemm_" in r.stdout), r.stdout
     with warnings.catch_warnings():

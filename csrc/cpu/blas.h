@@ -1,6 +1,6 @@
 // Row-major matrix products on raw pointers for the CPU loops: float64's, and the float32
-// weight gradients where the BLAS is chosen for them (blas_weight_grads(), loops.h;
-// float32 otherwise has its own kernel, gemm.h). They call the Fortran BLAS that ships
+// products outside the time loops where the BLAS is chosen for them (blas_products(),
+// loops.h; float32 otherwise has its own kernel, gemm.h). They call the Fortran BLAS that ships
 // inside libtorch (dgemm_, sgemm_), so no dispatcher call, no allocation and no tensor
 // is made inside a time loop. A build against a libtorch without those symbols defines
 // PYRNN_NO_BLAS and falls back to at::mm_out on borrowed tensors (same results, a little
@@ -8,6 +8,8 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <type_traits>
 
@@ -71,6 +73,32 @@ inline void fgemm(char ta, char tb, int m, int n, int k, T alpha, const T* a, in
     sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
   else
     dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+#endif
+
+#ifndef PYRNN_NO_BLAS
+// C[M, N] = A[M, K] @ op(Wm) (+ bias[N] in every row) on MKL's packed product: op(Wm)
+// (Wm^T for Wm [N, K] if transposed, else Wm [K, N]) packed once, a copy, then tiles of
+// `tile` rows of A and C, one sequential call each (over_tiles): the same bits for any
+// number of threads. Needs packed_blas().
+inline void packed_matmul(const float* A, int64_t M, int64_t K, const float* Wm, int64_t N,
+                          bool transposed, float* C, int64_t ldc, const float* bias,
+                          int64_t tile, double team_flops) {
+  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kB = 162;
+  const int t = int(std::min(tile, M)), n = int(N), k = int(K);
+  const size_t bytes = cblas_sgemm_pack_get_size(kB, t, n, k);
+  PackBuffers::Ptr buf = PackBuffers::take(int64_t(bytes / sizeof(vgf)) + 1);
+  float* packed = reinterpret_cast<float*>(buf.get());
+  cblas_sgemm_pack(kRowMajor, kB, transposed ? kTrans : kNoTrans, t, n, k, 1.0f, Wm,
+                   transposed ? k : n, packed);
+  over_tiles((M + t - 1) / t, 2.0 * M * N * K, [&](int64_t i) {
+    const int64_t m0 = i * t, rows = std::min<int64_t>(t, M - m0);
+    float* c = C + m0 * ldc;
+    if (bias)
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(c + r * ldc, bias, sizeof(float) * N);
+    cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(rows), n, k, A + m0 * K, k, packed,
+                        n, bias ? 1.0f : 0.0f, c, int(ldc));
+  }, team_flops);
 }
 #endif
 

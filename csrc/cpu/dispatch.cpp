@@ -133,19 +133,26 @@ bool cpu_is_intel() {
 // T = 100, B = 1, H = 64 (2^21 - 2^23 flops) 1.03 - 1.30: hence from 2^24 flops. On AMD
 // CPUs that BLAS runs generic kernels: not taken there.
 static std::atomic<int> g_blas{-1};  // -1: the CPU's default
-int blas_weight_grads_mode() {
+int blas_products_mode() {
 #ifdef PYRNN_NO_BLAS
   return 0;
 #else
   return g_blas.load(std::memory_order_relaxed);
 #endif
 }
-bool blas_weight_grads(int64_t M, int64_t N, int64_t K) {
-  const int mode = blas_weight_grads_mode();
+bool blas_products(int64_t M, int64_t N, int64_t K, double from) {
+  const int mode = blas_products_mode();
   if (mode >= 0) return mode > 0;
-  return cpu_is_intel() && 2.0 * M * N * K >= double(1 << 24);
+  return cpu_is_intel() && 2.0 * M * N * K >= from;
 }
-bool set_blas_weight_grads(int mode) {
+bool packed_blas() {
+#ifdef PYRNN_NO_BLAS
+  return false;
+#else
+  return cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute;
+#endif
+}
+bool set_blas_products(int mode) {
   if (mode < -1 || mode > 1) return false;
   g_blas.store(mode, std::memory_order_relaxed);
   return true;

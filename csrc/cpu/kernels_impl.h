@@ -47,7 +47,8 @@ using ::pyrnn::cpu::MatrixGemm;
 using ::pyrnn::cpu::second_level_cache;
 using ::pyrnn::cpu::gemm_rows;
 using ::pyrnn::cpu::cpu_is_intel;
-using ::pyrnn::cpu::blas_weight_grads;
+using ::pyrnn::cpu::blas_products;
+using ::pyrnn::cpu::packed_blas;
 }
 
 #ifdef PYRNN_TARGET
@@ -96,10 +97,10 @@ void tiled_matmul_tn(const T* A, int64_t M, int64_t K, const T* Bm, int64_t N, c
   }, team_flops);
 }
 
-// The rows of a float32 tile on the BLAS: an even number of tiles of about 256 rows or
+// The rows of a float32 tile on the BLAS: an even number of tiles of `most` rows or
 // fewer (whole multiples of 16), so that two threads get equal shares; fixed by M alone.
-inline int64_t blas_tile(int64_t M) {
-  int64_t n = (M + 255) / 256;
+inline int64_t blas_tile(int64_t M, int64_t most) {
+  int64_t n = (M + most - 1) / most;
   if (n > 1 && n % 2) ++n;
   return std::max<int64_t>(16, ((M + n - 1) / n + 15) / 16 * 16);
 }
@@ -107,6 +108,11 @@ inline int64_t blas_tile(int64_t M) {
 PYRNN_FLAT void matmul(const float* A, int64_t M, int64_t K, const float* Wm, int64_t N,
                        bool transposed, float* C, int64_t ldc, const float* bias) {
   if (M == 0 || N == 0) return;
+#ifndef PYRNN_NO_BLAS
+  if (!bf16_products() && packed_blas() && blas_products(M, N, K, double(int64_t(1) << 30)))
+    return packed_matmul(A, M, K, Wm, N, transposed, C, ldc, bias, blas_tile(M, 512),
+                         double(PackedGemm::kTeamFlops));
+#endif
   const PackedGemm gemm(M, N, K, Wm, transposed);
   gemm.run(A, M, K, C, ldc, false, bias);
 }
@@ -114,8 +120,8 @@ PYRNN_FLAT void matmul(const float* A, int64_t M, int64_t K, const float* Wm, in
 PYRNN_FLAT void matmul_tn(const float* A, int64_t M, int64_t K, const float* Bm, int64_t N,
                           const float* B2, int64_t N2, float* C) {
   if (M == 0 || N + N2 == 0) return;
-  if (!bf16_products() && blas_weight_grads(M, N + N2, K))
-    return tiled_matmul_tn(A, M, K, Bm, N, B2, N2, C, blas_tile(M), 512,
+  if (!bf16_products() && blas_products(M, N + N2, K))
+    return tiled_matmul_tn(A, M, K, Bm, N, B2, N2, C, blas_tile(M, 256), 512,
                            double(PackedGemm::kTeamFlops));
   const PackedGemm gemm(M, N + N2, K, Bm, false, 0, bf16_products(), B2, N);
   gemm.run_strided(A, M, 1, M, C, N + N2, false);

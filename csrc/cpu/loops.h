@@ -16,7 +16,19 @@
 //   lengths:[B] or nullptr: step t of sequence b runs iff t < lengths[b], in either
 //           direction, so a reversed sequence starts at its own last step.
 #pragma once
+#include <cstddef>
 #include <cstdint>
+
+// MKL's packed float32 product (in the MKL that libtorch links on x86-64, absent
+// elsewhere: see packed_blas()).
+extern "C" {
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                      const float* src, int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k,
+                         const float* a, int lda, const float* b, int ldb, float beta, float* c,
+                         int ldc) __attribute__((weak));
+}
 
 namespace pyrnn::cpu {
 
@@ -147,16 +159,20 @@ int64_t gemm_rows();
 bool set_gemm_rows(int64_t rows);
 // Whether the CPU is an Intel one (its vendor string), for the choices measured there.
 bool cpu_is_intel();
-// Whether a float32 weight gradient C[M, N] = A^T B over K = T*B rows (matmul_tn; not a
-// bfloat16 one) runs on libtorch's BLAS (sgemm_, in fixed tiles of C of one sequential
-// call each: the same bits for any number of threads) rather than on pyrnn's kernel. By
-// default (mode -1): on Intel CPUs, where that BLAS is MKL at its best, from 2^24 flops
-// (measured: dispatch.cpp); elsewhere never. set_blas_weight_grads(1)
-// takes the BLAS for every shape, (0) never, (-1) the default. A build without the BLAS
-// (PYRNN_NO_BLAS) never does.
-bool blas_weight_grads(int64_t M, int64_t N, int64_t K);
-int blas_weight_grads_mode();
-bool set_blas_weight_grads(int mode);
+// Whether a float32 product outside the time loops (not a bfloat16 one), of M x N x K,
+// runs on libtorch's BLAS rather than on pyrnn's kernel: a weight gradient C[M, N] = A^T B
+// over K = T*B rows (matmul_tn) on sgemm_, an input projection or dX (matmul) on MKL's
+// packed product where libtorch's BLAS is MKL (packed_blas(), blas.h); in fixed tiles of
+// C of one sequential call each, the same bits for any number of threads. By default
+// (mode -1): on Intel CPUs, where that BLAS is MKL at its best, from 2^24 flops
+// (measured: dispatch.cpp); elsewhere never. set_blas_products(1) takes the BLAS for
+// every shape, (0) never, (-1) the default. A build without the BLAS (PYRNN_NO_BLAS)
+// never does.
+bool blas_products(int64_t M, int64_t N, int64_t K, double from = double(1 << 24));
+// Whether libtorch's BLAS has MKL's packed product (false in a build without the BLAS).
+bool packed_blas();
+int blas_products_mode();
+bool set_blas_products(int mode);
 
 // The CPU capabilities (instruction sets) the loops are compiled for, and the one in use:
 // the best this CPU supports, or the one the environment variable PYRNN_CPU_CAPABILITY
