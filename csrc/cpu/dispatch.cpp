@@ -130,8 +130,15 @@ bool cpu_is_intel() {
 // 0.96 - 0.97, 0.95 - 0.97, 0.92; at T = 100, B = 64, H = 256 0.96 - 0.97 (all three); at
 // T = 50, B = 32, H = 1024 the LSTM and GRU 1.00 - 1.01, the Elman RNN 0.96. With tiles
 // 256 columns wide the LSTM and GRU at H = 512 read 0.98 - 1.00 and 1.02 - 1.04. At
-// T = 100, B = 1, H = 64 (2^21 - 2^23 flops) 1.03 - 1.30: hence from 2^24 flops. On AMD
-// CPUs that BLAS runs generic kernels: not taken there.
+// T = 100, B = 1, H = 64 (2^21 - 2^23 flops) 1.03 - 1.30: hence from 2^24 flops. The
+// input projections and dX on MKL's packed product (tiles of at most 512 rows), against
+// pyrnn's kernel (the same CPU, 9 - 11 rounds, the weight gradients on the BLAS in both):
+// the LSTM at T = 100, B = 32, H = 512 infers in 0.92 - 0.97 of the time and trains in
+// 0.93 - 1.00, at H = 1024 (T = 50) in 0.96 - 0.98; the Elman RNN at H = 512 trains in
+// 0.92; at H = 128 (products of 2^26.6 and 2^28.6 flops) the Elman RNN and the LSTM train
+// in 1.02, at T = 500, B = 8, H = 256 (2^29 - 2^31) 0.98 - 1.01: from 2^30 flops (tiles
+// of 256 rows read 0.96 - 1.00, of 1600 0.92 - 0.99; an odd number of tiles left a thread
+// idle). On AMD CPUs that BLAS runs generic kernels: not taken there.
 static std::atomic<int> g_blas{-1};  // -1: the CPU's default
 int blas_products_mode() {
 #ifdef PYRNN_NO_BLAS
