@@ -136,9 +136,9 @@ bool cpu_is_intel() {
 // the LSTM at T = 100, B = 32, H = 512 infers in 0.92 - 0.97 of the time and trains in
 // 0.93 - 1.00, at H = 1024 (T = 50) in 0.96 - 0.98; the Elman RNN at H = 512 trains in
 // 0.92; at H = 128 (products of 2^26.6 and 2^28.6 flops) the Elman RNN and the LSTM train
-// in 1.02, at T = 500, B = 8, H = 256 (2^29 - 2^31) 0.98 - 1.01: from 2^30 flops (tiles
-// of 256 rows read 0.96 - 1.00, of 1600 0.92 - 0.99; an odd number of tiles left a thread
-// idle). On AMD CPUs that BLAS runs generic kernels: not taken there.
+// in 1.02, at T = 500, B = 8, H = 256 (2^29 - 2^31) 0.98 - 1.01: from 2^30 flops (2, 4 or
+// 16 tiles at H = 512 read 0.92 - 1.00 too; 7 tiles, or 4 with a short one, left a thread
+// idle: 1.06 - 1.08). On AMD CPUs that BLAS runs generic kernels: not taken there.
 static std::atomic<int> g_blas{-1};  // -1: the CPU's default
 int blas_products_mode() {
 #ifdef PYRNN_NO_BLAS
