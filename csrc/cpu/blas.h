@@ -52,13 +52,16 @@ class SequentialBlas {
 // Runs f(i) for the tiles i in [0, n) of a product whose tiles are fixed by its shape
 // alone, each with a sequential BLAS, on the team's threads when the product has at
 // least team_flops flops. Every entry of the result is then computed by one call whose
-// operands do not depend on the number of threads, and so are its bits.
+// operands do not depend on the number of threads, and so are its bits, whichever thread
+// makes it: the threads take the next tile as they come free (the LSTM at T = 100, B = 32,
+// H = 512 infers in 0.96 - 1.00 of the time against a static split, median 0.98, in 5
+// alternating runs; the GRU 0.99, training 1.00; Intel Xeon with AMX, 2 threads).
 template <typename F>
 inline void over_tiles(int64_t n, double flops, F&& f, double team_flops = double(1 << 20)) {
 #pragma omp parallel if (n > 1 && flops >= team_flops)
   {
     SequentialBlas sequential;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n; ++i) f(i);
   }
 }
