@@ -91,7 +91,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   // product over all T*B rows runs faster; the Elman cells' training; a W_ih that the
   // loop would stream from memory at every step; float64; projections) that product
   // comes first: ws[..., :G*H] = x @ W_ih^T + b_ih. The same kernel and
-  // order of sums either way: the same bits. Measured (2 threads, both ways in turn):
+  // order of sums either way, the same bits, unless that product runs on MKL (Intel,
+  // cpu/loops.h): then as_training (below) keeps a cell's inference and training on the
+  // same side. Measured (2 threads, both ways in turn):
   // with the AVX2 copy (an AVX2-only AMD EPYC), inference at T = 100, B = 32, H = 128
   // 7 - 9% faster in the loop, the LSTM's at H = 512 (W_ih 2^20 elements) 9% slower: W_ih
   // under 2^20 elements. With an AVX-512 copy (AMD EPYC model 17, medians of 21 - 31
@@ -122,8 +124,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_cpu(
   const bool big_l2 = cpu::second_level_cache() >= (int64_t(2) << 20);
   const int64_t in_loop_limit =
       int64_t(1) << (avx512 && d.G >= 3 && !units && !big_l2 ? 21 : big_l2 && !units ? 19 : 20);
+  // An Elman cell's training projects before the loop; where that product runs on MKL
+  // (cpu/loops.h), its inference does too, so that both give the same bits.
+  const bool as_training = d.G >= 3 || !cpu::projection_on_blas(T * B, GH, d.I);
   const bool in_loop = (!save || d.G >= 3) && input.scalar_type() == at::kFloat &&
-                       !w_hr.defined() && !m.layer_norm && B >= 8 && GH * d.I < in_loop_limit;
+                       !w_hr.defined() && !m.layer_norm && B >= 8 && GH * d.I < in_loop_limit &&
+                       as_training;
   Tensor ws = at::empty({in_loop && !save ? 1 : T, B, W}, opt);
   Tensor output = at::empty({T, B, P}, opt);
   Tensor h_n = at::empty({B, P}, opt);

@@ -255,7 +255,9 @@ def test_input_products_on_either_product(cls, mode):
     from 2^30 flops). A batch of 7 keeps the projection out of the time loop on every CPU;
     T * B = 707 rows make two tiles, the second one row short. Against float64 within
     twice torch.nn's float32 error plus 8 ulps of the largest value, in inference and in
-    training; bitwise the same on 1 - 4 threads."""
+    training; bitwise the same on 1 - 4 threads. At a batch of 9, where an inference may
+    project in the loop, its output has the bits of the training's forward (an Elman
+    cell's training projects before the loop)."""
     x, grad = torch.randn(101, 7, 600), torch.randn(101, 7, 136)
     ref32, theirs, exact = _float64_and_torch(cls, x, grad, 600, 136)
     module = pyrnn.convert(ref32)
@@ -272,6 +274,10 @@ def test_input_products_on_either_product(cls, mode):
                 assert torch.equal(module(x)[0], inferred), n
             again = _run(module, x, None, grad)
             assert all(torch.equal(a, b) for a, b in zip(ours, again)), n
+        x9 = torch.randn(80, 9, 600)
+        with torch.no_grad():
+            inferred = module(x9)[0]
+        assert torch.equal(inferred, module(x9.requires_grad_())[0].detach())
     finally:
         torch.set_num_threads(old)
         _C.set_blas_products(-1)

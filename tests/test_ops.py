@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from pyrnn import ops, reference
+from pyrnn import _C, ops, reference
 from conftest import GATES, MODES, SUPPORTED, call_op, make_layer_args, nudged
 
 T, B, I, H = 5, 3, 4, 7  # small odd sizes
@@ -287,16 +287,23 @@ def test_projection_float32_and_norms():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_empty_batch_and_input_size_zero(mode):
-    # B = 9 takes the float32 path where the loop projects the (empty) input itself
-    for B_, I_ in [(0, 3), (2, 0), (9, 0)]:
-        args = make_layer_args(mode, 4, B_, I_, 5, dtype=torch.float32)
-        out, h, c = call_op(ops, mode, *args)
-        assert out.shape == (4, B_, 5)
-        ref = call_op(reference, mode, *args)
-        torch.testing.assert_close(out, ref[0], rtol=1e-5, atol=1e-6)  # float32 rounding
-        out.sum().backward()
-        assert args[3].grad.shape == args[3].shape  # weight_ih
+@pytest.mark.parametrize("blas", [-1, 1], ids=["default", "blas"])
+def test_empty_batch_and_input_size_zero(mode, blas):
+    # B = 9 takes the float32 path where the loop projects the (empty) input itself; with
+    # blas = 1 every float32 product outside the loops runs on libtorch's BLAS (a product
+    # over K = 0 there must still give the bias alone, or 0)
+    try:
+        _C.set_blas_products(blas)
+        for B_, I_ in [(0, 3), (2, 0), (9, 0)]:
+            args = make_layer_args(mode, 4, B_, I_, 5, dtype=torch.float32)
+            out, h, c = call_op(ops, mode, *args)
+            assert out.shape == (4, B_, 5)
+            ref = call_op(reference, mode, *args)
+            torch.testing.assert_close(out, ref[0], rtol=1e-5, atol=1e-6)  # float32 rounding
+            out.sum().backward()
+            assert args[3].grad.shape == args[3].shape  # weight_ih
+    finally:
+        _C.set_blas_products(-1)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -159,6 +159,11 @@ bool packed_blas() {
   return cblas_sgemm_pack_get_size && cblas_sgemm_pack && cblas_sgemm_compute;
 #endif
 }
+bool projection_on_blas(int64_t M, int64_t N, int64_t K) {
+  // (K = 0: MKL's packed product leaves C as it was, where the result is the bias or 0)
+  return K > 0 && !bf16_products() && packed_blas() &&
+         blas_products(M, N, K, double(int64_t(1) << 30));
+}
 bool set_blas_products(int mode) {
   if (mode < -1 || mode > 1) return false;
   g_blas.store(mode, std::memory_order_relaxed);

@@ -48,7 +48,7 @@ using ::pyrnn::cpu::second_level_cache;
 using ::pyrnn::cpu::gemm_rows;
 using ::pyrnn::cpu::cpu_is_intel;
 using ::pyrnn::cpu::blas_products;
-using ::pyrnn::cpu::packed_blas;
+using ::pyrnn::cpu::projection_on_blas;
 }
 
 #ifdef PYRNN_TARGET
@@ -109,7 +109,7 @@ PYRNN_FLAT void matmul(const float* A, int64_t M, int64_t K, const float* Wm, in
                        bool transposed, float* C, int64_t ldc, const float* bias) {
   if (M == 0 || N == 0) return;
 #ifndef PYRNN_NO_BLAS
-  if (!bf16_products() && packed_blas() && blas_products(M, N, K, double(int64_t(1) << 30)))
+  if (projection_on_blas(M, N, K))
     return packed_matmul(A, M, K, Wm, N, transposed, C, ldc, bias, blas_tile(M, 512),
                          double(PackedGemm::kTeamFlops));
 #endif

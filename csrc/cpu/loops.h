@@ -171,6 +171,9 @@ bool cpu_is_intel();
 bool blas_products(int64_t M, int64_t N, int64_t K, double from = double(1 << 24));
 // Whether libtorch's BLAS has MKL's packed product (false in a build without the BLAS).
 bool packed_blas();
+// Whether a float32 input projection or dX over all rows (matmul) of M x N x K runs on
+// MKL's packed product: packed_blas() and blas_products from 2^30 flops (dispatch.cpp).
+bool projection_on_blas(int64_t M, int64_t N, int64_t K);
 int blas_products_mode();
 bool set_blas_products(int mode);
 
