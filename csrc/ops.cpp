@@ -556,18 +556,15 @@ PYBIND11_MODULE(_C, module) {
 #else
     const int mode = pyrnn::cpu::blas_products_mode();
     const bool packed = pyrnn::cpu::packed_blas();
-    const std::string f32 =
-        mode > 0 ? std::string("float32: pyrnn's kernel, the weight gradients on libtorch "
-                               "sgemm_") +
-                       (packed ? ", the input projections and dX on its cblas_sgemm_compute; "
-                               : "; ")
-        : mode == 0 || !pyrnn::cpu::cpu_is_intel()
-            ? "float32: pyrnn's kernel; "
-            : std::string("float32: pyrnn's kernel, weight gradients of 2^24 flops or more on "
-                          "libtorch sgemm_") +
-                  (packed ? ", input projections and dX of 2^30 or more on its "
-                            "cblas_sgemm_compute; "
-                          : "; ");
+    std::string f32 = "float32: pyrnn's kernel";
+    if (mode > 0)
+      f32 += std::string(", the weight gradients on libtorch sgemm_") +
+             (packed ? ", the input projections and dX on its cblas_sgemm_compute" : "");
+    else if (mode < 0 && pyrnn::cpu::cpu_is_intel())
+      f32 += std::string(", weight gradients of 2^24 flops or more on libtorch sgemm_") +
+             (packed ? ", input projections and dX of 2^30 or more on its cblas_sgemm_compute"
+                     : "");
+    f32 += "; ";
     return f32 + bf16 + "float64: libtorch dgemm_";
 #endif
   }, "which products the CPU time loops run (with the capability in use)");

@@ -1,14 +1,13 @@
 // Row-major matrix products on raw pointers for the CPU loops: float64's, and the float32
 // products outside the time loops where the BLAS is chosen for them (blas_products(),
-// loops.h; float32 otherwise has its own kernel, gemm.h). They call the Fortran BLAS that ships
-// inside libtorch (dgemm_, sgemm_), so no dispatcher call, no allocation and no tensor
+// loops.h; float32 otherwise has its own kernel, gemm.h). They call the Fortran BLAS that
+// ships inside libtorch (dgemm_, sgemm_), so no dispatcher call, no allocation and no tensor
 // is made inside a time loop. A build against a libtorch without those symbols defines
 // PYRNN_NO_BLAS and falls back to at::mm_out on borrowed tensors (same results, a little
 // dispatch overhead; float32 then never takes the BLAS).
 #pragma once
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <type_traits>
